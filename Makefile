@@ -1,0 +1,37 @@
+# armdi developer entry points. `make up` and `make test` are the README's quick start.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARMDI := $(VENV)/bin/armdi
+MODEL ?= efficientnet_lite0
+NODES ?= 3
+PYTEST_ARGS ?=
+
+.PHONY: install up test lint typecheck check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[builder,dev]'
+	touch $@
+
+up: install
+	$(ARMDI) up --model $(MODEL) --nodes $(NODES)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+bench: install
+	$(ARMDI) bench pipeline --json bench-results/pipeline.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,218 @@
+"""``armdi build``: model source -> ONNX -> cut points -> segments -> verification -> profile
+-> manifest, staged in ``<repo>/.staging`` and moved into place only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+
+from builder import graph as graph_mod
+from builder import segments as seg_mod
+from builder.profile import median_ms, profile, sample_segments
+from builder.progress import Reporter, SilentReporter
+from builder.sources import OPSET, SourceModel, resolve, sha256_file
+from builder.verify import sample_inputs, verify
+from engines.base import Engine
+from engines.errors import BuildError
+from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo
+from engines.ort import OrtEngine
+from engines.repository import MANIFEST, ModelRepository, write_json_atomic
+
+FULL_MODEL = "model.onnx"
+STAGING = ".staging"
+ARMDI_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    repo: Path
+    weights: str = "pretrained"
+    name: str | None = None
+    input_size: int = 224
+    backend: str = "auto"  # auto | ort | trt
+    segments: str = "all"  # all | blocks | window:W
+    max_blocks: int | None = None
+    threads: int = 1
+    profile_repeats: int = 20
+    profile_segments: int = 24  # fused segments to time, spread over all lengths
+    fp16: bool = False
+    force: bool = False
+
+
+@dataclass
+class BuildReport:
+    manifest: Manifest
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _prepare_repo(root: Path) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / STAGING
+        staging.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=staging, prefix="probe"):
+            pass
+    except OSError as exc:
+        raise BuildError(f"the repository {root} is not writable ({exc.strerror or exc}); "
+                         "choose another with --repo") from exc
+    return staging
+
+
+def _clean_stale(staging: Path) -> None:
+    """Remove staging folders whose builder process is gone (an interrupted build)."""
+    for entry in staging.iterdir():
+        pid_text = entry.name.rsplit("-", 1)[-1]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildReport:
+    reporter = reporter or SilentReporter()
+    if options.backend not in ("auto", "ort", "trt"):
+        raise BuildError(f"--backend {options.backend!r}: use auto, ort or trt")
+    seg_mod.segment_ranges(2, options.segments)  # validate the option before any work
+    repo = ModelRepository(options.repo)
+    staging_root = _prepare_repo(repo.root)
+    _clean_stale(staging_root)
+    timings: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"build-{os.getpid()}-"))
+    work = work.rename(staging_root / f"{work.name}-{os.getpid()}")
+    try:
+        t0 = time.perf_counter()
+        source = resolve(options.model, work, weights=options.weights, name=options.name,
+                         input_size=options.input_size, on_progress=reporter.note)
+        timings["export_s"] = time.perf_counter() - t0
+        out_dir = work / source.model_id
+        out_dir.mkdir()
+        manifest = _build_into(out_dir, source, options, reporter, timings)
+        final = repo.model_dir(manifest.model_id)
+        if final.exists():
+            trash = staging_root / f"old-{manifest.model_id}-{os.getpid()}"
+            final.rename(trash)
+            out_dir.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            out_dir.rename(final)
+        return BuildReport(manifest, final, timings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
+                timings: dict[str, float]) -> Manifest:
+    t0 = time.perf_counter()
+    fingerprint = sha256_file(source.onnx_path)
+    reporter.note(f"loading {source.onnx_path.name}")
+    try:
+        model = onnx.load(str(source.onnx_path))
+    except Exception as exc:
+        raise BuildError(f"{source.onnx_path}: cannot load ONNX ({exc})") from exc
+    analysis = graph_mod.analyse(model)
+    infos = seg_mod.value_infos(model)
+    light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
+    del model
+    onnx.save(light, str(out / FULL_MODEL))
+    cuts = seg_mod.cut_points(light, analysis, infos)
+    input_shape = cuts[0].shape
+    if len(input_shape) != 4:
+        raise BuildError(f"the model input {cuts[0].name!r} has shape {input_shape}; "
+                         "an image model takes (N, C, H, W)")
+    reporter.note(f"{analysis.blocks} blocks between {len(cuts)} cut points")
+    timings["analyse_s"] = time.perf_counter() - t0
+
+    def save_segment(start: int, end: int) -> str:
+        name = seg_mod.segment_filename(start, end)
+        onnx.save(seg_mod.extract(light, analysis, infos, start, end), str(out / name))
+        return name
+
+    def open_segment(start: int, end: int) -> Engine:
+        return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
+                         threads=options.threads, providers=["CPUExecutionProvider"])
+
+    inputs = sample_inputs(input_shape, source.preprocessing)
+    if options.max_blocks is not None and analysis.blocks > options.max_blocks:
+        t0 = time.perf_counter()
+        costs = []
+        x = inputs[:1]
+        for k in reporter.track(range(analysis.blocks), "measure fine blocks"):
+            save_segment(k, k + 1)
+            engine = open_segment(k, k + 1)
+            costs.append(median_ms(lambda e=engine, v=x: e.infer(v), 5, warmup=1))  # type: ignore[misc]
+            x = engine.infer(x)
+            engine.close()
+            (out / seg_mod.segment_filename(k, k + 1)).unlink()
+        analysis = seg_mod.merge_blocks(analysis, costs, options.max_blocks)
+        cuts = tuple(c for c in cuts if c.name in set(analysis.cuts))
+        cuts = tuple(c.model_copy(update={"index": i}) for i, c in enumerate(cuts))
+        reporter.note(f"merged to {analysis.blocks} blocks (--max-blocks {options.max_blocks})")
+        timings["merge_s"] = time.perf_counter() - t0
+
+    K = analysis.blocks
+    ranges = sorted(set(seg_mod.segment_ranges(K, options.segments))
+                    | {(k, k + 1) for k in range(K)}, key=lambda r: (r[1] - r[0], r))
+    t0 = time.perf_counter()
+    entries = [SegmentEntry(start=i, end=j, path=save_segment(i, j))
+               for i, j in reporter.track(ranges, "extract segments")]
+    timings["extract_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    full = OrtEngine(out / FULL_MODEL, 0, K, threads=options.threads,
+                     providers=["CPUExecutionProvider"])
+    blocks = [open_segment(k, k + 1) for k in range(K)]
+    fused = [r for r in ranges if r[1] - r[0] >= 2]
+    verification, activations = verify(full, blocks, fused, open_segment, inputs, reporter)
+    timings["verify_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    device_profile = profile(full, blocks, sample_segments(fused, options.profile_segments),
+                             open_segment, activations, reporter, backend="ort",
+                             threads=options.threads, repeats=options.profile_repeats)
+    for engine in (full, *blocks):
+        engine.close()
+    timings["profile_s"] = time.perf_counter() - t0
+
+    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+             for p in reporter.track(sorted(out.iterdir()), "hash files")}
+    manifest = Manifest(
+        model_id=source.model_id,
+        fingerprint=fingerprint,
+        source=source.source,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        armdi_version=ARMDI_VERSION,
+        opset=max((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")),
+                  default=OPSET),
+        input=TensorInfo(**cuts[0].model_dump(exclude={"index"})),
+        output=TensorInfo(**cuts[-1].model_dump(exclude={"index"})),
+        preprocessing=source.preprocessing,
+        labels=source.labels if _is_classifier(cuts[-1].shape, source.labels) else None,
+        blocks=K,
+        cut_points=cuts,
+        full_model=FULL_MODEL,
+        weights_file=seg_mod.WEIGHTS_FILE,
+        segment_mode=options.segments,
+        segments={"ort": tuple(entries)},
+        files=files,
+        verification=verification,
+        profiles={f"{device_profile.device}/ort/t{options.threads}": device_profile},
+    )
+    write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
+    return manifest
+
+
+def _is_classifier(shape: tuple[int, ...], labels: tuple[str, ...] | None) -> bool:
+    return labels is not None and len(shape) == 2 and shape[1] == len(labels)

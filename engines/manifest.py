@@ -1,0 +1,117 @@
+"""The manifest schema: what a built model repository entry holds.
+
+``manifest.json`` is written last by the builder, so a directory without one is never served.
+Every file the manifest names carries its sha256 and size; ``engines.repository`` checks them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Preprocessing(_Frozen):
+    """How an image becomes the model input: resize the short side, centre-crop, normalise."""
+
+    resize: int = 256
+    crop: int = 224
+    layout: str = "NCHW"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dtype: str = "float32"
+
+
+class TensorInfo(_Frozen):
+    name: str
+    shape: tuple[int, ...]  # -1 marks the dynamic batch axis
+    dtype: str = "float32"
+    bytes_per_sample: int
+
+
+class CutPoint(TensorInfo):
+    """Boundary ``index`` between block ``index - 1`` and block ``index``.
+
+    ``cut_points[0]`` is the model input and ``cut_points[K]`` the model output.
+    """
+
+    index: int
+
+
+class FileEntry(_Frozen):
+    sha256: str
+    bytes: int
+
+
+class SegmentEntry(_Frozen):
+    start: int
+    end: int
+    path: str  # relative to the model directory
+    precision: str = "fp32"
+    key: str | None = None  # backend-specific cache key (TensorRT)
+
+
+class Verification(_Frozen):
+    passed: bool
+    max_abs_error: float
+    tolerance: float
+    samples: int
+    top1_agreement: float
+    segments_checked: int
+    detail: str = ""
+
+
+class DeviceProfile(_Frozen):
+    """Latencies measured on one device with one backend (milliseconds, median, batch 1)."""
+
+    device: str
+    backend: str
+    threads: int
+    repeats: int
+    full_model_ms: float
+    block_ms: tuple[float, ...]
+    segment_ms: dict[str, float] = Field(default_factory=dict)  # "i:j" -> ms, fused segments
+    created: str
+
+
+class SourceInfo(_Frozen):
+    kind: str  # "torchvision" | "efficientnet_lite0" | "onnx"
+    name: str
+    weights: str
+
+
+class Manifest(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    model_id: str
+    fingerprint: str  # sha256 of the source ONNX as exported
+    source: SourceInfo
+    created: str
+    armdi_version: str
+    opset: int
+    input: TensorInfo
+    output: TensorInfo
+    preprocessing: Preprocessing
+    labels: tuple[str, ...] | None = None
+    blocks: int
+    cut_points: tuple[CutPoint, ...]
+    full_model: str  # relative path of the full model ONNX (shares the weights file)
+    weights_file: str
+    segment_mode: str  # "all" | "blocks" | "window:W"
+    segments: dict[str, tuple[SegmentEntry, ...]]  # backend -> segments built
+    files: dict[str, FileEntry]
+    verification: Verification
+    profiles: dict[str, DeviceProfile] = Field(default_factory=dict)
+
+    def activation_bytes(self) -> list[int]:
+        """Bytes per sample at each boundary 0..K."""
+        return [c.bytes_per_sample for c in self.cut_points]
+
+    def segment(self, backend: str, start: int, end: int) -> SegmentEntry | None:
+        for seg in self.segments.get(backend, ()):
+            if seg.start == start and seg.end == end:
+                return seg
+        return None

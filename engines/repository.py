@@ -1,0 +1,172 @@
+"""The model repository on disk.
+
+```
+<repo>/<model_id>/manifest.json     written last; no manifest, no model
+<repo>/<model_id>/model.onnx        the full model (weights in weights.bin)
+<repo>/<model_id>/weights.bin       every large initializer, once
+<repo>/<model_id>/seg_IIII_JJJJ.onnx  segment [I, J) for ONNX Runtime
+<repo>/<model_id>/trt/...           TensorRT engines, where built
+<repo>/.staging/                    builds in progress (never served)
+```
+Every file a manifest names is checked (size, then sha256) before an engine is made from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engines.base import Engine
+from engines.chained import ChainedEngine
+from engines.errors import ArtifactError, ManifestError, ModelNotFoundError
+from engines.manifest import SCHEMA_VERSION, Manifest
+
+MANIFEST = "manifest.json"
+
+
+def default_repo() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("armdi"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRepository:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_repo()
+        self._verified: set[tuple[str, int, int]] = set()
+        self._lock = threading.Lock()
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.root / model_id
+
+    def list_models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+
+    def has_model(self, model_id: str) -> bool:
+        return (self.model_dir(model_id) / MANIFEST).is_file()
+
+    def load_manifest(self, model_id: str) -> Manifest:
+        path = self.model_dir(model_id) / MANIFEST
+        if not path.is_file():
+            known = ", ".join(self.list_models()) or "none"
+            raise ModelNotFoundError(
+                f"model {model_id!r} is not in the repository {self.root} (built: {known}); "
+                f"run: armdi build {model_id} --repo {self.root}"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: unreadable manifest ({exc}); rebuild: "
+                                f"armdi build {model_id}") from exc
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{path}: manifest schema version {version!r}, this armdi reads version "
+                f"{SCHEMA_VERSION}; rebuild: armdi build {model_id}"
+            )
+        try:
+            return Manifest.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ManifestError(f"{path}: {where}: {err['msg']}; rebuild: "
+                                f"armdi build {model_id}") from exc
+
+    def check_file(self, manifest: Manifest, relpath: str) -> Path:
+        """The path of ``relpath``, after checking its size and sha256 against the manifest."""
+        path = self.model_dir(manifest.model_id) / relpath
+        entry = manifest.files.get(relpath)
+        rebuild = f"rebuild: armdi build {manifest.model_id} --repo {self.root}"
+        if entry is None:
+            raise ArtifactError(f"{path}: not listed in the manifest; {rebuild}")
+        try:
+            stat = path.stat()
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{path}: missing; {rebuild}") from exc
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._verified:
+                return path
+        if stat.st_size != entry.bytes:
+            raise ArtifactError(
+                f"{path}: {stat.st_size} bytes, the manifest says {entry.bytes} (truncated or "
+                f"replaced); {rebuild}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest (modified or "
+                                f"corrupt); {rebuild}")
+        with self._lock:
+            self._verified.add(key)
+        return path
+
+    def check_all(self, manifest: Manifest) -> None:
+        for relpath in manifest.files:
+            self.check_file(manifest, relpath)
+
+    def open_engine(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        *,
+        backend: str = "ort",
+        threads: int = 1,
+        fused: bool = True,
+    ) -> Engine:
+        """An engine for ``[start, end)``: the fused segment when built, else chained blocks."""
+        if not 0 <= start < end <= manifest.blocks:
+            raise ArtifactError(f"segment [{start}, {end}) is outside the model's "
+                                f"{manifest.blocks} blocks")
+        if fused and manifest.segment(backend, start, end) is not None:
+            return self._open_one(manifest, backend, start, end, threads)
+        parts: list[Engine] = []
+        try:
+            for k in range(start, end):
+                parts.append(self._open_one(manifest, backend, k, k + 1, threads))
+        except Exception:
+            for part in parts:
+                part.close()
+            raise
+        return parts[0] if len(parts) == 1 else ChainedEngine(parts)
+
+    def _open_one(self, manifest: Manifest, backend: str, start: int, end: int,
+                  threads: int) -> Engine:
+        entry = manifest.segment(backend, start, end)
+        if entry is None:
+            raise ArtifactError(
+                f"{manifest.model_id}: no {backend} engine for block [{start}, {end}); "
+                f"rebuild: armdi build {manifest.model_id} --backend {backend}"
+            )
+        self.check_file(manifest, manifest.weights_file)
+        path = self.check_file(manifest, entry.path)
+        if backend == "ort":
+            from engines.ort import OrtEngine
+
+            return OrtEngine(path, start, end, threads=threads)
+        if backend == "trt":
+            from engines import trt
+
+            engine: Engine = trt.open_engine(path, start, end)
+            return engine
+        raise ArtifactError(f"unknown backend {backend!r}")
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    os.replace(tmp, path)

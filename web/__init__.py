@@ -1,0 +1,1 @@
+"""The web front end (FastAPI): REST, Open Inference Protocol, status page, metrics."""
