@@ -79,7 +79,7 @@ class _MBConv(nn.Module):
         self.act = nn.ReLU6()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = inputs
+        x: torch.Tensor = inputs
         if self.expand:
             x = self.act(self._bn0(self._expand_conv(x)))
         x = self.act(self._bn1(self._depthwise_conv(x)))

@@ -18,6 +18,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -127,17 +128,18 @@ class ModelRepository:
         backend: str = "ort",
         threads: int = 1,
         fused: bool = True,
+        trt_session: Any = None,
     ) -> Engine:
         """An engine for ``[start, end)``: the fused segment when built, else chained blocks."""
         if not 0 <= start < end <= manifest.blocks:
             raise ArtifactError(f"segment [{start}, {end}) is outside the model's "
                                 f"{manifest.blocks} blocks")
         if fused and manifest.segment(backend, start, end) is not None:
-            return self._open_one(manifest, backend, start, end, threads)
+            return self._open_one(manifest, backend, start, end, threads, trt_session)
         parts: list[Engine] = []
         try:
             for k in range(start, end):
-                parts.append(self._open_one(manifest, backend, k, k + 1, threads))
+                parts.append(self._open_one(manifest, backend, k, k + 1, threads, trt_session))
         except Exception:
             for part in parts:
                 part.close()
@@ -145,7 +147,7 @@ class ModelRepository:
         return parts[0] if len(parts) == 1 else ChainedEngine(parts)
 
     def _open_one(self, manifest: Manifest, backend: str, start: int, end: int,
-                  threads: int) -> Engine:
+                  threads: int, trt_session: Any = None) -> Engine:
         entry = manifest.segment(backend, start, end)
         if entry is None:
             raise ArtifactError(
@@ -161,7 +163,9 @@ class ModelRepository:
         if backend == "trt":
             from engines import trt
 
-            engine: Engine = trt.open_engine(path, start, end)
+            if trt_session is None:
+                trt_session = trt.TrtSession.start()
+            engine: Engine = trt.open_engine(path, start, end, session=trt_session)
             return engine
         raise ArtifactError(f"unknown backend {backend!r}")
 
