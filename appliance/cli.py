@@ -29,6 +29,17 @@ RepoOption = Annotated[
 ]
 
 
+@app.callback()
+def _root(
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING | ERROR")] = "INFO",
+) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -164,6 +175,161 @@ def inspect(
                       f"sum of blocks {p['sum_block_ms']:.2f} ms")
 
 
+ConfigOption = Annotated[Path, typer.Option("--config", help="cluster.toml")]
+
+
+def _stop_on_signals() -> Any:
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@app.command()
+def node(
+    config: ConfigOption,
+    name: Annotated[str, typer.Option("--name", help="This worker's name in the config.")],
+) -> None:
+    """Run one worker of a cluster (until SIGINT/SIGTERM or a Shutdown message)."""
+    from appliance.config import load_config
+    from appliance.node import Node
+    from appliance.settings import node_settings
+
+    settings = node_settings(load_config(config), name)
+    worker = Node(settings)
+    stop = _stop_on_signals()
+    worker.run(stop)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _serve_source(source: Any, host: str, port: int, on_ready: Any = None) -> None:
+    """Serve the web front end for ``source`` until Ctrl-C or SIGTERM.
+
+    uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM is turned
+    into KeyboardInterrupt first so the callers' ``finally`` blocks (which stop the workers
+    and remove the socket files) always run."""
+    import signal
+
+    import uvicorn
+
+    from web.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(source), host=host, port=port,
+                                          log_level="warning", lifespan="on"))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if on_ready is not None:
+        on_ready(server)
+    server.run()
+
+
+@app.command()
+def serve(config: ConfigOption) -> None:
+    """Run the source and the web front end of a cluster."""
+    from appliance.config import load_config
+    from appliance.settings import source_settings
+    from appliance.source import Source
+
+    cfg = load_config(config)
+    source = Source(source_settings(cfg))
+    try:
+        source.start()
+        typer.echo(f"armdi serving {cfg.cluster.model} at "
+                   f"http://{cfg.source.http_host}:{cfg.source.http_port}/")
+        _serve_source(source, cfg.source.http_host, cfg.source.http_port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        source.close()
+
+
+@app.command()
+def up(
+    nodes: Annotated[int, typer.Option(help="Worker processes besides the source.")] = 3,
+    model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
+    = "efficientnet_lite0",
+    mode: Annotated[str, typer.Option(help="armdi | edgepipe | local")] = "edgepipe",
+    slowdown: Annotated[str | None, typer.Option(
+        help="Per-worker emulated slowdown factors, e.g. 1,2,4.")] = None,
+    cpus: Annotated[str | None, typer.Option(
+        help="Per-worker CPU pinning, e.g. 0,1 (use + for several: 0+1,2).")] = None,
+    host: Annotated[str, typer.Option(help="Web front end host.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Web front end port.")] = 8000,
+    wire_dtype: Annotated[str, typer.Option(help="float32 | float16 activations on the "
+                                                 "wire.")] = "float32",
+    run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
+                                                      "cluster.toml live (default: a temp "
+                                                      "dir, removed on exit).")] = None,
+    repo: RepoOption = None,
+) -> None:
+    """Start a whole cluster on this machine: workers, source and web front end."""
+    from appliance.cluster import LocalClusterOptions, parse_cpus, parse_slowdown, running
+    from appliance.settings import source_settings
+    from appliance.source import Source
+    from engines.repository import ModelRepository
+
+    if nodes < 0:
+        _fail("--nodes must be 0 or more")
+    root = _repo_path(repo)
+    if not ModelRepository(root).has_model(model):
+        typer.echo(f"{model} is not built in {root}; building it first")
+        build(model=model, repo=root)
+    options = LocalClusterOptions(
+        model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
+        slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
+        port=port, wire_dtype=wire_dtype, run_dir=run_dir,
+    )
+    with running(options) as (_cluster, cfg):
+        source = Source(source_settings(cfg))
+        try:
+            source.start()
+            b = source.allocation.boundaries if source.allocation else ()
+            typer.echo(f"armdi up: {model}, {nodes} workers, mode {options.mode}, "
+                       f"boundaries {list(b)}")
+
+            def announce(_server: Any) -> None:
+                typer.echo(f"web front end: http://{host}:{port}/  (Ctrl-C stops everything)")
+
+            _serve_source(source, host, port, announce)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            source.close()
+    typer.echo("armdi up: stopped")
+
+
+@app.command()
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG/PNG/WebP).")],
+    url: Annotated[str, typer.Option(help="The armdi server.")] = "http://127.0.0.1:8000",
+    top_k: Annotated[int, typer.Option(help="Labels per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
+) -> None:
+    """Classify images through a running armdi server."""
+    from appliance.client import classify_files
+
+    results = classify_files(images, url=url, top_k=top_k, timeout=timeout)
+    for path, result in zip(images, results, strict=True):
+        if as_json:
+            typer.echo(json.dumps(result))
+            continue
+        top = result["top"][0]
+        hops = " -> ".join(f"{h['node']}[{h['blocks'][0]},{h['blocks'][1]})"
+                           for h in result["path"])
+        typer.echo(f"{path}: {top['label']} ({top['score']:.3f})  "
+                   f"{result['latency_ms']:.1f} ms  via {hops}")
+
+
 def main() -> None:
     try:
         app()
@@ -172,3 +338,7 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""armdi runtime: frames, transport, nodes, source, allocator, CLI."""

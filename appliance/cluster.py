@@ -1,0 +1,188 @@
+"""``armdi up``: a whole cluster on one machine — N worker processes, the source and the web
+front end — for demos, tests and benchmarks.
+
+Workers listen on ``ipc://`` sockets inside a run directory that is removed on exit, so a
+stopped cluster leaves no process and no socket file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import ClusterConfig, dump_toml, parse_config
+from engines.errors import ArmdiError
+
+log = logging.getLogger("armdi.cluster")
+
+# Loopback links as the allocator sees them: ~2.5 GB/s, ~0.1 ms per hop (measured with pynng).
+LOOPBACK_MBPS = 20_000.0
+LOOPBACK_LATENCY_MS = 0.1
+
+
+@dataclass(frozen=True)
+class LocalClusterOptions:
+    model: str
+    repo: Path
+    nodes: int = 3
+    mode: str = "edgepipe"
+    slowdown: tuple[float, ...] = ()
+    cpus: tuple[tuple[int, ...] | None, ...] = ()
+    threads: int = 1
+    wire_dtype: str = "float32"
+    key_hex: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run_dir: Path | None = None
+    request_timeout_s: float = 10.0
+    queue_depth: int = 8
+    source_runs_blocks: bool = True
+
+
+def parse_list(text: str | None, what: str) -> list[str]:
+    return [part.strip() for part in text.split(",")] if text else []
+
+
+def parse_slowdown(text: str | None, nodes: int) -> tuple[float, ...]:
+    """``"1,2,4"`` -> per worker slowdown factors (missing ones are 1)."""
+    values = []
+    for part in parse_list(text, "--slowdown"):
+        try:
+            value = float(part)
+        except ValueError as exc:
+            raise ArmdiError(f"--slowdown: {part!r} is not a number") from exc
+        if value < 1.0:
+            raise ArmdiError(f"--slowdown: {value} is below 1 (a node cannot be sped up)")
+        values.append(value)
+    if len(values) > nodes:
+        raise ArmdiError(f"--slowdown gives {len(values)} factors for {nodes} nodes")
+    return tuple(values + [1.0] * (nodes - len(values)))
+
+
+def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ...]:
+    """``"0,1,1"`` or ``"0+1,2"`` -> CPUs per worker (``+`` joins several CPUs for one)."""
+    out: list[tuple[int, ...] | None] = []
+    count = os.cpu_count() or 1
+    for part in parse_list(text, "--cpus"):
+        try:
+            cpus = tuple(int(c) for c in part.split("+"))
+        except ValueError as exc:
+            raise ArmdiError(f"--cpus: {part!r} is not a CPU number list") from exc
+        if any(not 0 <= c < count for c in cpus):
+            raise ArmdiError(f"--cpus: {part!r} names a CPU this machine lacks (0..{count - 1})")
+        out.append(cpus)
+    if len(out) > nodes:
+        raise ArmdiError(f"--cpus gives {len(out)} entries for {nodes} nodes")
+    return tuple(out + [None] * (nodes - len(out)))
+
+
+def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
+    """The cluster.toml of a local cluster, as a validated config."""
+    workers = []
+    for i in range(options.nodes):
+        name = f"w{i + 1}"
+        worker: dict[str, object] = {
+            "name": name,
+            "data_addr": f"ipc://{run_dir}/{name}.data",
+            "control_addr": f"ipc://{run_dir}/{name}.ctl",
+            "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
+            "threads": options.threads,
+            "bandwidth_mbps": LOOPBACK_MBPS,
+            "latency_ms": LOOPBACK_LATENCY_MS,
+        }
+        cpus = options.cpus[i] if i < len(options.cpus) else None
+        if cpus:
+            worker["cpus"] = list(cpus)
+        workers.append(worker)
+    cluster: dict[str, object] = {
+        "model": options.model, "repo": str(options.repo), "mode": options.mode,
+        "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
+        "queue_depth": options.queue_depth,
+    }
+    if options.key_hex:
+        cluster["key"] = options.key_hex
+    data = {
+        "cluster": cluster,
+        "source": {
+            "name": "source",
+            "data_addr": f"ipc://{run_dir}/source.data",
+            "control_addr": f"ipc://{run_dir}/source.ctl",
+            "run_blocks": options.source_runs_blocks or options.mode == "local",
+            "http_host": options.host,
+            "http_port": options.port,
+            "bandwidth_mbps": LOOPBACK_MBPS,
+            "latency_ms": LOOPBACK_LATENCY_MS,
+        },
+        "workers": workers if options.mode != "local" else [],
+    }
+    return parse_config(data, origin="armdi up", base_dir=run_dir)
+
+
+class LocalCluster:
+    """Starts the worker processes of a config; ``stop`` ends them and removes the run dir."""
+
+    def __init__(self, options: LocalClusterOptions):
+        self.options = options
+        self.own_run_dir = options.run_dir is None
+        self.run_dir = Path(options.run_dir or tempfile.mkdtemp(prefix="armdi-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = local_config(options, self.run_dir)
+        self.config_path = self.run_dir / "cluster.toml"
+        self.config_path.write_text(dump_toml(self.config))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_workers(self, log_level: str = "WARNING") -> None:
+        for worker in self.config.workers:
+            cmd = [sys.executable, "-m", "appliance.cli", "--log-level", log_level, "node",
+                   "--config", str(self.config_path), "--name", worker.name]
+            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+        time.sleep(0.05)
+        for proc, worker in zip(self.procs, self.config.workers, strict=True):
+            if proc.poll() is not None:
+                raise ArmdiError(f"worker {worker.name} exited at start (status "
+                                 f"{proc.returncode}); see its error above")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:
+            for path in self.run_dir.glob("*.data"):
+                path.unlink(missing_ok=True)
+            for path in self.run_dir.glob("*.ctl"):
+                path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def running(options: LocalClusterOptions) -> Iterator[tuple[LocalCluster, ClusterConfig]]:
+    cluster = LocalCluster(options)
+    try:
+        cluster.start_workers()
+        yield cluster, cluster.config
+    finally:
+        cluster.stop()
+
+
+def worker_names(config: ClusterConfig) -> Sequence[str]:
+    return [w.name for w in config.workers]

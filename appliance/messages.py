@@ -1,0 +1,222 @@
+"""Control messages: typed, versioned, JSON on the wire, optionally tagged with HMAC-SHA256.
+
+Every message is a frozen pydantic model with a ``type`` discriminator and a version ``v``.
+On the wire a message travels in a small envelope::
+
+    b"ARMC" | envelope version u8 (1) | flags u8 (bit 0: tagged) | JSON body | [32-byte tag]
+
+The tag is HMAC-SHA256 under the cluster key (the same key as frames) over every byte before
+it. Anything the decoder will not accept raises ``MessageError`` with a readable reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from appliance.frames import WireDtype
+from engines.errors import ArmdiError
+
+MAGIC: Final = b"ARMC"
+ENVELOPE_VERSION: Final = 1
+FLAG_TAGGED: Final = 0x01
+TAG_BYTES: Final = 32
+MESSAGE_VERSION: Final = 1
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1 << 20
+_HEAD_BYTES: Final = len(MAGIC) + 2
+
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+NodeName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class MessageError(ArmdiError):
+    """A control message that cannot be decoded: bad JSON, unknown type or version,
+    missing or wrong tag, or too large."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: int = MESSAGE_VERSION
+
+
+class _BlockRange(_Message):
+    """A message about blocks ``[start, end)`` (``start == end``: no blocks)."""
+
+    start: NonNegativeInt
+    end: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _start_not_after_end(self) -> _BlockRange:
+        if self.start > self.end:
+            raise ValueError(f"block range [{self.start}, {self.end}) runs backwards")
+        return self
+
+
+class Hello(_Message):
+    """Source -> worker on joining: who I am and which model I serve."""
+
+    type: Literal["hello"] = "hello"
+    node: NodeName
+    fingerprint: Fingerprint  # hex sha256 of the model, as in the manifest
+    model_id: str
+    blocks: NonNegativeInt  # K, the number of blocks of the model
+    backends: tuple[str, ...] = ()
+    pid: NonNegativeInt = 0
+
+
+class HelloReply(_Message):
+    """Worker -> source: whether it serves the same model, and if not, why."""
+
+    type: Literal["hello_reply"] = "hello_reply"
+    node: NodeName
+    fingerprint: Fingerprint
+    ok: bool
+    reason: str = ""
+
+
+class Configure(_BlockRange):
+    """Assign ``node`` the blocks ``[start, end)`` and say where its output goes:
+    activations to ``successor_addr``, results (when ``end`` is K) to ``result_addr``."""
+
+    type: Literal["configure"] = "configure"
+    node: NodeName
+    successor_addr: str | None
+    result_addr: str
+    wire_dtype: WireDtype = "float32"
+    chain: tuple[NodeName, ...] = ()  # live workers in order, source first
+
+
+class Ack(_Message):
+    type: Literal["ack"] = "ack"
+    ok: bool
+    reason: str = ""
+
+
+class StatusRequest(_Message):
+    type: Literal["status_request"] = "status_request"
+
+
+class NodeStatus(_BlockRange):
+    type: Literal["node_status"] = "node_status"
+    node: NodeName
+    queue_depth: NonNegativeInt
+    queue_capacity: NonNegativeInt
+    processed: NonNegativeInt
+    dropped: dict[str, NonNegativeInt] = Field(default_factory=dict)  # by reason
+    compute_ms_ewma: NonNegativeFloat = 0.0
+    send_ms_ewma: NonNegativeFloat = 0.0
+    uptime_s: NonNegativeFloat = 0.0
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    node: NodeName
+    seq: NonNegativeInt
+    sent_at: float  # the sender's time.time()
+
+
+class StageReport(_BlockRange):
+    """A worker's measured stage time over its last ``samples`` frames."""
+
+    type: Literal["stage_report"] = "stage_report"
+    node: NodeName
+    compute_ms: NonNegativeFloat
+    send_ms: NonNegativeFloat
+    samples: NonNegativeInt
+
+
+class Shutdown(_Message):
+    type: Literal["shutdown"] = "shutdown"
+    reason: str = ""
+
+
+ControlMessage = Annotated[
+    Hello | HelloReply | Configure | Ack | StatusRequest | NodeStatus | Heartbeat
+    | StageReport | Shutdown,
+    Field(discriminator="type"),
+]
+_ADAPTER: Final[TypeAdapter[ControlMessage]] = TypeAdapter(ControlMessage)
+MESSAGE_TYPES: Final[frozenset[str]] = frozenset(
+    cls.model_fields["type"].default
+    for cls in (Hello, HelloReply, Configure, Ack, StatusRequest, NodeStatus, Heartbeat,
+                StageReport, Shutdown)
+)
+
+
+def encode_message(msg: ControlMessage, key: bytes | None) -> bytes:
+    """The envelope bytes of ``msg``, tagged under ``key`` when one is given."""
+    body = msg.model_dump_json().encode()
+    head = MAGIC + bytes((ENVELOPE_VERSION, FLAG_TAGGED if key is not None else 0))
+    data = head + body
+    if key is not None:
+        data += hmac.digest(key, data, hashlib.sha256)
+    return data
+
+
+def decode_message(data: bytes | bytearray | memoryview, key: bytes | None,
+                   max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ControlMessage:
+    """Check the envelope (size, magic, tag) and parse the message inside."""
+    raw = bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageError(f"control message of {len(raw)} bytes is over the {max_bytes} limit")
+    if len(raw) < _HEAD_BYTES or raw[: len(MAGIC)] != MAGIC:
+        raise MessageError(f"not an armdi control message (starts {raw[:8]!r})")
+    version, flags = raw[len(MAGIC)], raw[len(MAGIC) + 1]
+    if version != ENVELOPE_VERSION:
+        raise MessageError(f"unsupported control envelope version {version} "
+                           f"(this node speaks {ENVELOPE_VERSION})")
+    if flags & ~FLAG_TAGGED:
+        raise MessageError(f"unknown control envelope flags {flags:#04x}")
+    body = _check_tag(raw, tagged=bool(flags & FLAG_TAGGED), key=key)
+    try:
+        obj: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MessageError(f"control message is not valid JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise MessageError(f"control message is a JSON {type(obj).__name__}, not an object")
+    kind = obj.get("type")
+    if kind not in MESSAGE_TYPES:
+        raise MessageError(f"unknown control message type {kind!r:.80}")
+    version = obj.get("v", MESSAGE_VERSION)
+    if version != MESSAGE_VERSION:
+        raise MessageError(f"{kind} message version {version!r:.20} is not supported "
+                           f"(this node speaks {MESSAGE_VERSION})")
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or '(message)'}: {e['msg']}"
+            for e in err.errors())
+        raise MessageError(f"invalid {kind} message: {problems}") from err
+
+
+def _check_tag(raw: bytes, *, tagged: bool, key: bytes | None) -> bytes:
+    """The JSON body of ``raw`` once its tag (or its absence) is acceptable."""
+    if key is None:
+        if tagged:
+            raise MessageError("control message is tagged but no cluster key is configured")
+        return raw[_HEAD_BYTES:]
+    if not tagged:
+        raise MessageError("control message has no tag but a cluster key is configured")
+    if len(raw) < _HEAD_BYTES + TAG_BYTES:
+        raise MessageError("control message is too short to hold its tag")
+    body_end = len(raw) - TAG_BYTES
+    expected = hmac.digest(key, raw[:body_end], hashlib.sha256)
+    if not hmac.compare_digest(expected, raw[body_end:]):
+        raise MessageError("bad control message tag: wrong cluster key, or the message was "
+                           "altered")
+    return raw[_HEAD_BYTES:body_end]

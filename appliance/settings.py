@@ -1,0 +1,45 @@
+"""From a validated ``cluster.toml`` to the frozen settings of one process."""
+
+from __future__ import annotations
+
+from appliance.config import ClusterConfig
+from appliance.node import NodeSettings
+from appliance.source import SourceSettings, WorkerRef
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is TensorRT where it imports, else ONNX Runtime."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "trt" if importlib.util.find_spec("tensorrt") is not None else "ort"
+
+
+def node_settings(config: ClusterConfig, name: str) -> NodeSettings:
+    worker = config.worker(name)
+    c = config.cluster
+    return NodeSettings(
+        name=worker.name, data_addr=worker.data_addr, control_addr=worker.control_addr,
+        repo=c.repo, model_id=c.model, backend=resolve_backend(c.backend),
+        threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
+        key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
+    )
+
+
+def source_settings(config: ClusterConfig) -> SourceSettings:
+    c, s = config.cluster, config.source
+    workers = tuple(
+        WorkerRef(name=w.name, data_addr=w.data_addr, control_addr=w.control_addr,
+                  slowdown=w.slowdown, bandwidth_Bps=w.bandwidth_Bps, latency_ms=w.latency_ms,
+                  max_blocks=w.max_blocks)
+        for w in config.workers
+    )
+    return SourceSettings(
+        name=s.name, data_addr=s.data_addr, repo=c.repo, model_id=c.model, workers=workers,
+        mode=c.mode, backend=resolve_backend(c.backend), threads=s.threads,
+        slowdown=s.slowdown, bandwidth_Bps=s.bandwidth_Bps, latency_ms=s.latency_ms,
+        cpus=s.cpus, run_blocks=s.run_blocks, key=c.hmac_key(), wire_dtype=c.wire_dtype,
+        max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
+        max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
+    )

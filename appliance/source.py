@@ -1,0 +1,555 @@
+"""The source: owns the input, starts every request, and returns exactly one result for each.
+
+It runs its own first segment (when the allocation gives it blocks), ships the activation to
+the first worker, and receives results from the last one. Every accepted request is kept,
+with its input, until its result arrives; an overdue request is re-sent from block 0, and
+results are de-duplicated by request id, so none is lost and none is returned twice. A
+request that cannot finish before its deadline fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import os
+import queue
+import statistics
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance import frames as fr
+from appliance import messages as msg
+from appliance.allocator import Allocation, evaluate, snapshot_from_profile, solve
+from appliance.api import (
+    Classification,
+    Hop,
+    InferenceResult,
+    NodeView,
+    NotReadyError,
+    PipelineStatus,
+    Prediction,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from appliance.transport import ControlClient, DataInbox, DataOutbox, TransportError
+from engines.base import Engine
+from engines.errors import ArmdiError, InputSpecError
+from engines.manifest import Manifest
+from engines.preprocess import decode_image, preprocess
+from engines.repository import ModelRepository
+
+log = logging.getLogger("armdi.source")
+
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    name: str
+    data_addr: str
+    control_addr: str
+    slowdown: float = 1.0
+    bandwidth_Bps: float = math.inf
+    latency_ms: float = 0.0
+    max_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Everything the source needs, parsed once by the CLI."""
+
+    name: str
+    data_addr: str
+    repo: Path
+    model_id: str
+    workers: tuple[WorkerRef, ...] = ()
+    mode: str = "edgepipe"  # armdi | edgepipe | local
+    backend: str = "ort"
+    threads: int = 1
+    slowdown: float = 1.0
+    bandwidth_Bps: float = math.inf
+    latency_ms: float = 0.0
+    cpus: tuple[int, ...] | None = None
+    run_blocks: bool = True
+    key: bytes | None = None
+    wire_dtype: fr.WireDtype = "float32"
+    max_frame_bytes: int = 64 << 20
+    request_timeout_s: float = 10.0
+    max_attempts: int = 3
+    max_in_flight: int = 64
+    send_timeout_ms: int = 2000
+    connect_timeout_s: float = 30.0
+
+
+@dataclass
+class _Pending:
+    request_id: int
+    tensor: np.ndarray
+    future: Future[InferenceResult]
+    submitted: float
+    deadline: float
+    attempt: int = 0
+    attempt_deadline: float = 0.0
+
+
+@dataclass
+class _WorkerState:
+    ref: WorkerRef
+    state: str = "starting"
+    last: msg.NodeStatus | None = None
+    failures: int = 0
+
+
+@dataclass
+class _Metrics:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    counters: Counter[str] = field(default_factory=Counter)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    done_times: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+
+
+class Source:
+    """Implements ``appliance.api.Pipeline``."""
+
+    def __init__(self, settings: SourceSettings, repository: ModelRepository | None = None):
+        self.settings: SourceSettings = settings
+        self.repository = repository or ModelRepository(settings.repo)
+        self._manifest = self.repository.load_manifest(settings.model_id)
+        self.repository.check_file(self._manifest, self._manifest.weights_file)
+        self.fingerprint = bytes.fromhex(self._manifest.fingerprint)
+        self.blocks = self._manifest.blocks
+        self.workers = [_WorkerState(ref) for ref in settings.workers]
+        self.allocation: Allocation | None = None
+        self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
+        self._engine: Engine | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._work: queue.Queue[tuple[_Pending, int]] = queue.Queue(settings.max_in_flight)
+        self._metrics = _Metrics()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._inbox: DataInbox | None = None
+        self._outboxes: dict[str, DataOutbox] = {}
+        self._clients: dict[str, ControlClient] = {}
+        self._ready = False
+        self._events: deque[dict[str, Any]] = deque(maxlen=500)
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[dict[str, Any]]]]
+        self._subscribers = []
+
+    # ------------------------------------------------------------------ Pipeline API
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    def ready(self) -> bool:
+        return self._ready and not self._stop.is_set()
+
+    async def infer(self, tensor: np.ndarray, timeout_s: float | None = None) -> InferenceResult:
+        future = self.submit(tensor, timeout_s)
+        return await asyncio.wrap_future(future)
+
+    async def classify(self, image: bytes, top_k: int = 5,
+                       timeout_s: float | None = None) -> Classification:
+        tensor = await asyncio.to_thread(self.prepare_image, image)
+        result = await self.infer(tensor, timeout_s)
+        return self.top_k(result, top_k)
+
+    def status(self) -> PipelineStatus:
+        m = self._metrics
+        now = time.monotonic()
+        with self._lock:
+            in_flight = len(self._pending)
+            recent = [t for t in m.done_times if now - t <= 10.0]
+            lat = sorted(m.latencies)
+        views = [self._source_view()] + [self._worker_view(w) for w in self.workers]
+        span = min(10.0, now - self._started) if hasattr(self, "_started") else 10.0
+        return PipelineStatus(
+            model_id=self._manifest.model_id, fingerprint=self._manifest.fingerprint,
+            mode=self.settings.mode, blocks=self.blocks, ready=self.ready(), nodes=tuple(views),
+            boundaries=self.allocation.boundaries if self.allocation else (),
+            in_flight=in_flight, completed=m.completed, failed=m.failed, retried=m.retried,
+            throughput_per_s=len(recent) / span if span > 0 else 0.0,
+            latency_p50_ms=_quantile(lat, 0.5), latency_p99_ms=_quantile(lat, 0.99),
+            counters=dict(m.counters),
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        entry = (asyncio.get_running_loop(), q)
+        with self._lock:
+            backlog = list(self._events)[-20:]
+            self._subscribers.append(entry)
+        try:
+            for event in backlog:
+                yield event
+            while True:
+                yield await q.get()
+        finally:
+            with self._lock:
+                self._subscribers.remove(entry)
+
+    # ------------------------------------------------------------------ requests
+    def prepare_image(self, image: bytes) -> np.ndarray:
+        return preprocess(decode_image(image), self._manifest.preprocessing)
+
+    def submit(self, tensor: np.ndarray, timeout_s: float | None = None) -> Future[InferenceResult]:
+        """Accept one input of shape (1, C, H, W); the future resolves to its result."""
+        if not self.ready():
+            raise NotReadyError("the pipeline is not ready (starting, or stopped)")
+        spec = self._manifest.input
+        tensor = np.ascontiguousarray(tensor, dtype=np.float32)
+        if tensor.shape != (1, *spec.shape[1:]):
+            raise InputSpecError(f"expected an input of shape {(1, *spec.shape[1:])}, got "
+                                 f"{tuple(tensor.shape)}")
+        now = time.monotonic()
+        future: Future[InferenceResult] = Future()
+        pending = _Pending(next(self._ids), tensor, future, now,
+                           now + (timeout_s or self.settings.request_timeout_s))
+        with self._lock:
+            if len(self._pending) >= self.settings.max_in_flight:
+                self._metrics.counters["rejected_full"] += 1
+                raise QueueFullError(f"{len(self._pending)} requests in flight (the limit); "
+                                     "retry shortly")
+            self._pending[pending.request_id] = pending
+        self._dispatch(pending)
+        return future
+
+    def _dispatch(self, pending: _Pending) -> None:
+        per_attempt = self.settings.request_timeout_s / self.settings.max_attempts
+        pending.attempt += 1
+        pending.attempt_deadline = time.monotonic() + per_attempt
+        try:
+            self._work.put_nowait((pending, pending.attempt))
+        except queue.Full:
+            self._finish_error(pending.request_id, QueueFullError("the source queue is full"))
+
+    def top_k(self, result: InferenceResult, k: int) -> Classification:
+        logits = result.output.reshape(-1).astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        k = max(1, min(k, probs.size))
+        order = np.argsort(-probs)[:k]
+        labels = self._manifest.labels
+        top = tuple(Prediction(int(i), labels[i] if labels and i < len(labels) else str(i),
+                               float(probs[i])) for i in order)
+        return Classification(result.request_id, top, result.latency_ms, result.path,
+                              result.attempts)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Connect to the workers, place the boundaries, open the engine, start the loops."""
+        s = self.settings
+        if s.cpus:
+            os.sched_setaffinity(0, set(s.cpus))
+        self._started = time.monotonic()
+        self._inbox = DataInbox(s.data_addr, max_bytes=s.max_frame_bytes)
+        live = self._handshake() if s.mode != "local" else []
+        self.allocation = self._allocate(live)
+        self._configure(live)
+        for target in (self._source_loop, self._result_loop, self._watchdog_loop,
+                       self._poll_loop):
+            thread = threading.Thread(target=target, name=target.__name__, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._ready = True
+        self._event("ready", boundaries=list(self.allocation.boundaries),
+                    route=[r[0] for r in self._route])
+
+    def close(self) -> None:
+        self._ready = False
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(NotReadyError("the pipeline stopped"))
+        if self._inbox is not None:
+            self._inbox.close()
+        for box in self._outboxes.values():
+            box.close()
+        for client in self._clients.values():
+            client.close()
+        if self._engine is not None:
+            self._engine.close()
+
+    def _client(self, w: _WorkerState) -> ControlClient:
+        with self._lock:
+            client = self._clients.get(w.ref.name)
+            if client is None:
+                client = ControlClient(w.ref.control_addr, key=self.settings.key)
+                self._clients[w.ref.name] = client
+            return client
+
+    def _handshake(self) -> list[_WorkerState]:
+        """Hello to every worker until it answers (or ``connect_timeout_s``); a worker that
+        serves another model version is refused with the reason and left out."""
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        waiting = list(self.workers)
+        live: list[_WorkerState] = []
+        hello = msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
+                          model_id=self._manifest.model_id, blocks=self.blocks,
+                          backends=(self.settings.backend,), pid=os.getpid())
+        while waiting and time.monotonic() < deadline:
+            for w in list(waiting):
+                try:
+                    reply = self._client(w).request(hello, timeout_ms=1000)
+                except ArmdiError:
+                    continue
+                waiting.remove(w)
+                if isinstance(reply, msg.HelloReply) and reply.ok:
+                    w.state = "up"
+                    live.append(w)
+                else:
+                    w.state = "refused"
+                    reason = getattr(reply, "reason", repr(reply))
+                    log.error("worker %s refused: %s", w.ref.name, reason)
+                    self._event("refused", node=w.ref.name, reason=reason)
+            if waiting:
+                time.sleep(0.1)
+        for w in waiting:
+            w.state = "down"
+            log.error("worker %s did not answer at %s within %.0f s; continuing without it",
+                      w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s)
+            self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
+        return [w for w in self.workers if w in live]
+
+    def _allocate(self, live: list[_WorkerState]) -> Allocation:
+        s = self.settings
+        profile = next(iter(self._manifest.profiles.values()), None)
+        base = list(profile.block_ms) if profile else [1.0] * self.blocks
+        if s.mode == "local" or not live:
+            snap = snapshot_from_profile([base], self._manifest.activation_bytes())
+            return evaluate(snap, [0, self.blocks])
+        refs = [w.ref for w in live]
+        snap = snapshot_from_profile(
+            [base] + [base] * len(refs),
+            self._manifest.activation_bytes(),
+            bandwidth_Bps=[s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs],
+            latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
+            slowdown=[s.slowdown] + [r.slowdown for r in refs],
+            max_blocks=[None if s.run_blocks else 0] + [r.max_blocks for r in refs],
+        )
+        return solve(snap)
+
+    def _configure(self, live: list[_WorkerState]) -> None:
+        assert self.allocation is not None
+        b = self.allocation.boundaries
+        names = [self.settings.name] + [w.ref.name for w in live]
+        addrs = [self.settings.data_addr] + [w.ref.data_addr for w in live]
+        used = [n for n in range(len(names)) if b[n] < b[n + 1]]
+        route = [(names[n], addrs[n], b[n], b[n + 1]) for n in used]
+        chain = [r[0] for r in route]
+        for i, (name, _addr, start, end) in enumerate(route):
+            if i == 0 and name == self.settings.name:
+                continue
+            nxt = route[i + 1][1] if i + 1 < len(route) else None
+            worker = next(w for w in live if w.ref.name == name)
+            configure = msg.Configure(node=name, start=start, end=end, successor_addr=nxt or None,
+                                      result_addr=self.settings.data_addr,
+                                      wire_dtype=self.settings.wire_dtype, chain=tuple(chain))
+            reply = self._client(worker).request(configure, timeout_ms=30_000)
+            if not (isinstance(reply, msg.Ack) and reply.ok):
+                raise ArmdiError(f"worker {name} rejected blocks [{start}, {end}): "
+                                 f"{getattr(reply, 'reason', reply)}")
+        for w in live:
+            if w.ref.name not in chain:
+                w.state = "idle"
+        self._route = route
+        if route and route[0][0] == self.settings.name:
+            self._engine = self.repository.open_engine(
+                self._manifest, route[0][2], route[0][3], backend=self.settings.backend,
+                threads=self.settings.threads)
+        log.info("allocation %s over %s", list(b), chain)
+
+    # ------------------------------------------------------------------ loops
+    def _first_hop(self) -> tuple[int, str | None]:
+        """How many blocks the source runs, and where it sends the activation."""
+        if not self._route:
+            return 0, None
+        if self._route[0][0] == self.settings.name:
+            nxt = self._route[1][1] if len(self._route) > 1 else None
+            return self._route[0][3], nxt
+        return 0, self._route[0][1]
+
+    def _source_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pending, attempt = self._work.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if pending.future.done() or attempt != pending.attempt:
+                continue
+            try:
+                self._start_request(pending)
+            except ArmdiError as exc:
+                self._metrics.counters["dispatch_error"] += 1
+                log.warning("request %d attempt %d: %s", pending.request_id, attempt, exc)
+
+    def _start_request(self, pending: _Pending) -> None:
+        end, nxt = self._first_hop()
+        x = pending.tensor
+        trace: tuple[fr.TraceEntry, ...] = ()
+        if end > 0 and self._engine is not None:
+            t0 = time.perf_counter()
+            x = self._engine.infer(x)
+            compute_s = time.perf_counter() - t0
+            if self.settings.slowdown > 1.0:
+                time.sleep(compute_s * (self.settings.slowdown - 1.0))
+            trace = (fr.TraceEntry(node=self.settings.name, start=0, end=end,
+                                   ms=(time.perf_counter() - t0) * 1000),)
+        if end == self.blocks or nxt is None:
+            self._complete(pending.request_id, pending.attempt, x, trace)
+            return
+        if end > 0:
+            x = fr.cast_for_wire(x, self.settings.wire_dtype)
+        frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=pending.request_id,
+                         attempt=pending.attempt, fingerprint=self.fingerprint,
+                         start_block=end, tensor=x, trace=trace)
+        box = self._outboxes.get(nxt)
+        if box is None:
+            box = self._outboxes[nxt] = DataOutbox(nxt)
+        try:
+            box.send(fr.encode_frame(frame, self.settings.key),
+                     timeout_ms=self.settings.send_timeout_ms)
+        except TransportError as exc:
+            self._metrics.counters["send_failed"] += 1
+            log.warning("request %d: send to %s failed: %s", pending.request_id, nxt, exc)
+
+    def _result_loop(self) -> None:
+        assert self._inbox is not None
+        while not self._stop.is_set():
+            try:
+                buf = self._inbox.recv(timeout_ms=int(POLL_S * 1000))
+            except TransportError:
+                continue
+            try:
+                frame = fr.decode_frame(buf, key=self.settings.key,
+                                        max_bytes=self.settings.max_frame_bytes)
+                if frame.kind != fr.FrameKind.RESULT:
+                    raise fr.FrameError(f"unexpected {frame.kind.name} frame at the source")
+                if frame.fingerprint != self.fingerprint:
+                    raise fr.FrameError("result for another model fingerprint")
+            except fr.FrameError as exc:
+                self._metrics.counters["bad_frame"] += 1
+                log.warning("dropped a result frame: %s", exc)
+                continue
+            self._complete(frame.request_id, frame.attempt,
+                           np.array(fr.to_compute_dtype(frame.tensor)), frame.trace)
+
+    def _complete(self, request_id: int, attempt: int, output: np.ndarray,
+                  trace: tuple[fr.TraceEntry, ...]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+            if pending is None:
+                self._metrics.counters["duplicate_results"] += 1
+                return
+            latency = (now - pending.submitted) * 1000
+            self._metrics.completed += 1
+            self._metrics.latencies.append(latency)
+            self._metrics.done_times.append(now)
+        path = tuple(Hop(t.node, t.start, t.end, t.ms) for t in trace)
+        result = InferenceResult(request_id, output, latency, path, attempts=attempt)
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+    def _finish_error(self, request_id: int, error: Exception) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+            if pending is None:
+                return
+            self._metrics.failed += 1
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    def _watchdog_loop(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            with self._lock:
+                overdue = [p for p in self._pending.values() if now >= p.attempt_deadline]
+            for p in overdue:
+                if now >= p.deadline or p.attempt >= self.settings.max_attempts:
+                    self._finish_error(p.request_id, RequestTimeoutError(
+                        f"request {p.request_id}: no result after {p.attempt} attempt(s) in "
+                        f"{now - p.submitted:.1f} s; check `armdi` node logs and "
+                        "GET /v1/pipeline for down nodes"))
+                else:
+                    self._metrics.retried += 1
+                    self._event("retry", request_id=p.request_id, attempt=p.attempt + 1)
+                    self._dispatch(p)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            for w in self.workers:
+                if w.state == "refused":
+                    continue
+                try:
+                    reply = self._client(w).request(msg.StatusRequest(), timeout_ms=500)
+                except ArmdiError:
+                    w.failures += 1
+                    if w.failures >= 3 and w.state != "down":
+                        w.state = "down"
+                        self._event("node_down", node=w.ref.name)
+                    continue
+                if isinstance(reply, msg.NodeStatus):
+                    if w.state == "down":
+                        self._event("node_up", node=w.ref.name)
+                    w.last, w.failures = reply, 0
+                    w.state = "up" if reply.end > reply.start else "idle"
+
+    # ------------------------------------------------------------------ status helpers
+    def _source_view(self) -> NodeView:
+        start, end = (self._route[0][2], self._route[0][3]) if (
+            self._route and self._route[0][0] == self.settings.name) else (0, 0)
+        stage = self.allocation.stage_ms[0] if self.allocation else None
+        return NodeView(self.settings.name, "source", start, end,
+                        "up" if self.ready() else "starting", stage, self._work.qsize(),
+                        self.settings.max_in_flight, self._metrics.completed,
+                        self.settings.data_addr)
+
+    def _worker_view(self, w: _WorkerState) -> NodeView:
+        last = w.last
+        start, end = (last.start, last.end) if last else (0, 0)
+        stage = (last.compute_ms_ewma + last.send_ms_ewma) if last else None
+        return NodeView(w.ref.name, "worker", start, end, w.state, stage,
+                        last.queue_depth if last else 0, last.queue_capacity if last else 0,
+                        last.processed if last else 0, w.ref.data_addr)
+
+    def _event(self, kind: str, **data: Any) -> None:
+        event = {"type": kind, "time": time.time(), **data}
+        with self._lock:
+            self._events.append(event)
+            subscribers = list(self._subscribers)
+        for loop, q in subscribers:
+            loop.call_soon_threadsafe(_offer, q, event)
+
+
+
+def _offer(q: asyncio.Queue[dict[str, Any]], event: dict[str, Any]) -> None:
+    if not q.full():
+        q.put_nowait(event)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[
+        min(98, max(0, round(q * 100) - 1))]
