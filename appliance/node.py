@@ -33,6 +33,14 @@ log = logging.getLogger("armdi.node")
 POLL_MS = 200
 
 
+class FrameRejected(fr.FrameError):
+    """A well-formed frame this node cannot run; ``reason`` names the counter."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """Everything a node process needs, parsed once by the CLI."""
@@ -130,9 +138,9 @@ class Node:
         while not stop.is_set():
             try:
                 control.serve_once(lambda m: self.handle_control(m, stop), timeout_ms=POLL_MS)
-            except ArmdiError as exc:
+            except Exception as exc:  # the requester got an Ack(ok=False); keep serving
                 if not stop.is_set():
-                    log.warning("%s: control message rejected: %s", self.settings.name, exc)
+                    log.warning("%s: control message failed: %s", self.settings.name, exc)
 
     def handle_control(self, message: msg.ControlMessage,
                        stop: threading.Event) -> msg.ControlMessage:
@@ -198,7 +206,7 @@ class Node:
                                         max_bytes=self.settings.max_frame_bytes)
                 self.check_frame(frame)
             except fr.FrameError as exc:
-                self._drop(getattr(exc, "reason", "bad_frame"), str(exc))
+                self._drop(exc.reason, str(exc))
                 continue
             while not stop.is_set():
                 try:
@@ -210,22 +218,24 @@ class Node:
     def check_frame(self, frame: fr.Frame) -> None:
         """Raise ``FrameError`` unless this node can run this frame."""
         if frame.kind != fr.FrameKind.ACTIVATION:
-            raise fr.FrameError(f"unexpected {frame.kind.name} frame")
+            raise FrameRejected("wrong_kind", f"unexpected {frame.kind.name} frame")
         if frame.fingerprint != self.fingerprint:
-            raise fr.FrameError(
-                f"frame for model fingerprint {frame.fingerprint.hex()[:12]}, this node serves "
+            raise FrameRejected(
+                "wrong_fingerprint", f"frame for model fingerprint {frame.fingerprint.hex()[:12]}, this node serves "
                 f"{self.manifest.fingerprint[:12]}")
         with self._lock:
             end = self.assignment.end
         if not 0 <= frame.start_block < end:
-            raise fr.FrameError(f"frame starts at block {frame.start_block}; this node runs "
-                                f"blocks up to {end} of {self.blocks}")
+            raise FrameRejected("wrong_blocks", f"frame starts at block {frame.start_block}; "
+                                f"this node runs blocks up to {end} of {self.blocks}")
         expected = self._sample_shapes[frame.start_block]
         if tuple(frame.tensor.shape[1:]) != expected or frame.tensor.ndim != len(expected) + 1:
-            raise fr.FrameError(f"activation shape {tuple(frame.tensor.shape)} does not match "
-                                f"cut point {frame.start_block} {('N', *expected)}")
+            raise FrameRejected("wrong_shape", f"activation shape {tuple(frame.tensor.shape)} "
+                                f"does not match cut point {frame.start_block} "
+                                f"{('N', *expected)}")
         if frame.tensor.dtype not in (np.float32, np.float16):
-            raise fr.FrameError(f"activation dtype {frame.tensor.dtype} is not float32/float16")
+            raise FrameRejected("wrong_dtype", f"activation dtype {frame.tensor.dtype} is not "
+                                "float32/float16")
 
     def _engine(self, start: int, end: int) -> Engine:
         key = (start, end)

@@ -20,14 +20,16 @@ growing to ``reconnect_max_ms``), and the send or request timeout bounds the wai
 guarantee delivery when a connection breaks, and ``close`` does not linger: a message that was
 handed to NNG but not yet written out is lost. End-to-end delivery is the source's job.
 
-Costs measured on the 2-core, no-GPU development machine, 12 MiB messages between two processes
-over ``ipc://`` (see the report of the transport work):
+Costs measured on the 2-core, no-GPU development machine (pynng 0.9.0, NNG 1.11), 12 MiB
+messages between two processes over ``ipc://``, only the call itself timed:
 
-- receive: ``Socket.recv()`` copies the message into new bytes (~3-11 ms); ``recv_msg().bytes``
-  likewise; the view of the message body used here costs ~0.05-0.2 ms whatever the size.
-- send: ``nng_send`` copies the buffer once into an NNG message (~1.5-3 ms for 12 MiB, the same
-  for ``bytes`` and for ``ffi.from_buffer``); pynng refuses a ``bytearray`` or numpy array
-  outright, so ``send`` wraps the caller's buffer with ``ffi.from_buffer`` (no copy).
+- receive: ``Socket.recv()`` copies the message into new bytes: median 2.2 ms (up to ~5 ms on
+  a busy machine; ``recv_msg().bytes`` is the same copy). ``DataInbox.recv`` returns a view of
+  NNG's message body instead: median 0.2 ms, independent of size.
+- send: ``nng_send`` copies the buffer once into an NNG message: median 1.6-2.3 ms, the same
+  for ``bytes`` and for ``ffi.from_buffer(bytearray | ndarray)``, so there is no Python-side
+  copy. pynng's ``send`` rejects a bare ``bytearray`` or numpy array ("initializer for ctype
+  'void *' must be a cdata pointer"), hence ``ffi.from_buffer``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final
 
+import numpy.typing as npt
 import pynng
 from pynng import ffi, lib
 from typing_extensions import Buffer, Self
@@ -154,8 +157,8 @@ class DataInbox(_Socket):
     """Receives data frames: a Pull0 socket listening on ``address``.
 
     Messages over ``max_bytes`` are dropped by NNG, which also closes the connection they
-    came on (over ipc/tcp; ``inproc://`` does not enforce the limit, so ``decode_frame``
-    checks it again).
+    came on, losing whatever the sender had queued behind them on it; the sender redials.
+    ``inproc://`` does not enforce the limit at all, so ``decode_frame`` checks it again.
     """
 
     def __init__(self, address: str, *, max_bytes: int, recv_buffer: int | None = None) -> None:
@@ -254,7 +257,7 @@ class DataOutbox(_Socket):
                 self.hang_up(old)
         self.dial(address)
 
-    def send(self, buf: Buffer, timeout_ms: int) -> None:
+    def send(self, buf: Buffer | npt.NDArray[Any], timeout_ms: int) -> None:
         """Hand ``buf`` (bytes, bytearray, memoryview, numpy array: C-contiguous) to NNG.
 
         Returns once NNG has queued it for a connected peer; raises ``TransportTimeout``

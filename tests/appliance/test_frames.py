@@ -1,0 +1,299 @@
+"""Activation frames: round trips, zero-copy decode, and every malformation as a FrameError."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from appliance import frames as fr
+
+FP = hashlib.sha256(b"model").digest()
+KEY = b"cluster-key"
+LIMIT = 1 << 20
+DTYPES = ("float32", "float16", "uint8", "int64")
+
+
+def make(tensor: np.ndarray | None = None, **changes: Any) -> fr.Frame:
+    base = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=42, attempt=1, fingerprint=FP,
+                    start_block=3, tensor=np.arange(6, dtype=np.float32).reshape(2, 3)
+                    if tensor is None else tensor,
+                    trace=(fr.TraceEntry(node="source", start=0, end=3, ms=1.25),))
+    return dataclasses.replace(base, **changes)
+
+
+def assert_same(a: fr.Frame, b: fr.Frame) -> None:
+    assert (a.kind, a.request_id, a.attempt, a.fingerprint, a.start_block, a.error) == (
+        b.kind, b.request_id, b.attempt, b.fingerprint, b.start_block, b.error)
+    assert a.tensor.dtype == b.tensor.dtype and a.tensor.shape == b.tensor.shape
+    np.testing.assert_array_equal(a.tensor, b.tensor)
+    assert len(a.trace) == len(b.trace)
+    for x, y in zip(a.trace, b.trace, strict=True):
+        assert (x.node, x.start, x.end) == (y.node, y.start, y.end)
+        assert np.float32(x.ms) == np.float32(y.ms)
+
+
+# ---------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("key", [None, KEY])
+@pytest.mark.parametrize("kind", list(fr.FrameKind))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_every_dtype_and_kind(dtype: str, kind: fr.FrameKind,
+                                         key: bytes | None) -> None:
+    tensor = (np.arange(2 * 3 * 5) % 200).astype(dtype).reshape(2, 3, 5)
+    frame = make(tensor, kind=kind, error="engine failed" if kind == fr.FrameKind.ERROR else "")
+    data = fr.encode_frame(frame, key)
+    assert isinstance(data, bytearray)
+    assert_same(fr.decode_frame(data, key=key, max_bytes=LIMIT), frame)
+
+
+def test_round_trip_edge_shapes_and_unicode_trace() -> None:
+    for tensor in (np.array(7.0, dtype=np.float32), np.zeros((0, 4), np.float32),
+                   np.ones((1,) * 8, np.int64)):
+        trace = tuple(fr.TraceEntry(node=f"nöde-{i}" * 3, start=i, end=i + 1, ms=i / 3)
+                      for i in range(fr.MAX_TRACE))
+        frame = make(tensor, trace=trace, request_id=2**64 - 1, attempt=65535)
+        assert_same(fr.decode_frame(fr.encode_frame(frame, KEY), key=KEY, max_bytes=LIMIT),
+                    frame)
+
+
+def test_non_contiguous_and_big_endian_tensors_are_encoded_in_c_order() -> None:
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for tensor in (base.T, base[:, ::2], base.astype(">f4")):
+        out = fr.decode_frame(fr.encode_frame(make(tensor), None), key=None, max_bytes=LIMIT)
+        np.testing.assert_array_equal(out.tensor, tensor)
+        assert out.tensor.dtype == np.dtype("<f4")
+
+
+def test_decode_is_zero_copy_and_aligned() -> None:
+    for dtype in DTYPES:
+        data = fr.encode_frame(make(np.ones((3, 5), dtype)), KEY)
+        frame = fr.decode_frame(data, key=KEY, max_bytes=LIMIT)
+        assert np.shares_memory(frame.tensor, np.frombuffer(data, np.uint8))
+        offset = frame.tensor.ctypes.data - np.frombuffer(data, np.uint8).ctypes.data
+        assert offset % fr.PAYLOAD_ALIGN == 0
+        assert offset + frame.tensor.nbytes + fr.TAG_BYTES == len(data)
+
+
+def test_decode_accepts_bytes_and_memoryview() -> None:
+    data = fr.encode_frame(make(), None)
+    for buf in (bytes(data), memoryview(data), memoryview(bytes(data))):
+        assert_same(fr.decode_frame(buf, key=None, max_bytes=LIMIT), make())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tensor=hnp.arrays(st.sampled_from([np.float32, np.float16, np.uint8, np.int64]),
+                      hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)),
+    kind=st.sampled_from(list(fr.FrameKind)),
+    request_id=st.integers(0, 2**64 - 1),
+    attempt=st.integers(0, 65535),
+    start_block=st.integers(0, 65535),
+    fingerprint=st.binary(min_size=32, max_size=32),
+    trace=st.lists(st.builds(fr.TraceEntry, node=st.text(min_size=1, max_size=16),
+                             start=st.integers(0, 10), end=st.integers(10, 65535),
+                             ms=st.floats(0, 1e6, width=32)), max_size=5),
+    key=st.one_of(st.none(), st.binary(min_size=1, max_size=64)),
+)
+def test_round_trip_property(tensor: np.ndarray, kind: fr.FrameKind, request_id: int,
+                             attempt: int, start_block: int, fingerprint: bytes,
+                             trace: list[fr.TraceEntry], key: bytes | None) -> None:
+    frame = fr.Frame(kind=kind, request_id=request_id, attempt=attempt,
+                     fingerprint=fingerprint, start_block=start_block, tensor=tensor,
+                     trace=tuple(trace), error="boom" if kind == fr.FrameKind.ERROR else "")
+    assert_same(fr.decode_frame(fr.encode_frame(frame, key), key=key, max_bytes=LIMIT), frame)
+
+
+# ---------------------------------------------------------------------------- wire dtype
+def test_cast_for_wire_and_back() -> None:
+    x = np.linspace(-3, 3, 50, dtype=np.float32).reshape(5, 10)
+    half = fr.cast_for_wire(x, "float16")
+    assert half.dtype == np.float16
+    back = fr.to_compute_dtype(half)
+    assert back.dtype == np.float32 and np.abs(back - x).max() < 2e-3
+    assert fr.cast_for_wire(x, "float32") is x
+    ids = np.arange(4, dtype=np.int64)
+    assert fr.cast_for_wire(ids, "float16") is ids and fr.to_compute_dtype(ids) is ids
+    with pytest.raises(fr.InvalidFrameError):
+        fr.cast_for_wire(x, "bfloat16")  # type: ignore[arg-type]
+
+
+def test_fingerprint_from_hex() -> None:
+    assert fr.fingerprint_from_hex(FP.hex()) == FP
+    for bad in ("zz" * 32, "ab" * 31):
+        with pytest.raises(fr.InvalidFrameError):
+            fr.fingerprint_from_hex(bad)
+
+
+# ---------------------------------------------------------------------------- invalid frames
+@pytest.mark.parametrize("changes", [
+    {"request_id": -1}, {"request_id": 2**64}, {"attempt": 70000}, {"start_block": -2},
+    {"fingerprint": b"short"}, {"fingerprint": FP.hex()}, {"tensor": [1, 2]},
+    {"tensor": np.zeros(2, np.bool_)}, {"tensor": np.zeros((1,) * 9, np.float32)},
+    {"trace": tuple(fr.TraceEntry("n", 0, 1, 0.0) for _ in range(65))},
+    {"error": "only on ERROR frames"},
+    {"kind": fr.FrameKind.ERROR, "error": "x" * 5000},
+    {"kind": 1},
+])
+def test_invalid_frame_values_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(fr.InvalidFrameError):
+        make(**changes)
+
+
+@pytest.mark.parametrize("args", [("", 0, 1, 0.0), ("x" * 65, 0, 1, 0.0), ("n", 3, 2, 0.0),
+                                  ("n", 0, 70000, 0.0)])
+def test_invalid_trace_entries_are_refused(args: tuple[str, int, int, float]) -> None:
+    with pytest.raises(fr.InvalidFrameError):
+        fr.TraceEntry(*args)
+
+
+# ---------------------------------------------------------------------------- malformed bytes
+def small() -> bytearray:
+    return fr.encode_frame(make(np.arange(4, dtype=np.float32)), None)
+
+
+def patched(data: bytearray, offset: int, fmt: str, value: object) -> bytearray:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return out
+
+
+def decode(data: bytes | bytearray, key: bytes | None = None, limit: int = LIMIT) -> fr.Frame:
+    return fr.decode_frame(data, key=key, max_bytes=limit)
+
+
+@pytest.mark.parametrize(("offset", "fmt", "value", "error", "message"), [
+    (0, "<4s", b"ARMX", fr.MalformedFrameError, "bad magic"),
+    (4, "<B", 2, fr.MalformedFrameError, "unsupported frame format version 2"),
+    (5, "<B", 9, fr.MalformedFrameError, "unknown frame kind 9"),
+    (6, "<H", 0x0100, fr.MalformedFrameError, "unknown flags"),
+    (52, "<B", 7, fr.MalformedFrameError, "unknown dtype code 7"),
+    (53, "<B", 9, fr.MalformedFrameError, "9 dims, at most 8"),
+    (54, "<I", 5, fr.MalformedFrameError, "does not match shape (5,)"),
+])
+def test_header_fields(offset: int, fmt: str, value: object, error: type[fr.FrameError],
+                       message: str) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        decode(patched(small(), offset, fmt, value))
+
+
+def trace_count_offset(frame: fr.Frame) -> int:
+    return 54 + 4 * frame.tensor.ndim
+
+
+def test_trace_and_error_fields() -> None:
+    frame = make(np.arange(4, dtype=np.float32))
+    data = fr.encode_frame(frame, None)
+    at = trace_count_offset(frame)
+    with pytest.raises(fr.MalformedFrameError, match="65 trace entries"):
+        decode(patched(data, at, "<B", 65))
+    with pytest.raises(fr.MalformedFrameError, match="0-byte node name"):
+        decode(patched(data, at + 1, "<B", 0))
+    bad_name = bytearray(data)
+    bad_name[at + 2] = 0xFF  # first byte of "source"
+    with pytest.raises(fr.MalformedFrameError, match="not utf-8"):
+        decode(bad_name)
+    name_end = at + 2 + len("source")
+    with pytest.raises(fr.MalformedFrameError, match=r"blocks \[9, 3\)"):
+        decode(patched(data, name_end, "<H", 9))
+    error_at = name_end + 8
+    with pytest.raises(fr.MalformedFrameError, match="error message of 5000 bytes"):
+        decode(patched(data, error_at, "<H", 5000))
+    with pytest.raises(fr.MalformedFrameError, match="only allowed on ERROR"):
+        # an ACTIVATION frame whose error length claims the next (padding) bytes
+        decode(patched(data, error_at, "<H", 1))
+
+
+def test_nonzero_padding_and_payload_length_mismatch() -> None:
+    frame = make(np.arange(4, dtype=np.float32), trace=())
+    data = fr.encode_frame(frame, None)
+    payload_len_at = len(data) - frame.tensor.nbytes - 8
+    error_end = trace_count_offset(frame) + 1 + 2
+    assert payload_len_at > error_end, "this frame needs padding for the test to mean anything"
+    padded = bytearray(data)
+    padded[error_end] = 1
+    with pytest.raises(fr.MalformedFrameError, match="non-zero padding"):
+        decode(padded)
+    with pytest.raises(fr.TruncatedFrameError, match="declares"):
+        decode(patched(data, payload_len_at, "<Q", 20))
+    with pytest.raises(fr.MalformedFrameError, match="4 unexpected bytes"):
+        decode(patched(data, payload_len_at, "<Q", 12))
+    with pytest.raises(fr.OversizeFrameError, match="declares"):
+        decode(patched(data, payload_len_at, "<Q", 2**63))
+
+
+def test_oversize() -> None:
+    data = small()
+    assert decode(data, limit=len(data))
+    with pytest.raises(fr.OversizeFrameError, match=f"over the {len(data) - 1} limit"):
+        decode(data, limit=len(data) - 1)
+    with pytest.raises(fr.OversizeFrameError, match="declares"):
+        decode(data[:-1], limit=len(data) - 1)  # a prefix that declares the whole frame
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_truncation_at_every_offset(key: bytes | None) -> None:
+    data = fr.encode_frame(make(np.arange(3, dtype=np.float16)), key)
+    for cut in range(len(data)):
+        with pytest.raises(fr.FrameError) as info:
+            decode(data[:cut], key=key)
+        assert isinstance(info.value, (fr.TruncatedFrameError, fr.MalformedFrameError)), cut
+    with pytest.raises(fr.MalformedFrameError, match="1 unexpected bytes"):
+        decode(data + b"\0", key=key)
+
+
+def test_tags() -> None:
+    tagged = fr.encode_frame(make(), KEY)
+    plain = fr.encode_frame(make(), None)
+    assert len(tagged) == len(plain) + fr.TAG_BYTES
+    with pytest.raises(fr.FrameAuthError, match="no tag but a cluster key"):
+        decode(plain, key=KEY)
+    with pytest.raises(fr.FrameAuthError, match="tagged but no cluster key"):
+        decode(tagged, key=None)
+    with pytest.raises(fr.FrameAuthError, match="bad frame tag"):
+        decode(tagged, key=b"another key")
+    for index in (-fr.TAG_BYTES - 1, -1, 20):  # a payload byte, a tag byte, a header byte
+        flipped = bytearray(tagged)
+        flipped[index] ^= 0x01
+        with pytest.raises(fr.FrameAuthError, match="bad frame tag"):
+            decode(flipped, key=KEY)
+
+
+def test_errors_have_reasons_and_derive_from_armdi_error() -> None:
+    from engines.errors import ArmdiError
+
+    reasons = {cls.reason for cls in (fr.FrameError, fr.InvalidFrameError,
+                                      fr.MalformedFrameError, fr.TruncatedFrameError,
+                                      fr.OversizeFrameError, fr.FrameAuthError)}
+    assert len(reasons) == 6
+    assert issubclass(fr.FrameError, ArmdiError)
+
+
+# ---------------------------------------------------------------------------- fuzz
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=300), key=st.one_of(st.none(), st.just(KEY)))
+def test_random_bytes_raise_only_frame_errors(data: bytes, key: bytes | None) -> None:
+    with pytest.raises(fr.FrameError):
+        decode(data, key=key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1,
+                      max_size=4),
+       key=st.one_of(st.none(), st.just(KEY)))
+def test_mutated_frames_decode_or_raise_frame_errors(edits: list[tuple[int, int]],
+                                                     key: bytes | None) -> None:
+    data = fr.encode_frame(make(np.arange(6, dtype=np.float32).reshape(2, 3)), key)
+    for index, value in edits:
+        data[index % len(data)] = value
+    try:
+        frame = decode(data, key=key)
+    except fr.FrameError:
+        return
+    assert frame.tensor.nbytes <= len(data)  # an edit the format cannot see (payload, no key)

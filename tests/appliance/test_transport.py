@@ -1,0 +1,379 @@
+"""pynng wrappers over inproc://, ipc:// (in tmp_path) and tcp:// on loopback."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appliance import frames as fr
+from appliance import messages as m
+from appliance.transport import (
+    ControlClient,
+    ControlServer,
+    DataInbox,
+    DataOutbox,
+    TransportClosed,
+    TransportError,
+    TransportTimeout,
+    cleanup_ipc,
+)
+
+FP = hashlib.sha256(b"model").digest()
+KEY = b"cluster-key"
+LIMIT = 4 << 20
+_names = itertools.count()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory for ipc sockets (a unix socket path is at most 107 bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="armdi-") as path:
+        yield Path(path)
+
+
+@pytest.fixture(params=["inproc", "ipc", "tcp"])
+def address(request: pytest.FixtureRequest, short_tmp: Path) -> str:
+    if request.param == "inproc":
+        return f"inproc://armdi-test-{next(_names)}"
+    if request.param == "ipc":
+        return f"ipc://{short_tmp}/data.sock"
+    return "tcp://127.0.0.1:0"
+
+
+def free_tcp_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def frame(n: int = 1000, request_id: int = 1) -> fr.Frame:
+    return fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=request_id, attempt=0,
+                    fingerprint=FP, start_block=2,
+                    tensor=np.arange(n, dtype=np.float32).reshape(-1, 10),
+                    trace=(fr.TraceEntry("source", 0, 2, 0.5),))
+
+
+def raises_timeout_within(fn: Callable[[], object], timeout_ms: int) -> TransportTimeout:
+    """Call ``fn``; it must raise TransportTimeout, after about ``timeout_ms`` (< 2x)."""
+    start = time.monotonic()
+    with pytest.raises(TransportTimeout) as info:
+        fn()
+    elapsed = time.monotonic() - start
+    assert 0.9 * timeout_ms / 1000 <= elapsed < 2 * timeout_ms / 1000 + 0.1, elapsed
+    return info.value
+
+
+# ---------------------------------------------------------------------------- data
+def test_frame_round_trip(address: str) -> None:
+    with DataInbox(address, max_bytes=LIMIT) as inbox, DataOutbox(inbox.address) as outbox:
+        assert not inbox.address.endswith(":0")
+        sent = frame()
+        outbox.send(fr.encode_frame(sent, KEY), timeout_ms=2000)
+        buf = inbox.recv(timeout_ms=2000)
+        got = fr.decode_frame(buf, key=KEY, max_bytes=LIMIT)
+        np.testing.assert_array_equal(got.tensor, sent.tensor)
+        assert got.request_id == 1 and got.trace == sent.trace
+
+
+def test_recv_is_a_zero_copy_view_that_owns_the_message(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/zc.sock"
+    inbox = DataInbox(address, max_bytes=LIMIT)
+    with DataOutbox(address) as outbox:
+        outbox.send(np.arange(256 * 1024, dtype=np.float32), timeout_ms=2000)  # a numpy buffer
+        view = inbox.recv(timeout_ms=2000)
+    assert not view.readonly and len(view) == 1 << 20
+    assert type(view.obj).__module__ == "_cffi_backend"  # NNG's memory, not a bytes copy
+    tensor = np.frombuffer(view, dtype=np.float32)[1000:]
+    assert np.shares_memory(tensor, np.frombuffer(view, np.uint8))
+    del view
+    inbox.close()
+    gc.collect()
+    np.testing.assert_array_equal(tensor[:3], [1000, 1001, 1002])  # still alive, not freed
+
+
+def test_send_accepts_every_buffer_kind() -> None:
+    address = f"inproc://armdi-test-{next(_names)}"
+    payload = bytes(range(256)) * 4
+    kinds: list[Any] = [payload, bytearray(payload), memoryview(payload),
+             np.frombuffer(payload, np.uint8), np.frombuffer(payload, np.float32)]
+    with DataInbox(address, max_bytes=LIMIT) as inbox, DataOutbox(address) as outbox:
+        for buf in kinds:
+            outbox.send(buf, timeout_ms=1000)
+            assert bytes(inbox.recv(timeout_ms=1000)) == payload
+        outbox.send(b"", timeout_ms=1000)
+        assert len(inbox.recv(timeout_ms=1000)) == 0
+
+
+@pytest.mark.parametrize("timeout_ms", [0, 200])
+def test_recv_timeout(timeout_ms: int) -> None:
+    address = f"inproc://armdi-test-{next(_names)}"
+    with DataInbox(address, max_bytes=LIMIT) as inbox:
+        err = raises_timeout_within(lambda: inbox.recv(timeout_ms=timeout_ms), timeout_ms)
+        assert f"receive on {address}: timed out after {timeout_ms} ms" in str(err)
+
+
+def test_send_without_a_peer_times_out_naming_it(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/nobody.sock"
+    with DataOutbox(address) as outbox:
+        err = raises_timeout_within(lambda: outbox.send(b"x", timeout_ms=200), 200)
+        assert f"send to {address}" in str(err)
+    with DataOutbox() as lonely:
+        err = raises_timeout_within(lambda: lonely.send(b"x", timeout_ms=200), 200)
+        assert "(no peer)" in str(err)
+
+
+def test_redial_moves_to_a_new_successor() -> None:
+    a, b = (f"inproc://armdi-test-{next(_names)}" for _ in range(2))
+    with DataInbox(a, max_bytes=LIMIT) as first, DataInbox(b, max_bytes=LIMIT) as second, \
+            DataOutbox(a) as outbox:
+        outbox.send(b"one", timeout_ms=1000)
+        assert bytes(first.recv(timeout_ms=1000)) == b"one"
+        outbox.redial(b)
+        assert outbox.addresses == (b,)
+        outbox.send(b"two", timeout_ms=1000)
+        assert bytes(second.recv(timeout_ms=1000)) == b"two"
+        with pytest.raises(TransportTimeout):
+            first.recv(timeout_ms=100)
+
+
+def test_oversize_messages_are_dropped_by_nng(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/small.sock"
+    with DataInbox(address, max_bytes=1000) as inbox, DataOutbox(address) as outbox:
+        outbox.send(bytes(5000), timeout_ms=1000)
+        with pytest.raises(TransportTimeout):
+            inbox.recv(timeout_ms=300)
+        # NNG closed that connection; the outbox redials and later frames get through.
+        for _ in range(5):
+            outbox.send(b"small", timeout_ms=1000)
+            try:
+                assert bytes(inbox.recv(timeout_ms=300)) == b"small"
+                break
+            except TransportTimeout:
+                continue
+        else:
+            pytest.fail("no frame got through after an oversize one")
+
+
+def test_inproc_does_not_enforce_the_limit_so_decode_does() -> None:
+    address = f"inproc://armdi-test-{next(_names)}"
+    with DataInbox(address, max_bytes=100) as inbox, DataOutbox(address) as outbox:
+        outbox.send(fr.encode_frame(frame(), None), timeout_ms=1000)
+        with pytest.raises(fr.OversizeFrameError):
+            fr.decode_frame(inbox.recv(timeout_ms=1000), key=None, max_bytes=100)
+
+
+def test_close_unblocks_a_waiting_recv() -> None:
+    inbox = DataInbox(f"inproc://armdi-test-{next(_names)}", max_bytes=LIMIT)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            inbox.recv(timeout_ms=10_000)
+        except TransportError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.1)
+    inbox.close()
+    thread.join(timeout=2)
+    assert not thread.is_alive() and isinstance(errors[0], TransportClosed)
+
+
+def test_address_errors(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/busy.sock"
+    with DataInbox(address, max_bytes=LIMIT), \
+            pytest.raises(TransportError, match=f"cannot listen on {address}: Address in use"):
+        DataInbox(address, max_bytes=LIMIT)
+    with pytest.raises(TransportError, match="unix sockets allow at most 107"):
+        DataInbox("ipc:///tmp/" + "x" * 120, max_bytes=LIMIT)
+    with pytest.raises(TransportError, match="cannot dial bogus://x"):
+        DataOutbox("bogus://x")
+    with pytest.raises(ValueError):
+        DataInbox(address, max_bytes=0)
+
+
+# ---------------------------------------------------------------------------- control
+class Server:
+    """A ControlServer answering in a thread until stopped."""
+
+    def __init__(self, address: str, key: bytes | None) -> None:
+        self.server = ControlServer(address, key=key)
+        self.address = self.server.address
+        self.seen: list[m.ControlMessage] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def handle(self, msg: m.ControlMessage) -> m.ControlMessage:
+        if isinstance(msg, m.StatusRequest):
+            return m.NodeStatus(node="w1", start=0, end=4, queue_depth=1, queue_capacity=8,
+                                processed=9, dropped={"bad_tag": 2})
+        if isinstance(msg, m.Shutdown) and msg.reason == "explode":
+            raise RuntimeError("handler blew up")
+        return m.Ack(ok=True, reason=type(msg).__name__)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                request = self.server.serve_once(self.handle, timeout_ms=50)
+            except (m.MessageError, RuntimeError) as err:
+                self.errors.append(err)
+                continue
+            if request is not None:
+                self.seen.append(request)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.server.close()
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_request_reply(address: str, key: bytes | None) -> None:
+    server = Server(address, key)
+    try:
+        with ControlClient(server.address, key=key) as client:
+            reply = client.request(m.StatusRequest(), timeout_ms=2000)
+            assert isinstance(reply, m.NodeStatus) and reply.dropped == {"bad_tag": 2}
+            hb = m.Heartbeat(node="source", seq=1, sent_at=time.time())
+            assert client.request(hb, timeout_ms=2000) == m.Ack(ok=True, reason="Heartbeat")
+    finally:
+        server.close()
+    assert server.seen == [m.StatusRequest(), hb]  # after the join: serve_once returns last
+
+
+def test_bad_requests_are_answered_and_raised() -> None:
+    server = Server(f"inproc://armdi-test-{next(_names)}", KEY)
+    try:
+        with ControlClient(server.address, key=None) as untagged, \
+                pytest.raises(m.MessageError, match="tagged but no cluster key"):
+            untagged.request(m.StatusRequest(), timeout_ms=2000)  # the reply is tagged
+        with ControlClient(server.address, key=KEY) as client:
+            reply = client.request(m.Shutdown(reason="explode"), timeout_ms=2000)
+            assert isinstance(reply, m.Ack) and not reply.ok
+            assert "Shutdown failed" in reply.reason and "handler blew up" in reply.reason
+            assert isinstance(client.request(m.Shutdown(), timeout_ms=2000), m.Ack)
+        deadline = time.monotonic() + 2
+        while len(server.errors) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(server.errors[0], m.MessageError)
+        assert "no tag but a cluster key" in str(server.errors[0])
+        assert isinstance(server.errors[1], RuntimeError)
+    finally:
+        server.close()
+
+
+def test_serve_once_returns_none_when_idle() -> None:
+    with ControlServer(f"inproc://armdi-test-{next(_names)}", key=None) as server:
+        start = time.monotonic()
+        assert server.serve_once(lambda msg: msg, timeout_ms=100) is None
+        assert 0.09 <= time.monotonic() - start < 0.25
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ipc", "inproc"])
+def test_request_to_nobody_times_out_naming_the_address(kind: str, short_tmp: Path) -> None:
+    address = {"tcp": free_tcp_address(), "ipc": f"ipc://{short_tmp}/none.sock",
+               "inproc": f"inproc://armdi-test-{next(_names)}"}[kind]
+    with ControlClient(address, key=None) as client:
+        err = raises_timeout_within(lambda: client.request(m.StatusRequest(), timeout_ms=250),
+                                    250)
+        assert f"could not reach {address}" in str(err)
+
+
+def test_request_to_a_silent_server_times_out_within_the_budget() -> None:
+    address = f"inproc://armdi-test-{next(_names)}"
+    with ControlServer(address, key=None), ControlClient(address, key=None) as client:
+        err = raises_timeout_within(  # nobody calls serve_once
+            lambda: client.request(m.StatusRequest(), timeout_ms=250), 250)
+        assert f"no reply from {address}" in str(err)
+
+
+def test_client_finds_a_server_that_starts_later(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/late.sock"
+    with ControlClient(address, key=None) as client:
+        with pytest.raises(TransportTimeout):
+            client.request(m.StatusRequest(), timeout_ms=100)
+        server = Server(address, None)
+        try:
+            assert client.request(m.Shutdown(), timeout_ms=3000) == m.Ack(ok=True,
+                                                                           reason="Shutdown")
+        finally:
+            server.close()
+
+
+# ---------------------------------------------------------------------------- ipc files
+def test_cleanup_ipc(short_tmp: Path) -> None:
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as leftover:
+        leftover.bind(str(stale))  # bound, never listening, closed without unlink: stale
+    assert stale.exists()
+    assert cleanup_ipc(f"ipc://{stale}") is True and not stale.exists()
+    assert cleanup_ipc(f"ipc://{stale}") is False
+    live = f"ipc://{short_tmp}/live.sock"
+    with DataInbox(live, max_bytes=LIMIT):
+        assert cleanup_ipc(live) is False and os.path.exists(live[len("ipc://"):])
+    plain = short_tmp / "plain.txt"
+    plain.write_text("keep me")
+    with pytest.raises(TransportError, match="not a unix socket"):
+        cleanup_ipc(f"ipc://{plain}")
+    assert cleanup_ipc("tcp://127.0.0.1:5000") is False
+
+
+# ---------------------------------------------------------------------------- processes
+FRAMES = 50
+FRAME_FLOATS = 256 * 1024  # 1 MiB of float32
+
+
+def _receiver(address: str, ready: mp.Queue, done: mp.Queue) -> None:  # type: ignore[type-arg]
+    seen: dict[int, float] = {}
+    with DataInbox(address, max_bytes=2 * FRAME_FLOATS * 4) as inbox:
+        ready.put("listening")
+        deadline = time.monotonic() + 20
+        while len(seen) < FRAMES and time.monotonic() < deadline:
+            try:
+                got = fr.decode_frame(inbox.recv(timeout_ms=500), key=KEY,
+                                      max_bytes=2 * FRAME_FLOATS * 4)
+            except TransportTimeout:
+                continue
+            seen[got.request_id] = float(got.tensor[0, 0]) + float(got.tensor[-1, -1])
+    done.put(seen)
+
+
+def test_two_processes_50_frames_of_1_mib_over_ipc(short_tmp: Path) -> None:
+    address = f"ipc://{short_tmp}/proc.sock"
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(address, ready, done))
+    proc.start()
+    try:
+        assert ready.get(timeout=20) == "listening"
+        with DataOutbox(address) as outbox:
+            for i in range(FRAMES):
+                tensor = np.full((FRAME_FLOATS // 64, 64), float(i), dtype=np.float32)
+                data = fr.encode_frame(fr.Frame(
+                    kind=fr.FrameKind.ACTIVATION, request_id=i, attempt=0, fingerprint=FP,
+                    start_block=1, tensor=tensor), KEY)
+                assert len(data) > 1 << 20
+                outbox.send(data, timeout_ms=5000)
+            seen = done.get(timeout=25)  # close only after delivery: NNG does not linger
+        assert seen == {i: 2.0 * i for i in range(FRAMES)}
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
