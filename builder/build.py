@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -132,6 +132,12 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     if len(input_shape) != 4:
         raise BuildError(f"the model input {cuts[0].name!r} has shape {input_shape}; "
                          "an image model takes (N, C, H, W)")
+    if source.source.kind == "onnx" and input_shape[2] == input_shape[3] > 0 \
+            and input_shape[2] != source.preprocessing.crop:
+        # An ONNX file's model says its own input size; --input-size only guessed it.
+        size = input_shape[2]
+        source = replace(source, preprocessing=source.preprocessing.model_copy(
+            update={"crop": size, "resize": round(size * 256 / 224)}))
     reporter.note(f"{analysis.blocks} blocks between {len(cuts)} cut points")
     timings["analyse_s"] = time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from builder.graph import GraphAnalysis
+from builder.graph import GraphAnalysis, _topological_order
 from engines.errors import BuildError
 from engines.manifest import CutPoint
 
@@ -109,9 +109,17 @@ def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Every tensor's type as shape inference sees it (runs inference when the file has none)."""
     graph = model.graph
     known = {vi.name: vi for vi in (*graph.input, *graph.output, *graph.value_info)}
-    if len(known) < len(graph.node):
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        known.update({vi.name: vi for vi in inferred.graph.value_info})
+    produced = {t for node in graph.node for t in node.output if t}
+    if not produced <= known.keys():
+        # Shape inference walks the stored node order: give it a topological one.
+        ordered = onnx.ModelProto()
+        ordered.CopyFrom(model)
+        available = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        del ordered.graph.node[:]
+        ordered.graph.node.extend(graph.node[i]
+                                  for i in _topological_order(list(graph.node), available))
+        inferred = onnx.shape_inference.infer_shapes(ordered, data_prop=True)
+        known.update({vi.name: vi for vi in inferred.graph.value_info if vi.name not in known})
     return known
 
 
@@ -131,7 +139,7 @@ def cut_points(model: onnx.ModelProto, analysis: GraphAnalysis,
         if any(d < 0 for d in shape[1:]):
             raise BuildError(
                 f"cut tensor {name!r} has a dynamic non-batch dimension {shape}; "
-                "export the model with a fixed input size (--input-size)"
+                "export the model with fixed input height and width"
             )
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
         per_sample = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize

@@ -1,0 +1,180 @@
+"""Bad input at a worker and at the source: rejected with a counter, nothing stops."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance import frames as fr
+from appliance import messages as msg
+from appliance.node import Node, NodeSettings
+from appliance.source import Source, SourceSettings, WorkerRef
+from appliance.transport import ControlClient, DataInbox, DataOutbox
+from engines.repository import ModelRepository
+from tests.conftest import BuiltModel
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture
+def node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[tuple[Node, BuiltModel, Path]]:
+    settings = NodeSettings(name="w1", data_addr=f"ipc://{tmp_path}/w1.data",
+                            control_addr=f"ipc://{tmp_path}/w1.ctl", repo=built_tiny.repo,
+                            model_id="tiny", key=KEY, max_frame_bytes=1 << 20)
+    worker = Node(settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    yield worker, built_tiny, tmp_path
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def _frame(manifest_fp: bytes, start: int, tensor: np.ndarray, **kw: object) -> fr.Frame:
+    args: dict[str, object] = {"kind": fr.FrameKind.ACTIVATION, "request_id": 7, "attempt": 1,
+                               "fingerprint": manifest_fp, "start_block": start,
+                               "tensor": tensor, **kw}
+    return fr.Frame(**args)  # type: ignore[arg-type]
+
+
+def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
+    worker, built, tmp = node
+    manifest = built.manifest
+    fp = bytes.fromhex(manifest.fingerprint)
+    start = 3
+    shape = (1, *manifest.cut_points[start].shape[1:])
+    good = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
+            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
+            DataOutbox(f"ipc://{tmp}/w1.data") as out:
+        ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
+                                        successor_addr=None,
+                                        result_addr=f"ipc://{tmp}/result.data"),
+                          timeout_ms=10_000)
+        assert isinstance(ack, msg.Ack) and ack.ok, ack
+        valid = fr.encode_frame(_frame(fp, start, good), KEY)
+        wrong_version = bytearray(valid)
+        wrong_version[4] = 99
+        bad = {
+            "garbage": b"not a frame at all",
+            "truncated": bytes(valid[: len(valid) // 2]),
+            "wrong_version": bytes(wrong_version),
+            "untagged": fr.encode_frame(_frame(fp, start, good), None),
+            "wrong_key": fr.encode_frame(_frame(fp, start, good), b"k" * 32),
+            "wrong_fingerprint": fr.encode_frame(_frame(b"\1" * 32, start, good), KEY),
+            "wrong_shape": fr.encode_frame(_frame(fp, start, good[..., :-1]), KEY),
+            "beyond_blocks": fr.encode_frame(_frame(fp, manifest.blocks + 5, good), KEY),
+        }
+        for data in bad.values():
+            out.send(data, timeout_ms=5000)
+        out.send(valid, timeout_ms=5000)
+        result = fr.decode_frame(results.recv(timeout_ms=10_000), key=KEY, max_bytes=1 << 20)
+        status = ctl.request(msg.StatusRequest(), timeout_ms=5000)
+    assert result.kind == fr.FrameKind.RESULT and result.request_id == 7
+    assert [h.node for h in result.trace] == ["w1"]
+    assert isinstance(status, msg.NodeStatus)
+    assert status.processed == 1
+    assert sum(status.dropped.values()) == len(bad), status.dropped
+    for reason in ("bad_tag", "wrong_fingerprint", "wrong_shape", "wrong_blocks"):
+        assert status.dropped.get(reason, 0) >= 1, (reason, status.dropped)
+
+
+def test_configure_outside_the_model_is_refused(node) -> None:
+    worker, built, tmp = node
+    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl:
+        ack = ctl.request(msg.Configure(node="w1", start=0, end=built.manifest.blocks + 1,
+                                        successor_addr=None, result_addr="ipc:///tmp/x"),
+                          timeout_ms=5000)
+        wrong_key = ControlClient(f"ipc://{tmp}/w1.ctl", key=b"x" * 32)
+        with pytest.raises(Exception, match="tag|rejected"):
+            wrong_key.request(msg.StatusRequest(), timeout_ms=3000)
+        wrong_key.close()
+        # still serving after both
+        assert isinstance(ctl.request(msg.StatusRequest(), timeout_ms=3000), msg.NodeStatus)
+    assert isinstance(ack, msg.Ack) and not ack.ok and "bad range" in ack.reason
+
+
+def _other_version(built: BuiltModel, tmp: Path) -> Path:
+    """A copy of the repository whose model claims another fingerprint (another build)."""
+    import json
+
+    repo = tmp / "other-repo"
+    shutil.copytree(built.repo, repo)
+    path = repo / "tiny" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["fingerprint"] = "ab" * 32
+    path.write_text(json.dumps(data))
+    return repo
+
+
+def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
+        built_tiny: BuiltModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    other = Node(NodeSettings(name="old", data_addr=f"ipc://{tmp_path}/old.data",
+                              control_addr=f"ipc://{tmp_path}/old.ctl",
+                              repo=_other_version(built_tiny, tmp_path), model_id="tiny"))
+    good = Node(NodeSettings(name="good", data_addr=f"ipc://{tmp_path}/good.data",
+                             control_addr=f"ipc://{tmp_path}/good.ctl", repo=built_tiny.repo,
+                             model_id="tiny"))
+    stop = threading.Event()
+    threads = [threading.Thread(target=n.run, args=(stop,), daemon=True) for n in (other, good)]
+    for t in threads:
+        t.start()
+    workers = (
+        WorkerRef("old", f"ipc://{tmp_path}/old.data", f"ipc://{tmp_path}/old.ctl"),
+        WorkerRef("ghost", f"ipc://{tmp_path}/ghost.data", f"ipc://{tmp_path}/ghost.ctl"),
+        WorkerRef("good", f"ipc://{tmp_path}/good.data", f"ipc://{tmp_path}/good.ctl"),
+    )
+    source = Source(SourceSettings(name="source", data_addr=f"ipc://{tmp_path}/src.data",
+                                   repo=built_tiny.repo, model_id="tiny", workers=workers,
+                                   run_blocks=False, connect_timeout_s=2.0))
+    try:
+        source.start()
+        x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+        result = source.submit(x).result(timeout=10)
+        states = {n.name: n.state for n in source.status().nodes}
+    finally:
+        source.close()
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    assert [h.node for h in result.path] == ["good"]
+    assert states["old"] == "refused" and states["ghost"] == "down" and states["good"] == "up"
+    assert any("fingerprint" in r.message for r in caplog.records if "old" in r.message)
+    assert any("ghost" in r.message and "did not answer" in r.message for r in caplog.records)
+
+
+def test_source_rejects_a_wrong_input_shape(built_tiny: BuiltModel, tmp_path: Path) -> None:
+    from engines.errors import InputSpecError
+
+    source = Source(SourceSettings(name="source", data_addr=f"ipc://{tmp_path}/src.data",
+                                   repo=built_tiny.repo, model_id="tiny", mode="local"))
+    source.start()
+    try:
+        with pytest.raises(InputSpecError, match="shape"):
+            source.submit(np.zeros((1, 3, 9, 9), np.float32))
+        with pytest.raises(InputSpecError, match="image"):
+            source.prepare_image(b"\x89PNG\r\n\x1a\n garbage")
+        ok = source.submit(np.zeros((1, 3, 8, 8), np.float32)).result(timeout=10)
+    finally:
+        source.close()
+    assert ok.output.shape == (1, 10)
+
+
+def test_repository_check_runs_before_serving(built_tiny: BuiltModel) -> None:
+    from engines.errors import ArtifactError
+
+    weights = built_tiny.model_dir / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights.bin"):
+        Node(NodeSettings(name="w", data_addr="ipc:///tmp/unused.data",
+                          control_addr="ipc:///tmp/unused.ctl", repo=built_tiny.repo,
+                          model_id="tiny"))
+    assert ModelRepository(built_tiny.repo).has_model("tiny")

@@ -1,0 +1,92 @@
+"""``armdi up`` as a user runs it: a real process tree, HTTP, then Ctrl-C."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.conftest import BuiltModel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _png() -> bytes:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: BuiltModel,
+                                                                tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "--log-level", "WARNING", "up", "--repo",
+         str(built_tiny.repo), "--model", "tiny", "--nodes", "2", "--port", str(port),
+         "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "armdi up never became ready"
+            time.sleep(0.2)
+        workers = [p for p in _processes_mentioning(str(run_dir)) if p != proc.pid]
+        assert len(workers) == 2, workers
+        assert sorted(p.name for p in run_dir.iterdir() if p.is_socket()) == [
+            "source.data", "w1.ctl", "w1.data", "w2.ctl", "w2.data"]
+        reply = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", _png(), "image/png")},
+                           timeout=30)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert [h["node"] for h in body["path"]][-1] in ("w1", "w2")
+        assert body["path"][-1]["blocks"][1] == built_tiny.manifest.blocks
+        bad = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nxx",
+                                                               "image/png")}, timeout=30)
+        assert bad.status_code == 400
+        assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "armdi up: stopped" in output
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(run_dir)) == []
+    assert [p.name for p in run_dir.iterdir()] == ["cluster.toml"]
