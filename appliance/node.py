@@ -221,7 +221,8 @@ class Node:
             raise FrameRejected("wrong_kind", f"unexpected {frame.kind.name} frame")
         if frame.fingerprint != self.fingerprint:
             raise FrameRejected(
-                "wrong_fingerprint", f"frame for model fingerprint {frame.fingerprint.hex()[:12]}, this node serves "
+                "wrong_fingerprint",
+                f"frame for model fingerprint {frame.fingerprint.hex()[:12]}, this node serves "
                 f"{self.manifest.fingerprint[:12]}")
         with self._lock:
             end = self.assignment.end

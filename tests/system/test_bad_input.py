@@ -44,7 +44,7 @@ def _frame(manifest_fp: bytes, start: int, tensor: np.ndarray, **kw: object) -> 
 
 
 def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
-    worker, built, tmp = node
+    _worker, built, tmp = node
     manifest = built.manifest
     fp = bytes.fromhex(manifest.fingerprint)
     start = 3
@@ -86,13 +86,13 @@ def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
 
 
 def test_configure_outside_the_model_is_refused(node) -> None:
-    worker, built, tmp = node
+    _worker, built, tmp = node
     with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl:
         ack = ctl.request(msg.Configure(node="w1", start=0, end=built.manifest.blocks + 1,
                                         successor_addr=None, result_addr="ipc:///tmp/x"),
                           timeout_ms=5000)
         wrong_key = ControlClient(f"ipc://{tmp}/w1.ctl", key=b"x" * 32)
-        with pytest.raises(Exception, match="tag|rejected"):
+        with pytest.raises(Exception, match=r"tag|rejected"):
             wrong_key.request(msg.StatusRequest(), timeout_ms=3000)
         wrong_key.close()
         # still serving after both
@@ -173,7 +173,7 @@ def test_repository_check_runs_before_serving(built_tiny: BuiltModel) -> None:
     data = bytearray(weights.read_bytes())
     data[100] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="weights.bin"):
+    with pytest.raises(ArtifactError, match=r"weights\.bin"):
         Node(NodeSettings(name="w", data_addr="ipc:///tmp/unused.data",
                           control_addr="ipc:///tmp/unused.ctl", repo=built_tiny.repo,
                           model_id="tiny"))

@@ -3,6 +3,8 @@ accounted for, and bad input is dropped without stopping anything."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -64,7 +66,7 @@ def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_p
     for r in results[:5]:
         spans = [(h.start, h.end) for h in r.path]
         assert spans[0][0] == 0 and spans[-1][1] == lite_repo.manifest.blocks
-        assert all(a[1] == c[0] for a, c in zip(spans, spans[1:], strict=False))
+        assert all(a[1] == c[0] for a, c in itertools.pairwise(spans))
         assert len({h.node for h in r.path}) >= 3
 
 
