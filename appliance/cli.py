@@ -69,6 +69,9 @@ def build(
                                                  "model.")] = 224,
     threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
     fp16: Annotated[bool, typer.Option(help="TensorRT: build FP16 engines.")] = False,
+    opset: Annotated[int | None, typer.Option(
+        help="ONNX opset of the export: 18 (default) or 17 for TensorRT 8.x "
+             "(chosen automatically with --backend trt).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the model is already "
                                                   "built.")] = False,
     repo: RepoOption = None,
@@ -92,7 +95,7 @@ def build(
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
                            input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16)
+                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset)
     report = run_build(options, RichReporter())
     m = report.manifest
     total = sum(len(v) for v in m.segments.values())
@@ -328,6 +331,39 @@ def classify(
                            for h in result["path"])
         typer.echo(f"{path}: {top['label']} ({top['score']:.3f})  "
                    f"{result['latency_ms']:.1f} ms  via {hops}")
+
+
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Benchmarks: figures measured side by side on this machine.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    model: Annotated[str, typer.Option(help="Model id in the repository (build it first with "
+                                            "armdi build).")] = "efficientnet_lite0",
+    requests: Annotated[int, typer.Option(help="Requests per measurement and "
+                                               "repetition.")] = 200,
+    repeats: Annotated[int, typer.Option(help="Repetitions; figures are their "
+                                              "median.")] = 3,
+    window: Annotated[int, typer.Option(help="Requests in flight when measuring "
+                                             "throughput.")] = 8,
+    warmup: Annotated[int, typer.Option(help="Warm-up requests per configuration.")] = 20,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON to this file.")]
+    = None,
+    repo: RepoOption = None,
+) -> None:
+    """Direct ONNX Runtime vs 1- and 2-worker pipelines vs raw pynng, with the ratios."""
+    from appliance.bench import PipelineBenchOptions, format_report, run_pipeline_bench, write_json
+
+    options = PipelineBenchOptions(repo=_repo_path(repo), model=model, requests=requests,
+                                   repeats=repeats, window=window, warmup=warmup)
+    result = run_pipeline_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        typer.echo(f"wrote {json_file}")
 
 
 def main() -> None:

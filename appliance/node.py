@@ -91,6 +91,7 @@ class Node:
         self.repository.check_file(self.manifest, self.manifest.weights_file)
         self.fingerprint = bytes.fromhex(self.manifest.fingerprint)
         self.blocks = self.manifest.blocks
+        self.backend = self.repository.serving_backend(self.manifest, settings.backend)
         self.assignment = Assignment()
         self.stats = Stats()
         self.started = time.monotonic()
@@ -132,6 +133,7 @@ class Node:
                 box.close()
             for engine in self._engines.values():
                 engine.close()
+            self.repository.close()
 
     # ----------------------------------------------------------------- control
     def _control_loop(self, control: ControlServer, stop: threading.Event) -> None:
@@ -243,7 +245,7 @@ class Node:
         engine = self._engines.get(key)
         if engine is None:
             engine = self.repository.open_engine(self.manifest, start, end,
-                                                 backend=self.settings.backend,
+                                                 backend=self.backend,
                                                  threads=self.settings.threads)
             self._engines[key] = engine
             while len(self._engines) > self.settings.engine_cache:

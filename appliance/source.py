@@ -130,6 +130,7 @@ class Source:
         self.repository.check_file(self._manifest, self._manifest.weights_file)
         self.fingerprint = bytes.fromhex(self._manifest.fingerprint)
         self.blocks = self._manifest.blocks
+        self.backend = self.repository.serving_backend(self._manifest, settings.backend)
         self.workers = [_WorkerState(ref) for ref in settings.workers]
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
@@ -287,6 +288,7 @@ class Source:
             client.close()
         if self._engine is not None:
             self._engine.close()
+        self.repository.close()
 
     def _client(self, w: _WorkerState) -> ControlClient:
         with self._lock:
@@ -304,7 +306,7 @@ class Source:
         live: list[_WorkerState] = []
         hello = msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
                           model_id=self._manifest.model_id, blocks=self.blocks,
-                          backends=(self.settings.backend,), pid=os.getpid())
+                          backends=(self.backend,), pid=os.getpid())
         while waiting and time.monotonic() < deadline:
             for w in list(waiting):
                 try:
@@ -373,7 +375,7 @@ class Source:
         self._route = route
         if route and route[0][0] == self.settings.name:
             self._engine = self.repository.open_engine(
-                self._manifest, route[0][2], route[0][3], backend=self.settings.backend,
+                self._manifest, route[0][2], route[0][3], backend=self.backend,
                 threads=self.settings.threads)
         log.info("allocation %s over %s", list(b), chain)
 

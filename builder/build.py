@@ -44,7 +44,7 @@ class BuildOptions:
     profile_repeats: int = 20
     profile_segments: int = 24  # fused segments to time, spread over all lengths
     fp16: bool = False
-    force: bool = False
+    opset: int | None = None  # None: 18 (dynamo exporter); 17: the TorchScript exporter
 
 
 @dataclass
@@ -86,6 +86,13 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
     if options.backend not in ("auto", "ort", "trt"):
         raise BuildError(f"--backend {options.backend!r}: use auto, ort or trt")
     seg_mod.segment_ranges(2, options.segments)  # validate the option before any work
+    opset = options.opset
+    if options.backend == "trt":
+        from builder.trt_stage import require_tensorrt
+
+        # TensorRT 8.x parses ONNX opset 17 at most (JetPack 6.0); 10.x takes 18.
+        if require_tensorrt() < 10 and opset is None:
+            opset = 17
     repo = ModelRepository(options.repo)
     staging_root = _prepare_repo(repo.root)
     _clean_stale(staging_root)
@@ -95,7 +102,7 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
     try:
         t0 = time.perf_counter()
         source = resolve(options.model, work, weights=options.weights, name=options.name,
-                         input_size=options.input_size, on_progress=reporter.note)
+                         input_size=options.input_size, opset=opset, on_progress=reporter.note)
         timings["export_s"] = time.perf_counter() - t0
         out_dir = work / source.model_id
         out_dir.mkdir()
@@ -184,6 +191,22 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     verification, activations = verify(full, blocks, fused, open_segment, inputs, reporter)
     timings["verify_s"] = time.perf_counter() - t0
 
+    segments = {"ort": tuple(entries)}
+    if _wants_trt(options.backend):
+        from builder.trt_stage import build_trt
+
+        t0 = time.perf_counter()
+        if len(ranges) > 200:
+            reporter.note(f"building {len(ranges)} TensorRT engines; on a Jetson each takes "
+                          "seconds to minutes (--segments window:W builds fewer)")
+        trt_entries, trt_error = build_trt(
+            out, Path(options.repo), ranges, fingerprint, activations, open_segment,
+            reporter, fp16=options.fp16, blocks=K)
+        segments["trt"] = tuple(trt_entries)
+        reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
+                      f"{trt_error:.2g}")
+        timings["trt_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     device_profile = profile(full, blocks, sample_segments(fused, options.profile_segments),
                              open_segment, activations, reporter, backend="ort",
@@ -192,8 +215,10 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         engine.close()
     timings["profile_s"] = time.perf_counter() - t0
 
-    files = {p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
-             for p in reporter.track(sorted(out.iterdir()), "hash files")}
+    all_files = sorted(p for p in out.rglob("*") if p.is_file())
+    files = {p.relative_to(out).as_posix(): FileEntry(sha256=sha256_file(p),
+                                                      bytes=p.stat().st_size)
+             for p in reporter.track(all_files, "hash files")}
     manifest = Manifest(
         model_id=source.model_id,
         fingerprint=fingerprint,
@@ -211,13 +236,24 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         full_model=FULL_MODEL,
         weights_file=seg_mod.WEIGHTS_FILE,
         segment_mode=options.segments,
-        segments={"ort": tuple(entries)},
+        segments=segments,
         files=files,
         verification=verification,
         profiles={f"{device_profile.device}/ort/t{options.threads}": device_profile},
     )
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def _wants_trt(backend: str) -> bool:
+    """``trt`` always (failing clearly without TensorRT); ``auto`` where TensorRT imports."""
+    if backend == "trt":
+        return True
+    if backend == "auto":
+        from builder.trt_stage import tensorrt_major
+
+        return tensorrt_major() is not None
+    return False
 
 
 def _is_classifier(shape: tuple[int, ...], labels: tuple[str, ...] | None) -> bool:

@@ -20,7 +20,7 @@ from engines.manifest import Preprocessing, SourceInfo
 DEFAULT_MODEL = "efficientnet_lite0"
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50", "vgg16", "googlenet", "densenet121")
 NAMED_MODELS = (DEFAULT_MODEL, *TORCHVISION_MODELS)
-OPSET = 18  # what torch's dynamo exporter emits; TensorRT 8.6+ parses it
+OPSET = 18  # what the dynamo exporter emits; TensorRT 10 parses it (8.x stops at 17)
 
 # EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1]: (x - 127) / 128.
 LITE_PREPROCESSING = Preprocessing(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
@@ -69,6 +69,7 @@ def resolve(
     weights: str = "pretrained",
     name: str | None = None,
     input_size: int = 224,
+    opset: int | None = None,
     on_progress: Callable[[str], None] = lambda _msg: None,
 ) -> SourceModel:
     """Turn the user's MODEL argument into an ONNX file in ``workdir``."""
@@ -83,7 +84,7 @@ def resolve(
     on_progress(f"exporting {model} to ONNX")
     module, info, prep, labels = _torch_model(model, weights)
     out = workdir / f"{model}.source.onnx"
-    export_torch(module, out, input_size=prep.crop)
+    export_torch(module, out, input_size=prep.crop, opset=opset or OPSET)
     return SourceModel(valid_model_id(name or model), out, info, prep, labels)
 
 
@@ -159,8 +160,10 @@ def _torch_model(
     return module.eval(), info, Preprocessing(), labels
 
 
-def export_torch(module: Any, out: Path, *, input_size: int = 224) -> None:
-    """Export with the dynamo exporter: clean graph, shapes, a dynamic batch axis."""
+def export_torch(module: Any, out: Path, *, input_size: int = 224, opset: int = OPSET) -> None:
+    """Export with a dynamic batch axis: the dynamo exporter (clean graph with shapes) for
+    opset 18 and up; the TorchScript exporter below that (TensorRT 8.x reads opset <= 17,
+    and the dynamo exporter cannot convert its output down to 17)."""
     import contextlib
     import io
     import warnings
@@ -168,6 +171,9 @@ def export_torch(module: Any, out: Path, *, input_size: int = 224) -> None:
     import torch
 
     example = torch.randn(2, 3, input_size, input_size)
+    if opset < OPSET:
+        _export_torchscript(module, out, example, opset)
+        return
     batch = torch.export.Dim("batch", min=1, max=1024)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -176,7 +182,7 @@ def export_torch(module: Any, out: Path, *, input_size: int = 224) -> None:
                 module,
                 (example,),
                 dynamo=True,
-                opset_version=OPSET,
+                opset_version=opset,
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_shapes=({0: batch},),
@@ -187,3 +193,21 @@ def export_torch(module: Any, out: Path, *, input_size: int = 224) -> None:
     if program is None:
         raise BuildError("torch.onnx.export returned no program")
     program.save(str(out))
+
+
+def _export_torchscript(module: Any, out: Path, example: Any, opset: int) -> None:
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (example,), str(out), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+        except Exception as exc:
+            raise BuildError(f"torch.onnx.export (opset {opset}) failed: "
+                             f"{str(exc).splitlines()[0]}") from exc

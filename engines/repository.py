@@ -49,6 +49,27 @@ class ModelRepository:
         self.root = Path(root).expanduser() if root is not None else default_repo()
         self._verified: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
+        self._trt_session: Any = None  # one per process, made on the first TensorRT engine
+
+    def serving_backend(self, manifest: Manifest, wanted: str) -> str:
+        """``wanted`` if the manifest has engines for it, else ONNX Runtime (with a log line:
+        a model built where TensorRT is absent still serves)."""
+        if wanted in manifest.segments:
+            return wanted
+        if wanted != "ort":
+            import logging
+
+            logging.getLogger("armdi.engines").warning(
+                "%s has no %s engines (built on a machine without it?); serving with ONNX "
+                "Runtime. Rebuild with: armdi build %s --backend %s", manifest.model_id,
+                wanted, manifest.model_id, wanted)
+        return "ort"
+
+    def close(self) -> None:
+        """Release the TensorRT session, if one was made."""
+        if self._trt_session is not None:
+            self._trt_session.close()
+            self._trt_session = None
 
     def model_dir(self, model_id: str) -> Path:
         return self.root / model_id
@@ -164,7 +185,10 @@ class ModelRepository:
             from engines import trt
 
             if trt_session is None:
-                trt_session = trt.TrtSession.start()
+                with self._lock:
+                    if self._trt_session is None:
+                        self._trt_session = trt.TrtSession.start()
+                    trt_session = self._trt_session
             engine: Engine = trt.open_engine(path, start, end, session=trt_session)
             return engine
         raise ArtifactError(f"unknown backend {backend!r}")

@@ -1,0 +1,574 @@
+"""``armdi bench pipeline``: what the runtime costs on this machine, measured side by side.
+
+One run, one process start, the same input for everything:
+
+1. **direct**: ONNX Runtime on the full model (``model.onnx``), one session, one thread,
+   sequential batch-1 requests: throughput and p50/p99 latency, the baseline.
+2. **pipeline_1node**: the source (it runs no blocks) and one worker process running the whole
+   model, edgepipe mode. Latency with one request in flight at a time, throughput with
+   ``window`` requests kept in flight. ``overhead_1node = p50(pipeline_1node) / p50(direct)``.
+3. **pipeline_1node_pinned** and **pipeline_2node**: one worker pinned to CPU 0, against two
+   workers pinned to CPUs 0 and 1 (the allocator picks the boundary from the manifest's
+   profile). ``speedup_2node = throughput(2 workers) / throughput(1 worker pinned)``. Pinning
+   emulates one device per core; the source process is not pinned and shares both cores.
+4. **transfer**: the activation at the 2-worker boundary sent between two processes over
+   ``ipc://`` (pinned to CPUs 0 and 1, like the hop): raw pynng (``nng_send`` of the array,
+   ``nng_recvmsg`` with no copy) against the pipeline's hop (``Frame`` + ``encode_frame`` +
+   ``DataOutbox.send``, ``DataInbox.recv`` + ``decode_frame``), each timed one way, one message
+   at a time. ``hop_cost_ratio = frame_ms / raw_ms``.
+
+The three clusters run side by side and the configurations are measured in turn, in a rotating
+order, ``repeats`` times; each figure is the median over the repetitions. Benchmarks are not
+tests: this asserts nothing, it reports. Nothing here imports torch or the builder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import ArmdiError, ModelNotFoundError
+from engines.manifest import Manifest
+from engines.repository import ModelRepository
+
+GOALS: dict[str, tuple[str, float]] = {
+    "speedup_2node": (">=", 1.7),
+    "overhead_1node": ("<=", 1.10),
+    "hop_cost_ratio": ("<=", 1.3),
+}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PipelineBenchOptions:
+    repo: Path
+    model: str = "efficientnet_lite0"
+    requests: int = 200
+    """Requests per measurement (latency mode and throughput mode each)."""
+    repeats: int = 3
+    """Repetitions of every measurement; figures are the median over them."""
+    warmup: int = 20
+    """Requests run and discarded before the first repetition of each configuration."""
+    window: int = 8
+    """Requests kept in flight in throughput mode."""
+    transfer_messages: int = 300
+    """Messages per transfer measurement and repetition."""
+    request_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class _PipelineSpec:
+    key: str
+    label: str
+    cpus: tuple[tuple[int, ...] | None, ...]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (linear interpolation between closest ranks)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def _round(value: float, digits: int = 4) -> float:
+    return round(value, digits) if math.isfinite(value) else value
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime as ort
+    import pynng
+
+    return {
+        "cpu_count": os.cpu_count() or 1,
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "pynng": getattr(pynng, "__version__", "?"),
+    }
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return []
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _ensure_model(repository: ModelRepository, model: str) -> Manifest:
+    if not repository.has_model(model):
+        raise ModelNotFoundError(
+            f"model {model!r} is not built in {repository.root}; build it first: "
+            f"armdi build {model} --repo {repository.root} --segments all")
+    manifest = repository.load_manifest(model)
+    repository.check_file(manifest, manifest.weights_file)
+    repository.check_file(manifest, manifest.full_model)
+    return manifest
+
+
+# ---------------------------------------------------------------------------- direct ORT
+class _Direct:
+    """The full model in one ONNX Runtime session, one thread."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        from engines.ort import session_options
+
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads=1),
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> None:
+        self.session.run(None, {self.input_name: x})
+
+    def measure(self, x: np.ndarray, n: int) -> dict[str, Any]:
+        lat: list[float] = []
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.run(x)
+            lat.append((time.perf_counter() - t0) * 1000)
+        elapsed = time.perf_counter() - start
+        return {"throughput_ips": n / elapsed, "p50_ms": _quantile(lat, 0.5),
+                "p99_ms": _quantile(lat, 0.99), "mean_ms": statistics.fmean(lat)}
+
+
+# ---------------------------------------------------------------------------- pipelines
+class _Pipeline:
+    """A local cluster (worker processes) and an in-process source that runs no blocks."""
+
+    def __init__(self, spec: _PipelineSpec, source: Any, worker_pids: list[int]) -> None:
+        self.spec = spec
+        self.source = source
+        self.worker_pids = worker_pids
+
+    def latency(self, x: np.ndarray, n: int, timeout_s: float) -> list[float]:
+        """``n`` requests, one in flight at a time; client-side latency in ms."""
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.source.submit(x).result(timeout=timeout_s)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return lat
+
+    def throughput(self, x: np.ndarray, n: int, window: int,
+                   timeout_s: float) -> dict[str, Any]:
+        """``n`` requests with ``window`` of them in flight; also the CPU each process used."""
+        inflight: deque[Future[Any]] = deque()
+        cpu0 = time.process_time()
+        workers0 = [_proc_cpu_s(pid) for pid in self.worker_pids]
+        start = time.perf_counter()
+        for _ in range(n):
+            if len(inflight) >= window:
+                inflight.popleft().result(timeout=timeout_s)
+            inflight.append(self.source.submit(x))
+        for future in inflight:
+            future.result(timeout=timeout_s)
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        workers1 = [_proc_cpu_s(pid) for pid in self.worker_pids]
+        util = {
+            name: (round((b - a) / elapsed, 3) if a is not None and b is not None else None)
+            for name, a, b in zip(self._worker_names(), workers0, workers1, strict=True)
+        }
+        return {"throughput_ips": n / elapsed,
+                "source_cpu_ms_per_request": cpu * 1000 / n,
+                "source_cpu_util": round(cpu / elapsed, 3),
+                "worker_cpu_util": util}
+
+    def _worker_names(self) -> list[str]:
+        return [w.ref.name for w in self.source.workers]
+
+    def measure(self, x: np.ndarray, n: int, window: int, timeout_s: float) -> dict[str, Any]:
+        lat = self.latency(x, n, timeout_s)
+        out = self.throughput(x, n, window, timeout_s)
+        out.update(p50_ms=_quantile(lat, 0.5), p99_ms=_quantile(lat, 0.99),
+                   mean_ms=statistics.fmean(lat))
+        return out
+
+    def layout(self) -> dict[str, Any]:
+        """Boundaries, each node's segment and CPUs, the allocator's and measured stage times."""
+        source = self.source
+        alloc = source.allocation
+        status = source.status()
+        cpus = dict(zip(self._worker_names(), self.spec.cpus, strict=False))
+        nodes = []
+        for view in status.nodes:
+            if view.end <= view.start and view.role == "source":
+                continue
+            nodes.append({"node": view.name, "blocks": [view.start, view.end],
+                          "cpus": list(cpus.get(view.name) or []) or None,
+                          "measured_stage_ms": _round(view.stage_ms)
+                          if view.stage_ms is not None else None})
+        return {"boundaries": list(alloc.boundaries) if alloc else [],
+                "predicted_stage_ms": [_round(t) for t in alloc.stage_ms] if alloc else [],
+                "nodes": nodes}
+
+
+@contextlib.contextmanager
+def _pipeline(spec: _PipelineSpec, options: PipelineBenchOptions) -> Iterator[_Pipeline]:
+    from appliance.cluster import LocalClusterOptions, running
+    from appliance.settings import source_settings
+    from appliance.source import Source
+
+    cluster_options = LocalClusterOptions(
+        model=options.model, repo=options.repo, nodes=len(spec.cpus), mode="edgepipe",
+        cpus=spec.cpus, port=0, source_runs_blocks=False,
+        request_timeout_s=options.request_timeout_s)
+    with running(cluster_options) as (cluster, config):
+        source = Source(source_settings(config))
+        try:
+            source.start()
+            yield _Pipeline(spec, source, [p.pid for p in cluster.procs])
+        finally:
+            source.close()
+
+
+def _pipeline_specs() -> list[_PipelineSpec]:
+    two = (os.cpu_count() or 1) >= 2
+    return [
+        _PipelineSpec("pipeline_1node", "1 worker (not pinned)", (None,)),
+        _PipelineSpec("pipeline_1node_pinned", "1 worker, CPU 0", ((0,),)),
+        _PipelineSpec("pipeline_2node", "2 workers, CPUs 0|1" if two else "2 workers, CPU 0",
+                      ((0,), (1,) if two else (0,))),
+    ]
+
+
+# ---------------------------------------------------------------------------- transfer
+def measure_transfer(shape: Sequence[int], messages: int, repeats: int, *,
+                     cpus: tuple[int | None, int | None] = (None, None),
+                     warmup: int = 30, timeout_s: float = 120.0) -> dict[str, Any]:
+    """One-way cost of shipping a float32 tensor of ``shape`` between two processes.
+
+    Both ends are fresh processes (``python -m appliance.bench``); the sender stamps each
+    message with ``time.perf_counter_ns()`` (CLOCK_MONOTONIC, shared by the processes), the
+    receiver answers with the elapsed time once it holds the decoded message, and the sender
+    waits for that answer before the next message, so nothing queues.
+    """
+    modes = ("raw", "frame")
+    schedule = []
+    for r in range(repeats):
+        order = modes if r % 2 == 0 else modes[::-1]
+        schedule += [[mode, warmup if r == 0 else 5, messages] for mode in order]
+    with tempfile.TemporaryDirectory(prefix="armdi-xfer-") as tmp:
+        spec = {"shape": list(shape), "schedule": schedule,
+                "raw": f"ipc://{tmp}/raw", "frame": f"ipc://{tmp}/frame",
+                "ack": f"ipc://{tmp}/ack", "timeout_ms": int(timeout_s * 1000)}
+        procs = []
+        try:
+            for role, cpu in (("recv", cpus[1]), ("send", cpus[0])):
+                arg = json.dumps({**spec, "cpu": cpu})
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "appliance.bench", f"transfer-{role}", arg],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
+            out, _ = procs[1].communicate(timeout=timeout_s)
+            procs[0].wait(timeout=10)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if procs[1].returncode != 0:
+            raise ArmdiError(f"the transfer benchmark's sender failed (status "
+                             f"{procs[1].returncode}); see its error above")
+    rounds: dict[str, list[float]] = {m: [] for m in modes}
+    for entry in json.loads(out.strip().splitlines()[-1]):
+        rounds[entry["mode"]].append(entry["p50_ms"])
+    nbytes = int(np.prod(shape)) * 4
+    return {"bytes": nbytes, "shape": list(shape), "messages": messages,
+            "raw_ms": _median(rounds["raw"]), "frame_ms": _median(rounds["frame"]),
+            "rounds": {m: [_round(v) for v in vals] for m, vals in rounds.items()},
+            "cpus": list(cpus)}
+
+
+def _transfer_child(role: str, spec: dict[str, Any]) -> None:
+    import pynng
+    from pynng import ffi, lib
+
+    from appliance import frames as fr
+    from appliance.transport import DataInbox, DataOutbox
+
+    if spec["cpu"] is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {spec["cpu"]})
+    timeout = int(spec["timeout_ms"])
+    stamp = struct.Struct("<q")
+    if role == "recv":
+        raw_in = pynng.Pull0(listen=spec["raw"], recv_timeout=timeout)
+        inbox = DataInbox(spec["frame"], max_bytes=1 << 30)
+        ack = pynng.Push0(send_timeout=timeout)
+        ack.dial(spec["ack"], block=False)
+        msg_p = ffi.new("nng_msg **")
+        try:
+            for mode, warm, count in spec["schedule"]:
+                for _ in range(warm + count):
+                    if mode == "raw":
+                        pynng.check_err(lib.nng_recvmsg(raw_in.socket, msg_p, 0))
+                        body = ffi.buffer(lib.nng_msg_body(msg_p[0]), 8)
+                        (t0,) = stamp.unpack(body)
+                        t1 = time.perf_counter_ns()
+                        lib.nng_msg_free(msg_p[0])
+                    else:
+                        frame = fr.decode_frame(inbox.recv(timeout_ms=timeout), key=None,
+                                                max_bytes=1 << 30)
+                        t1 = time.perf_counter_ns()
+                        t0 = frame.request_id
+                        del frame
+                    ack.send(stamp.pack(t1 - t0))
+        finally:
+            raw_in.close()
+            inbox.close()
+            ack.close()
+        return
+    raw_out = pynng.Push0(send_timeout=timeout)
+    raw_out.dial(spec["raw"], block=False)
+    outbox = DataOutbox(spec["frame"])
+    ack_in = pynng.Pull0(listen=spec["ack"], recv_timeout=timeout)
+    shape = tuple(spec["shape"])
+    tensor = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    head = tensor.reshape(-1).view(np.uint8)[:8]
+    fingerprint = bytes(32)
+    trace = (fr.TraceEntry(node="w1", start=0, end=1, ms=1.0),)
+    results = []
+    try:
+        for mode, warm, count in spec["schedule"]:
+            times = []
+            for i in range(warm + count):
+                if mode == "raw":
+                    t0 = time.perf_counter_ns()
+                    head[:] = np.frombuffer(stamp.pack(t0), np.uint8)
+                    data = ffi.from_buffer(tensor)
+                    pynng.check_err(lib.nng_send(raw_out.socket, data, len(data), 0))
+                else:
+                    t0 = time.perf_counter_ns()
+                    frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=t0, attempt=1,
+                                     fingerprint=fingerprint, start_block=1, tensor=tensor,
+                                     trace=trace)
+                    outbox.send(fr.encode_frame(frame, None), timeout_ms=timeout)
+                (dt,) = stamp.unpack(ack_in.recv())
+                if i >= warm:
+                    times.append(dt / 1e6)
+            results.append({"mode": mode, "p50_ms": _quantile(times, 0.5),
+                            "mean_ms": statistics.fmean(times)})
+    finally:
+        raw_out.close()
+        outbox.close()
+        ack_in.close()
+    print(json.dumps(results), flush=True)
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def _summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over repetitions of every numeric figure; the repetitions kept alongside."""
+    out: dict[str, Any] = {}
+    for key in ("throughput_ips", "p50_ms", "p99_ms", "mean_ms", "source_cpu_ms_per_request",
+                "source_cpu_util"):
+        values = [r[key] for r in reps if key in r]
+        if values:
+            out[key] = _round(_median(values))
+    utils = [r["worker_cpu_util"] for r in reps if "worker_cpu_util" in r]
+    if utils:
+        out["worker_cpu_util"] = {
+            name: (_round(_median([u[name] for u in utils if u[name] is not None]), 3)
+                   if any(u[name] is not None for u in utils) else None)
+            for name in utils[0]}
+    out["repetitions"] = [{k: (_round(v) if isinstance(v, float) else v) for k, v in r.items()}
+                          for r in reps]
+    return out
+
+
+def _goals(ratios: dict[str, float]) -> tuple[dict[str, str], dict[str, bool]]:
+    goals = {k: f"{op} {v:g}" for k, (op, v) in GOALS.items()}
+    met = {}
+    for key, (op, target) in GOALS.items():
+        value = ratios[key]
+        met[key] = bool(math.isfinite(value) and (value >= target if op == ">=" else
+                                                  value <= target))
+    return goals, met
+
+
+def run_pipeline_bench(options: PipelineBenchOptions,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Run every measurement and return the JSON-ready result (see the module docstring)."""
+    say = progress or (lambda _msg: None)
+    if options.requests < 1 or options.repeats < 1 or options.window < 1:
+        raise ArmdiError("--requests, --repeats and --window must be at least 1")
+    repository = ModelRepository(options.repo)
+    manifest = _ensure_model(repository, options.model)
+    load_start = load_avg()
+    x = np.random.default_rng(0).standard_normal(
+        (1, *manifest.input.shape[1:])).astype(np.float32)
+    timeout = options.request_timeout_s
+    direct = _Direct(repository.model_dir(options.model) / manifest.full_model)
+    reps: dict[str, list[dict[str, Any]]] = {"direct": []}
+    layouts: dict[str, dict[str, Any]] = {}
+    specs = _pipeline_specs()
+    with contextlib.ExitStack() as stack:
+        say(f"starting {len(specs)} local clusters ({options.model})")
+        pipes: dict[str, _Pipeline] = {}
+        for spec in specs:
+            pipes[spec.key] = stack.enter_context(_pipeline(spec, options))
+            reps[spec.key] = []
+        say("warming up")
+        for _ in range(options.warmup):
+            direct.run(x)
+        for pipe in pipes.values():
+            pipe.latency(x, options.warmup, timeout)
+            pipe.throughput(x, options.warmup, options.window, timeout)
+        keys = ["direct", *pipes]
+        for rep in range(options.repeats):
+            order = keys[rep % len(keys):] + keys[:rep % len(keys)]
+            for key in order:
+                say(f"repetition {rep + 1}/{options.repeats}: {key}")
+                if key == "direct":
+                    reps[key].append(direct.measure(x, options.requests))
+                else:
+                    reps[key].append(pipes[key].measure(x, options.requests, options.window,
+                                                        timeout))
+        for key, pipe in pipes.items():
+            layouts[key] = pipe.layout()
+    boundaries = layouts["pipeline_2node"]["boundaries"]
+    inner = [b for b in boundaries[1:-1] if 0 < b < manifest.blocks]
+    cut = manifest.cut_points[inner[0] if inner else 0]
+    two = (os.cpu_count() or 1) >= 2
+    say(f"transfer: {cut.bytes_per_sample} bytes (cut point {cut.index}) between two processes")
+    transfer = measure_transfer((1, *cut.shape[1:]), options.transfer_messages, options.repeats,
+                                cpus=(0, 1) if two else (None, None))
+    transfer["cut_point"] = cut.index
+    load_end = load_avg()
+
+    result: dict[str, Any] = {
+        "model": options.model,
+        "machine": machine_info(),
+        "load_avg": {"start": load_start, "end": load_end},
+        "settings": {"requests": options.requests, "repeats": options.repeats,
+                     "warmup": options.warmup, "window": options.window,
+                     "mode": "edgepipe", "source_runs_blocks": False, "wire_dtype": "float32",
+                     "engine_threads": 1},
+        "emulation": ("workers pinned with sched_setaffinity stand in for separate devices "
+                      "(one core each); the source process and this benchmark are not pinned "
+                      "and share those cores; links are ipc:// sockets on one machine"),
+        "direct": {"label": "ONNX Runtime, model.onnx, 1 thread, batch 1", **_summarise(
+            reps["direct"])},
+    }
+    for spec in specs:
+        result[spec.key] = {"label": spec.label, **layouts[spec.key],
+                            **_summarise(reps[spec.key])}
+    result["transfer"] = transfer
+    direct_p50 = result["direct"]["p50_ms"]
+    ratios = {
+        "speedup_2node": result["pipeline_2node"]["throughput_ips"]
+        / result["pipeline_1node_pinned"]["throughput_ips"],
+        "overhead_1node": result["pipeline_1node"]["p50_ms"] / direct_p50,
+        "hop_cost_ratio": transfer["frame_ms"] / transfer["raw_ms"],
+    }
+    goals, met = _goals(ratios)
+    result["summary"] = {**{k: _round(v, 3) for k, v in ratios.items()}, "goals": goals,
+                         "met": met}
+    return result
+
+
+# ---------------------------------------------------------------------------- report
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable table of a ``run_pipeline_bench`` result."""
+    m = result["machine"]
+    load = result["load_avg"]
+    lines = [
+        f"armdi bench pipeline: {result['model']} on {m['cpu_count']} x {m['cpu_model']}; "
+        f"load avg {load['start']} -> {load['end']}",
+        f"{result['settings']['requests']} requests x {result['settings']['repeats']} "
+        f"repetitions (median), window {result['settings']['window']} in flight for "
+        "throughput, 1 in flight for latency",
+        "",
+        f"{'configuration':<44} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}  boundaries",
+    ]
+    rows = [("direct ORT (model.onnx, 1 thread)", result["direct"])]
+    rows += [(f"pipeline: {result[k]['label']}", result[k])
+             for k in ("pipeline_1node", "pipeline_1node_pinned", "pipeline_2node")]
+    for label, r in rows:
+        bounds = r.get("boundaries")
+        lines.append(f"{label:<44} {r['throughput_ips']:>8.1f} {r['p50_ms']:>8.2f} "
+                     f"{r['p99_ms']:>8.2f}  {bounds if bounds else ''}")
+    two = result["pipeline_2node"]
+    stages = ", ".join(f"{n['node']} [{n['blocks'][0]},{n['blocks'][1]}) "
+                       f"{n['measured_stage_ms']} ms" for n in two["nodes"])
+    lines.append(f"  2 workers: stages {stages}; source CPU "
+                 f"{two.get('source_cpu_ms_per_request', math.nan):.2f} ms/request, "
+                 f"worker CPU {two.get('worker_cpu_util')}")
+    t = result["transfer"]
+    lines += [
+        f"transfer of {t['bytes']} B (cut point {t['cut_point']}), one way between two "
+        f"processes: raw pynng {t['raw_ms']:.3f} ms, frame hop {t['frame_ms']:.3f} ms",
+        "(emulation: " + result["emulation"] + ")",
+        "",
+        f"{'ratio':<16} {'measured':>9} {'goal':>8}  met",
+    ]
+    s = result["summary"]
+    for key in GOALS:
+        lines.append(f"{key:<16} {s[key]:>9.3f} {s['goals'][key]:>8}  "
+                     f"{'yes' if s['met'][key] else 'NO'}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m appliance.bench transfer-send|transfer-recv SPEC``: the transfer ends."""
+    if len(argv) != 2 or argv[0] not in ("transfer-send", "transfer-recv"):
+        print("usage: python -m appliance.bench transfer-send|transfer-recv SPEC_JSON",
+              file=sys.stderr)
+        return 2
+    _transfer_child(argv[0].removeprefix("transfer-"), json.loads(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
