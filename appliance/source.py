@@ -253,6 +253,8 @@ class Source:
     def start(self) -> None:
         """Connect to the workers, place the boundaries, open the engine, start the loops."""
         s = self.settings
+        if s.mode not in ("armdi", "edgepipe", "local"):
+            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe or local")
         if s.cpus:
             os.sched_setaffinity(0, set(s.cpus))
         self._started = time.monotonic()
