@@ -21,7 +21,7 @@ from builder.sources import OPSET, SourceModel, resolve, sha256_file
 from builder.verify import sample_inputs, verify
 from engines.base import Engine
 from engines.errors import BuildError
-from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo
+from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo, Verification
 from engines.ort import OrtEngine
 from engines.repository import MANIFEST, ModelRepository, write_json_atomic
 
@@ -192,6 +192,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     timings["verify_s"] = time.perf_counter() - t0
 
     segments = {"ort": tuple(entries)}
+    backend_verification: dict[str, Verification] = {}
     if _wants_trt(options.backend):
         from builder.trt_stage import build_trt
 
@@ -203,6 +204,13 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
             out, Path(options.repo), ranges, fingerprint, activations, open_segment,
             reporter, fp16=options.fp16, blocks=K)
         segments["trt"] = tuple(trt_entries)
+        trt_precision = "fp16" if options.fp16 else "fp32"
+        backend_verification["trt"] = Verification(
+            passed=True, max_abs_error=trt_error,
+            tolerance=1e-3 if trt_precision == "fp32" else 1.0,
+            samples=1, top1_agreement=1.0, segments_checked=len(trt_entries),
+            detail=f"TensorRT {trt_precision} engines against ONNX Runtime on each segment"
+                   + (" (fp16: top-1 of the final segment must agree)" if options.fp16 else ""))
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
                       f"{trt_error:.2g}")
         timings["trt_s"] = time.perf_counter() - t0
@@ -239,6 +247,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         segments=segments,
         files=files,
         verification=verification,
+        backend_verification=backend_verification,
         profiles={f"{device_profile.device}/ort/t{options.threads}": device_profile},
     )
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))

@@ -62,6 +62,18 @@ def build_trt(
     from engines.trt import TrtSession, open_engine
 
     session = TrtSession.start()
+    # Pre-flight: say which ops this TensorRT cannot import before minutes of builds.
+    import onnx
+
+    from builder.trt_build import check_ops
+    from engines.errors import BuildError
+
+    problems = check_ops(onnx.load(str(out / "model.onnx"), load_external_data=False),
+                         session.device.trt_version)
+    if problems:
+        session.close()
+        raise BuildError(f"TensorRT {session.device.trt_version} cannot build this model: "
+                         + "; ".join(problems))
     cache = repo_root / TRT_CACHE
     cache.mkdir(parents=True, exist_ok=True)
     options = TrtBuildOptions(fp16=fp16, timing_cache=timing_cache_path(cache, session.device))

@@ -103,7 +103,8 @@ class Manifest(_Frozen):
     segment_mode: str  # "all" | "blocks" | "window:W"
     segments: dict[str, tuple[SegmentEntry, ...]]  # backend -> segments built
     files: dict[str, FileEntry]
-    verification: Verification
+    verification: Verification  # ONNX Runtime segments against the full model
+    backend_verification: dict[str, Verification] = Field(default_factory=dict)  # e.g. "trt"
     profiles: dict[str, DeviceProfile] = Field(default_factory=dict)
 
     def activation_bytes(self) -> list[int]:
