@@ -2,7 +2,7 @@
 
 A *cut point* is a tensor through which every path from the model input to the model output
 passes. Exactly those tensors split the graph into a prefix and a rest with the tensor as the
-only live activation between them (see the proof sketch in ``docs/cut_points.md``). They are
+only live activation between them (see the proof sketch in ``docs/builder.md``). They are
 the dominators of the output in the tensor graph, found here whatever order the file stores its
 nodes in. Nodes that do not depend on the input (constant subgraphs) are not activations: a
 segment that needs one simply carries a copy of it.

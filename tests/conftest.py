@@ -260,10 +260,12 @@ def two_input_onnx(tmp_path: Path) -> Path:
 
 
 def build_tiny(source: Path, repo: Path, **options: object) -> tuple[Path, Manifest]:
-    """Build ``source`` into ``repo`` quickly (few profile repeats) and return both."""
+    """Build ``source`` into ``repo`` quickly (ONNX Runtime only, few profile repeats) and
+    return both."""
     from builder.build import BuildOptions, build
 
-    settings: dict[str, object] = {"profile_repeats": 3, "profile_segments": 6, **options}
+    settings: dict[str, object] = {"profile_repeats": 3, "profile_segments": 6,
+                                   "backend": "ort", **options}
     report = build(BuildOptions(model=str(source), repo=repo, **settings))  # type: ignore[arg-type]
     return repo, report.manifest
 
@@ -283,3 +285,9 @@ def built_tiny(built_tiny_session: BuiltModel, tmp_path: Path) -> Iterator[Built
     repo = tmp_path / "repo"
     shutil.copytree(built_tiny_session.repo, repo)
     yield BuiltModel(repo, built_tiny_session.manifest, built_tiny_session.source)
+
+
+@pytest.fixture
+def tiny_repo(built_tiny: BuiltModel) -> tuple[Path, Manifest]:
+    """``(repo, manifest)`` of a private copy of the built tiny model (id ``tiny``)."""
+    return built_tiny.repo, built_tiny.manifest
