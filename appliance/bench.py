@@ -13,13 +13,16 @@ One run, one process start, the same input for everything:
    emulates one device per core; the source process is not pinned and shares both cores.
 4. **transfer**: the activation at the 2-worker boundary sent between two processes over
    ``ipc://`` (pinned to CPUs 0 and 1, like the hop): raw pynng (``nng_send`` of the array,
-   ``nng_recvmsg`` with no copy) against the pipeline's hop (``Frame`` + ``encode_frame`` +
-   ``DataOutbox.send``, ``DataInbox.recv`` + ``decode_frame``), each timed one way, one message
-   at a time. ``hop_cost_ratio = frame_ms / raw_ms``.
+   ``nng_recvmsg`` with no copy) against the pipeline's hop (``Frame`` + ``frame_writer`` +
+   ``DataOutbox.send_with``, ``DataInbox.recv`` + ``decode_frame``), each timed one way, one
+   message at a time. ``hop_cost_ratio = frame_ms / raw_ms``. The same for the input tensor
+   (the source's hop) is reported as ``transfer_input``.
 
-The three clusters run side by side and the configurations are measured in turn, in a rotating
-order, ``repeats`` times; each figure is the median over the repetitions. Benchmarks are not
-tests: this asserts nothing, it reports. Nothing here imports torch or the builder.
+The configurations are measured in turn, in a rotating order, ``repeats`` times, each
+pipeline on a cluster of its own started for the repetition (and warmed up) and stopped after
+it, so only one runs at a time, as deployed; each figure is the median over the repetitions.
+Benchmarks are not tests: this asserts nothing, it reports. Nothing here imports torch or the
+builder.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 
 Progress = Callable[[str], None]
+
+TRANSFER_BLOCK = 25
+"""Messages of one kind sent in a row before the transfer benchmark switches kind."""
 
 
 @dataclass(frozen=True)
@@ -188,14 +194,17 @@ class _Pipeline:
         self.source = source
         self.worker_pids = worker_pids
 
-    def latency(self, x: np.ndarray, n: int, timeout_s: float) -> list[float]:
-        """``n`` requests, one in flight at a time; client-side latency in ms."""
-        lat = []
+    def latency(self, x: np.ndarray, n: int,
+                timeout_s: float) -> tuple[list[float], list[float]]:
+        """``n`` requests, one in flight at a time: client-side latency in ms, and the
+        workers' compute time (their trace entries) of each."""
+        lat, compute = [], []
         for _ in range(n):
             t0 = time.perf_counter()
-            self.source.submit(x).result(timeout=timeout_s)
+            result = self.source.submit(x).result(timeout=timeout_s)
             lat.append((time.perf_counter() - t0) * 1000)
-        return lat
+            compute.append(sum(hop.ms for hop in result.path))
+        return lat, compute
 
     def throughput(self, x: np.ndarray, n: int, window: int,
                    timeout_s: float) -> dict[str, Any]:
@@ -217,7 +226,10 @@ class _Pipeline:
             name: (round((b - a) / elapsed, 3) if a is not None and b is not None else None)
             for name, a, b in zip(self._worker_names(), workers0, workers1, strict=True)
         }
+        worker_cpu = sum(b - a for a, b in zip(workers0, workers1, strict=True)
+                         if a is not None and b is not None)
         return {"throughput_ips": n / elapsed,
+                "cpu_ms_per_request": (cpu + worker_cpu) * 1000 / n,
                 "source_cpu_ms_per_request": cpu * 1000 / n,
                 "source_cpu_util": round(cpu / elapsed, 3),
                 "worker_cpu_util": util}
@@ -226,10 +238,12 @@ class _Pipeline:
         return [w.ref.name for w in self.source.workers]
 
     def measure(self, x: np.ndarray, n: int, window: int, timeout_s: float) -> dict[str, Any]:
-        lat = self.latency(x, n, timeout_s)
+        lat, compute = self.latency(x, n, timeout_s)
         out = self.throughput(x, n, window, timeout_s)
         out.update(p50_ms=_quantile(lat, 0.5), p99_ms=_quantile(lat, 0.99),
-                   mean_ms=statistics.fmean(lat))
+                   mean_ms=statistics.fmean(lat), compute_p50_ms=_quantile(compute, 0.5),
+                   overhead_p50_ms=_quantile([a - b for a, b in zip(lat, compute,
+                                                                     strict=True)], 0.5))
         return out
 
     def layout(self) -> dict[str, Any]:
@@ -289,13 +303,19 @@ def measure_transfer(shape: Sequence[int], messages: int, repeats: int, *,
     Both ends are fresh processes (``python -m appliance.bench``); the sender stamps each
     message with ``time.perf_counter_ns()`` (CLOCK_MONOTONIC, shared by the processes), the
     receiver answers with the elapsed time once it holds the decoded message, and the sender
-    waits for that answer before the next message, so nothing queues.
+    waits for that answer before the next message, so nothing queues. The two kinds alternate
+    in blocks of ``TRANSFER_BLOCK`` messages, so both see the same machine; each repetition
+    gives a median per kind, and the figures are the medians over the repetitions.
     """
     modes = ("raw", "frame")
     schedule = []
     for r in range(repeats):
-        order = modes if r % 2 == 0 else modes[::-1]
-        schedule += [[mode, warmup if r == 0 else 5, messages] for mode in order]
+        done = 0
+        while done < messages:
+            count = min(TRANSFER_BLOCK, messages - done)
+            order = modes if (r + done // TRANSFER_BLOCK) % 2 == 0 else modes[::-1]
+            schedule += [[mode, warmup if r == done == 0 else 2, count, r] for mode in order]
+            done += count
     with tempfile.TemporaryDirectory(prefix="armdi-xfer-") as tmp:
         spec = {"shape": list(shape), "schedule": schedule,
                 "raw": f"ipc://{tmp}/raw", "frame": f"ipc://{tmp}/frame",
@@ -306,7 +326,8 @@ def measure_transfer(shape: Sequence[int], messages: int, repeats: int, *,
                 arg = json.dumps({**spec, "cpu": cpu})
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "appliance.bench", f"transfer-{role}", arg],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
+                    stdin=subprocess.DEVNULL, text=True,
+                    stdout=subprocess.PIPE if role == "send" else subprocess.DEVNULL))
             out, _ = procs[1].communicate(timeout=timeout_s)
             procs[0].wait(timeout=10)
         finally:
@@ -314,11 +335,13 @@ def measure_transfer(shape: Sequence[int], messages: int, repeats: int, *,
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
         if procs[1].returncode != 0:
             raise ArmdiError(f"the transfer benchmark's sender failed (status "
                              f"{procs[1].returncode}); see its error above")
     rounds: dict[str, list[float]] = {m: [] for m in modes}
-    for entry in json.loads(out.strip().splitlines()[-1]):
+    for entry in sorted(json.loads(out.strip().splitlines()[-1]), key=lambda e: e["round"]):
         rounds[entry["mode"]].append(entry["p50_ms"])
     nbytes = int(np.prod(shape)) * 4
     return {"bytes": nbytes, "shape": list(shape), "messages": messages,
@@ -345,7 +368,7 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
         ack.dial(spec["ack"], block=False)
         msg_p = ffi.new("nng_msg **")
         try:
-            for mode, warm, count in spec["schedule"]:
+            for mode, warm, count, _round_no in spec["schedule"]:
                 for _ in range(warm + count):
                     if mode == "raw":
                         pynng.check_err(lib.nng_recvmsg(raw_in.socket, msg_p, 0))
@@ -374,10 +397,10 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
     head = tensor.reshape(-1).view(np.uint8)[:8]
     fingerprint = bytes(32)
     trace = (fr.TraceEntry(node="w1", start=0, end=1, ms=1.0),)
-    results = []
+    times: dict[tuple[int, str], list[float]] = {}
     try:
-        for mode, warm, count in spec["schedule"]:
-            times = []
+        for mode, warm, count, rnd in spec["schedule"]:
+            kept = times.setdefault((rnd, mode), [])
             for i in range(warm + count):
                 if mode == "raw":
                     t0 = time.perf_counter_ns()
@@ -389,16 +412,16 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
                     frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=t0, attempt=1,
                                      fingerprint=fingerprint, start_block=1, tensor=tensor,
                                      trace=trace)
-                    outbox.send(fr.encode_frame(frame, None), timeout_ms=timeout)
+                    outbox.send_with(*fr.frame_writer(frame, None), timeout_ms=timeout)
                 (dt,) = stamp.unpack(ack_in.recv())
                 if i >= warm:
-                    times.append(dt / 1e6)
-            results.append({"mode": mode, "p50_ms": _quantile(times, 0.5),
-                            "mean_ms": statistics.fmean(times)})
+                    kept.append(dt / 1e6)
     finally:
         raw_out.close()
         outbox.close()
         ack_in.close()
+    results = [{"round": rnd, "mode": mode, "p50_ms": _quantile(values, 0.5),
+                "mean_ms": statistics.fmean(values)} for (rnd, mode), values in times.items()]
     print(json.dumps(results), flush=True)
 
 
@@ -406,7 +429,8 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
 def _summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over repetitions of every numeric figure; the repetitions kept alongside."""
     out: dict[str, Any] = {}
-    for key in ("throughput_ips", "p50_ms", "p99_ms", "mean_ms", "source_cpu_ms_per_request",
+    for key in ("throughput_ips", "p50_ms", "p99_ms", "mean_ms", "compute_p50_ms",
+                "overhead_p50_ms", "cpu_ms_per_request", "source_cpu_ms_per_request",
                 "source_cpu_util"):
         values = [r[key] for r in reps if key in r]
         if values:
@@ -448,30 +472,28 @@ def run_pipeline_bench(options: PipelineBenchOptions,
     reps: dict[str, list[dict[str, Any]]] = {"direct": []}
     layouts: dict[str, dict[str, Any]] = {}
     specs = _pipeline_specs()
-    with contextlib.ExitStack() as stack:
-        say(f"starting {len(specs)} local clusters ({options.model})")
-        pipes: dict[str, _Pipeline] = {}
-        for spec in specs:
-            pipes[spec.key] = stack.enter_context(_pipeline(spec, options))
-            reps[spec.key] = []
-        say("warming up")
-        for _ in range(options.warmup):
-            direct.run(x)
-        for pipe in pipes.values():
-            pipe.latency(x, options.warmup, timeout)
-            pipe.throughput(x, options.warmup, options.window, timeout)
-        keys = ["direct", *pipes]
-        for rep in range(options.repeats):
-            order = keys[rep % len(keys):] + keys[:rep % len(keys)]
-            for key in order:
-                say(f"repetition {rep + 1}/{options.repeats}: {key}")
-                if key == "direct":
-                    reps[key].append(direct.measure(x, options.requests))
-                else:
-                    reps[key].append(pipes[key].measure(x, options.requests, options.window,
-                                                        timeout))
-        for key, pipe in pipes.items():
-            layouts[key] = pipe.layout()
+    for key in (spec.key for spec in specs):
+        reps[key] = []
+    say("warming up")
+    for _ in range(options.warmup):
+        direct.run(x)
+    keys = ["direct", *(spec.key for spec in specs)]
+    by_key = {spec.key: spec for spec in specs}
+    for rep in range(options.repeats):
+        order = keys[rep % len(keys):] + keys[:rep % len(keys)]
+        for key in order:
+            say(f"repetition {rep + 1}/{options.repeats}: {key}")
+            if key == "direct":
+                reps[key].append(direct.measure(x, options.requests))
+                continue
+            # One cluster at a time, as deployed: idle clusters would only add noise.
+            with _pipeline(by_key[key], options) as pipe:
+                pipe.latency(x, options.warmup, timeout)
+                pipe.throughput(x, options.warmup, options.window, timeout)
+                reps[key].append(pipe.measure(x, options.requests, options.window, timeout))
+                if rep == options.repeats - 1:
+                    time.sleep(1.2)  # let the source poll the workers' stage times once more
+                    layouts[key] = pipe.layout()
     boundaries = layouts["pipeline_2node"]["boundaries"]
     inner = [b for b in boundaries[1:-1] if 0 < b < manifest.blocks]
     cut = manifest.cut_points[inner[0] if inner else 0]
@@ -480,6 +502,11 @@ def run_pipeline_bench(options: PipelineBenchOptions,
     transfer = measure_transfer((1, *cut.shape[1:]), options.transfer_messages, options.repeats,
                                 cpus=(0, 1) if two else (None, None))
     transfer["cut_point"] = cut.index
+    source_cut = manifest.cut_points[0]
+    say(f"transfer: {source_cut.bytes_per_sample} bytes (the input, source -> first worker)")
+    transfer_input = measure_transfer((1, *source_cut.shape[1:]), options.transfer_messages,
+                                      options.repeats, cpus=(0, 1) if two else (None, None))
+    transfer_input["cut_point"] = 0
     load_end = load_avg()
 
     result: dict[str, Any] = {
@@ -500,6 +527,7 @@ def run_pipeline_bench(options: PipelineBenchOptions,
         result[spec.key] = {"label": spec.label, **layouts[spec.key],
                             **_summarise(reps[spec.key])}
     result["transfer"] = transfer
+    result["transfer_input"] = transfer_input
     direct_p50 = result["direct"]["p50_ms"]
     ratios = {
         "speedup_2node": result["pipeline_2node"]["throughput_ips"]
@@ -525,25 +553,35 @@ def format_report(result: dict[str, Any]) -> str:
         f"repetitions (median), window {result['settings']['window']} in flight for "
         "throughput, 1 in flight for latency",
         "",
-        f"{'configuration':<44} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8}  boundaries",
+        f"{'configuration':<38} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'compute':>8} "
+        f"{'overhead':>8}  boundaries",
     ]
     rows = [("direct ORT (model.onnx, 1 thread)", result["direct"])]
     rows += [(f"pipeline: {result[k]['label']}", result[k])
              for k in ("pipeline_1node", "pipeline_1node_pinned", "pipeline_2node")]
     for label, r in rows:
         bounds = r.get("boundaries")
-        lines.append(f"{label:<44} {r['throughput_ips']:>8.1f} {r['p50_ms']:>8.2f} "
-                     f"{r['p99_ms']:>8.2f}  {bounds if bounds else ''}")
+        compute = f"{r['compute_p50_ms']:>8.2f}" if "compute_p50_ms" in r else f"{'':>8}"
+        extra = f"{r['overhead_p50_ms']:>8.2f}" if "overhead_p50_ms" in r else f"{'':>8}"
+        lines.append(f"{label:<38} {r['throughput_ips']:>7.1f} {r['p50_ms']:>7.2f} "
+                     f"{r['p99_ms']:>7.2f} {compute} {extra}  {bounds if bounds else ''}")
+    lines.append("(latency with 1 request in flight; compute = the workers' own time per "
+                 "request, overhead = latency - compute, both p50)")
     two = result["pipeline_2node"]
     stages = ", ".join(f"{n['node']} [{n['blocks'][0]},{n['blocks'][1]}) "
                        f"{n['measured_stage_ms']} ms" for n in two["nodes"])
-    lines.append(f"  2 workers: stages {stages}; source CPU "
-                 f"{two.get('source_cpu_ms_per_request', math.nan):.2f} ms/request, "
-                 f"worker CPU {two.get('worker_cpu_util')}")
-    t = result["transfer"]
+    lines.append(f"2 workers: measured stage {stages}; source CPU "
+                 f"{two.get('source_cpu_ms_per_request', math.nan):.2f} ms/request, all "
+                 f"processes {two.get('cpu_ms_per_request', math.nan):.2f} ms/request; "
+                 f"workers' CPU use (cores) {two.get('worker_cpu_util')}")
+    for key, what in (("transfer", "the 2-worker boundary"), ("transfer_input", "the input")):
+        t = result.get(key)
+        if t:
+            lines.append(
+                f"transfer of {t['bytes']} B ({what}, cut point {t['cut_point']}), one way "
+                f"between two processes: raw pynng {t['raw_ms']:.3f} ms, frame hop "
+                f"{t['frame_ms']:.3f} ms (x{t['frame_ms'] / t['raw_ms']:.2f})")
     lines += [
-        f"transfer of {t['bytes']} B (cut point {t['cut_point']}), one way between two "
-        f"processes: raw pynng {t['raw_ms']:.3f} ms, frame hop {t['frame_ms']:.3f} ms",
         "(emulation: " + result["emulation"] + ")",
         "",
         f"{'ratio':<16} {'measured':>9} {'goal':>8}  met",

@@ -42,6 +42,7 @@ import enum
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -118,6 +119,17 @@ _DTYPE_BY_CODE: Final[dict[int, np.dtype[Any]]] = {
     4: np.dtype("<i8"),
 }
 _CODE_BY_NAME: Final[dict[str, int]] = {dt.name: code for code, dt in _DTYPE_BY_CODE.items()}
+# Looked up by dtype first: ``dtype.name`` is a slow Python-level property in numpy, and these
+# lookups sit on every hop's path. Other byte orders fall back to the name.
+_CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {
+    dt: code for code, dt in _DTYPE_BY_CODE.items()}
+_SHAPES: Final = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
+
+
+def _dtype_code(dtype: np.dtype[Any]) -> int | None:
+    """The wire code of ``dtype`` (either byte order), None when it has none."""
+    code = _CODE_BY_DTYPE.get(dtype)
+    return code if code is not None else _CODE_BY_NAME.get(dtype.name)
 
 
 @dataclass(frozen=True)
@@ -170,19 +182,19 @@ class Frame:
                 f"fingerprint_from_hex for the manifest's hex form), got {self.fingerprint!r:.80}")
         if not isinstance(self.tensor, np.ndarray):
             raise InvalidFrameError(f"tensor must be a numpy array, got {type(self.tensor)}")
-        if self.tensor.dtype.name not in _CODE_BY_NAME:
+        if _dtype_code(self.tensor.dtype) is None:
             raise InvalidFrameError(
                 f"tensor dtype {self.tensor.dtype} is not one of {sorted(_CODE_BY_NAME)}")
         if self.tensor.ndim > MAX_NDIM:
             raise InvalidFrameError(f"tensor has {self.tensor.ndim} dims, at most {MAX_NDIM}")
-        if any(dim > _U32_MAX for dim in self.tensor.shape):
+        if self.tensor.ndim and max(self.tensor.shape) > _U32_MAX:
             raise InvalidFrameError(f"tensor shape {self.tensor.shape} has a dim over 2**32-1")
         if len(self.trace) > MAX_TRACE:
             raise InvalidFrameError(f"trace has {len(self.trace)} entries, at most {MAX_TRACE}")
         if self.error and self.kind != FrameKind.ERROR:
             raise InvalidFrameError(f"an error message is only allowed on ERROR frames, "
                                     f"not {self.kind.name}")
-        if len(self.error.encode("utf-8", errors="replace")) > MAX_ERROR_BYTES:
+        if self.error and len(self.error.encode("utf-8", errors="replace")) > MAX_ERROR_BYTES:
             raise InvalidFrameError(f"error message is over {MAX_ERROR_BYTES} utf-8 bytes")
 
 
@@ -230,42 +242,62 @@ def encode_frame(frame: Frame, key: bytes | None) -> bytearray:
     The payload is copied exactly once, straight from the tensor into the final buffer
     (any strides and byte order are converted by that same copy).
     """
-    head = _encode_head(frame, tagged=key is not None)
-    tensor = frame.tensor
-    payload_len = tensor.nbytes
-    total = len(head) + payload_len + (TAG_BYTES if key is not None else 0)
-    out = bytearray(total)
-    out[: len(head)] = head
-    if payload_len:
-        wire = _DTYPE_BY_CODE[_CODE_BY_NAME[tensor.dtype.name]]
-        dst = np.frombuffer(out, dtype=wire, count=tensor.size, offset=len(head))
-        np.copyto(dst.reshape(tensor.shape), tensor, casting="equiv")
-        del dst  # release the export of ``out`` before handing it over
-    if key is not None:
-        body_end = total - TAG_BYTES
-        with memoryview(out) as view:
-            tag = hmac.digest(key, view[:body_end], hashlib.sha256)
-        out[body_end:] = tag
+    size, write = frame_writer(frame, key)
+    out = bytearray(size)
+    write(memoryview(out))
     return out
 
 
-def _encode_head(frame: Frame, *, tagged: bool) -> bytes:
+def frame_writer(frame: Frame, key: bytes | None) -> tuple[int, Callable[[memoryview], None]]:
+    """``(size, write)``: the encoded size of ``frame``, and a function that encodes it into
+    a writable buffer of exactly that size (``encode_frame``'s bytes, byte for byte).
+
+    For senders that own the destination, e.g. an NNG message (``DataOutbox.send_with``):
+    the payload goes straight from the tensor into the message, with no buffer in between.
+    """
+    tensor = frame.tensor
+    code = _dtype_code(tensor.dtype)
+    assert code is not None  # Frame.__post_init__ refused the others
+    head = _encode_head(frame, code, tagged=key is not None)
+    payload_len = tensor.nbytes
+    start = len(head)
+    total = start + payload_len + (TAG_BYTES if key is not None else 0)
+
+    def write(out: memoryview) -> None:
+        if len(out) != total:
+            raise InvalidFrameError(f"frame buffer of {len(out)} bytes, the frame is {total}")
+        out[:start] = head
+        if payload_len:
+            wire = _DTYPE_BY_CODE[code]
+            if tensor.ndim and tensor.dtype == wire and tensor.flags.c_contiguous:
+                out[start : start + payload_len] = tensor.data.cast("B")  # one memcpy
+            else:  # strides or byte order to convert: numpy does it in the same single copy
+                dst = np.frombuffer(out, dtype=wire, count=tensor.size, offset=start)
+                np.copyto(dst.reshape(tensor.shape), tensor, casting="equiv")
+                del dst  # release the export of ``out`` before handing it over
+        if key is not None:
+            body_end = total - TAG_BYTES
+            out[body_end:] = hmac.digest(key, out[:body_end], hashlib.sha256)
+
+    return total, write
+
+
+def _encode_head(frame: Frame, code: int, *, tagged: bool) -> bytes:
     tensor = frame.tensor
     parts = [
         _FIXED.pack(MAGIC, FORMAT_VERSION, int(frame.kind), FLAG_TAGGED if tagged else 0,
                     int(frame.request_id), int(frame.attempt), frame.fingerprint,
-                    int(frame.start_block), _CODE_BY_NAME[tensor.dtype.name], tensor.ndim),
-        struct.pack(f"<{tensor.ndim}I", *tensor.shape),
+                    int(frame.start_block), code, tensor.ndim),
+        _SHAPES[tensor.ndim].pack(*tensor.shape),
         _U8.pack(len(frame.trace)),
     ]
     for hop in frame.trace:
         name = hop.node.encode("utf-8", errors="replace")
         parts += [_U8.pack(len(name)), name, _TRACE_TAIL.pack(hop.start, hop.end, hop.ms)]
-    error = frame.error.encode("utf-8", errors="replace")
+    error = frame.error.encode("utf-8", errors="replace") if frame.error else b""
     parts += [_U16.pack(len(error)), error]
-    size = sum(len(p) for p in parts)
-    parts += [bytes(_padding(size)), _U64.pack(tensor.nbytes)]
-    return b"".join(parts)
+    head = b"".join(parts)
+    return head + bytes(_padding(len(head))) + _U64.pack(tensor.nbytes)
 
 
 def _padding(offset: int) -> int:
@@ -279,20 +311,24 @@ class _Reader:
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
+        self.size = len(view)
         self.pos = 0
 
-    def take(self, size: int, what: str) -> memoryview:
-        end = self.pos + size
-        if end > len(self.view):
+    def _advance(self, size: int, what: str) -> int:
+        start, end = self.pos, self.pos + size
+        if end > self.size:
             raise TruncatedFrameError(
-                f"truncated frame: {what} needs bytes {self.pos}..{end}, "
-                f"the frame has {len(self.view)}")
-        chunk = self.view[self.pos : end]
+                f"truncated frame: {what} needs bytes {start}..{end}, "
+                f"the frame has {self.size}")
         self.pos = end
-        return chunk
+        return start
+
+    def take(self, size: int, what: str) -> memoryview:
+        start = self._advance(size, what)
+        return self.view[start : self.pos]
 
     def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
-        return fmt.unpack(self.take(fmt.size, what))
+        return fmt.unpack_from(self.view, self._advance(fmt.size, what))
 
 
 def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
@@ -328,13 +364,15 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
         raise MalformedFrameError(f"unknown dtype code {dtype_code}")
     if ndim > MAX_NDIM:
         raise MalformedFrameError(f"frame declares {ndim} dims, at most {MAX_NDIM}")
-    shape = struct.unpack(f"<{ndim}I", reader.take(4 * ndim, "the shape"))
+    shape = reader.unpack(_SHAPES[ndim], "the shape")
     trace = _read_trace(reader)
     (error_len,) = reader.unpack(_U16, "the error length")
     if error_len > MAX_ERROR_BYTES:
         raise MalformedFrameError(f"error message of {error_len} bytes, at most {MAX_ERROR_BYTES}")
-    error = _utf8(reader.take(error_len, "the error message"), "error message")
-    if any(reader.take(_padding(reader.pos), "the padding")):
+    error = _utf8(reader.take(error_len, "the error message"), "error message") \
+        if error_len else ""
+    padding = _padding(reader.pos)
+    if padding and any(reader.take(padding, "the padding")):
         raise MalformedFrameError("non-zero padding before the payload")
     (payload_len,) = reader.unpack(_U64, "the payload length")
 

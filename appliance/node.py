@@ -314,8 +314,9 @@ class Node:
                 tensor = fr.cast_for_wire(tensor, a.wire_dtype)
             t0 = time.perf_counter()
             try:
-                data = fr.encode_frame(_with_tensor(frame, tensor), self.settings.key)
-                self._outbox(addr).send(data, timeout_ms=self.settings.send_timeout_ms)
+                size, write = fr.frame_writer(_with_tensor(frame, tensor), self.settings.key)
+                self._outbox(addr).send_with(size, write,
+                                             timeout_ms=self.settings.send_timeout_ms)
             except TransportError as exc:
                 # The source re-sends overdue requests; this node only reports and moves on.
                 self._drop("send_failed", f"to {addr}: {exc}")

@@ -429,8 +429,8 @@ class Source:
         if box is None:
             box = self._outboxes[nxt] = DataOutbox(nxt)
         try:
-            box.send(fr.encode_frame(frame, self.settings.key),
-                     timeout_ms=self.settings.send_timeout_ms)
+            box.send_with(*fr.frame_writer(frame, self.settings.key),
+                          timeout_ms=self.settings.send_timeout_ms)
         except TransportError as exc:
             self._metrics.counters["send_failed"] += 1
             log.warning("request %d: send to %s failed: %s", pending.request_id, nxt, exc)

@@ -265,8 +265,33 @@ class DataOutbox(_Socket):
         """
         self._set_send_timeout(_check_timeout(timeout_ms))
         data = ffi.from_buffer(buf)
-        with _mapped(f"send to {', '.join(self.addresses) or '(no peer)'}", timeout_ms):
+        with _mapped(self._send_what(), timeout_ms):
             pynng.check_err(lib.nng_send(self._sock.socket, data, len(data), 0))
+
+    def send_with(self, size: int, write: Callable[[memoryview], None], timeout_ms: int) -> None:
+        """Like ``send``, for a message that ``write`` fills in place: NNG allocates a message
+        of ``size`` bytes, ``write`` gets a writable view of its body, and the message itself
+        is sent, so the bytes are written once (``send`` copies its buffer into a message).
+        """
+        self._set_send_timeout(_check_timeout(timeout_ms))
+        msg_p = ffi.new("nng_msg **")
+        with _mapped("data outbox: allocate a message"):
+            pynng.check_err(lib.nng_msg_alloc(msg_p, size))
+        msg = msg_p[0]
+        sent = False
+        try:
+            if size:
+                with memoryview(ffi.buffer(lib.nng_msg_body(msg), size)) as body:
+                    write(body)
+            with _mapped(self._send_what(), timeout_ms):
+                pynng.check_err(lib.nng_sendmsg(self._sock.socket, msg, 0))
+            sent = True  # NNG owns the message now
+        finally:
+            if not sent:
+                lib.nng_msg_free(msg)
+
+    def _send_what(self) -> str:
+        return f"send to {', '.join(self.addresses) or '(no peer)'}"
 
 
 # ---------------------------------------------------------------------------- control

@@ -10,11 +10,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from appliance import frames as fr
 from appliance.bench import GOALS, PipelineBenchOptions, format_report, run_pipeline_bench
 from appliance.cli import app
+from appliance.transport import DataInbox, DataOutbox
 from engines.errors import ModelNotFoundError
 from tests.conftest import BuiltModel
 
@@ -40,6 +43,9 @@ def test_bench_pipeline_writes_the_summary(built_tiny: BuiltModel) -> None:
     assert boundaries[0] == boundaries[1] == 0  # the source runs no blocks
     assert boundaries[-1] == built_tiny.manifest.blocks
     assert data["pipeline_1node"]["boundaries"] == [0, 0, built_tiny.manifest.blocks]
+    assert data["transfer_input"]["bytes"] == built_tiny.manifest.input.bytes_per_sample
+    assert _positive(data["transfer_input"]["raw_ms"])
+    assert _positive(data["transfer_input"]["frame_ms"])
     transfer = data["transfer"]
     assert transfer["bytes"] > 0 and _positive(transfer["raw_ms"])
     assert _positive(transfer["frame_ms"])
@@ -59,3 +65,24 @@ def test_bench_names_the_build_command_when_the_model_is_missing(tmp_path: Path)
                                       "--repo", str(tmp_path)])
     assert result.exit_code != 0
     assert isinstance(result.exception, ModelNotFoundError)
+
+
+# The hop path the benchmark measures: frames written straight into NNG's message.
+@pytest.mark.parametrize("key", [None, b"k" * 32])
+def test_frame_writer_matches_encode_frame_and_send_with_delivers_it(key: bytes | None) -> None:
+    tensors: list[np.ndarray] = [np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4),
+               np.arange(24, dtype=np.float16).reshape(1, 4, 6)[:, ::2],  # strided
+               np.arange(6, dtype=">f4").reshape(1, 6)]  # big-endian: converted on the way
+    with DataInbox("inproc://bench-hop", max_bytes=1 << 20) as inbox, \
+            DataOutbox("inproc://bench-hop") as outbox:
+        for i, tensor in enumerate(tensors):
+            frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=i, attempt=1,
+                             fingerprint=bytes(32), start_block=1, tensor=tensor,
+                             trace=(fr.TraceEntry("w1", 0, 1, 1.5),))
+            size, write = fr.frame_writer(frame, key)
+            assert size == len(fr.encode_frame(frame, key))
+            outbox.send_with(size, write, timeout_ms=2000)
+            got = fr.decode_frame(inbox.recv(timeout_ms=2000), key=key, max_bytes=1 << 20)
+            assert bytes(fr.encode_frame(got, key)) == bytes(fr.encode_frame(frame, key))
+            assert got.request_id == i and got.trace == frame.trace
+            np.testing.assert_array_equal(got.tensor, tensor)
