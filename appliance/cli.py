@@ -8,6 +8,7 @@ readable line on stderr and exit status 1.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,13 +200,15 @@ def _stop_on_signals() -> Any:
 def node(
     config: ConfigOption,
     name: Annotated[str, typer.Option("--name", help="This worker's name in the config.")],
+    parent_pid: Annotated[int | None, typer.Option(
+        hidden=True, help="Stop when this process is gone (set by armdi up).")] = None,
 ) -> None:
     """Run one worker of a cluster (until SIGINT/SIGTERM or a Shutdown message)."""
     from appliance.config import load_config
     from appliance.node import Node
     from appliance.settings import node_settings
 
-    settings = node_settings(load_config(config), name)
+    settings = node_settings(load_config(config), name, parent_pid)
     worker = Node(settings)
     stop = _stop_on_signals()
     worker.run(stop)
@@ -221,8 +224,6 @@ def _serve_source(source: Any, host: str, port: int, on_ready: Any = None) -> No
     uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM is turned
     into KeyboardInterrupt first so the callers' ``finally`` blocks (which stop the workers
     and remove the socket files) always run."""
-    import signal
-
     import uvicorn
 
     from web.app import create_app
@@ -243,6 +244,7 @@ def serve(config: ConfigOption) -> None:
     from appliance.source import Source
 
     cfg = load_config(config)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     source = Source(source_settings(cfg))
     try:
         source.start()
@@ -282,6 +284,7 @@ def up(
 
     if nodes < 0:
         _fail("--nodes must be 0 or more")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
         typer.echo(f"{model} is not built in {root}; building it first")

@@ -15,12 +15,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import messages as msg
 from appliance.config import ClusterConfig, dump_toml, parse_config
+from appliance.transport import ControlClient
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.cluster")
@@ -141,18 +144,45 @@ class LocalCluster:
         self.config_path.write_text(dump_toml(self.config))
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_workers(self, log_level: str = "WARNING") -> None:
+    def start_workers(self, log_level: str = "WARNING", timeout_s: float = 60.0) -> None:
+        """Start every worker and wait until each answers on its control socket; a worker
+        that exits first fails the start at once, with its exit status."""
         for worker in self.config.workers:
             cmd = [sys.executable, "-m", "appliance.cli", "--log-level", log_level, "node",
-                   "--config", str(self.config_path), "--name", worker.name]
+                   "--config", str(self.config_path), "--name", worker.name,
+                   "--parent-pid", str(os.getpid())]
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
-        time.sleep(0.05)
-        for proc, worker in zip(self.procs, self.config.workers, strict=True):
-            if proc.poll() is not None:
-                raise ArmdiError(f"worker {worker.name} exited at start (status "
-                                 f"{proc.returncode}); see its error above")
+        key = self.config.cluster.hmac_key()
+        waiting = dict(zip(self.config.workers, self.procs, strict=True))
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            for worker, proc in list(waiting.items()):
+                if proc.poll() is not None:
+                    raise ArmdiError(f"worker {worker.name} exited at start (status "
+                                     f"{proc.returncode}); see its error above")
+                try:
+                    with ControlClient(worker.control_addr, key=key) as client:
+                        client.request(msg.StatusRequest(), timeout_ms=200)
+                except ArmdiError:
+                    continue
+                del waiting[worker]
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(w.name for w in waiting)
+                raise ArmdiError(f"workers {names} did not start within {timeout_s:.0f} s")
 
     def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every worker, SIGKILL those still alive after ``timeout``, remove the
+        sockets. A second Ctrl-C during this does not interrupt the cleanup."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._stop(timeout)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, timeout: float) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

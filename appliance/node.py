@@ -59,6 +59,7 @@ class NodeSettings:
     queue_depth: int = 8
     send_timeout_ms: int = 2000
     engine_cache: int = 8
+    parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class Node:
         self.stats = Stats()
         self.started = time.monotonic()
         self._lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # the control and compute threads open engines
+        self._stop = threading.Event()
         self._engines: OrderedDict[tuple[int, int], Engine] = OrderedDict()
         self._inbox_q: queue.Queue[fr.Frame] = queue.Queue(settings.queue_depth)
         self._send_q: queue.Queue[fr.Frame] = queue.Queue(settings.queue_depth)
@@ -105,11 +108,16 @@ class Node:
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set. Binds both sockets first, so errors surface here."""
+        self._stop = stop
         if self.settings.cpus:
             os.sched_setaffinity(0, set(self.settings.cpus))
         inbox = DataInbox(self.settings.data_addr, max_bytes=self.settings.max_frame_bytes)
-        control = ControlServer(self.settings.control_addr,
-                                max_bytes=1 << 20, key=self.settings.key)
+        try:
+            control = ControlServer(self.settings.control_addr,
+                                    max_bytes=1 << 20, key=self.settings.key)
+        except BaseException:
+            inbox.close()
+            raise
         threads = [
             threading.Thread(target=self._recv_loop, args=(inbox, stop), name="recv"),
             threading.Thread(target=self._compute_loop, args=(stop,), name="compute"),
@@ -122,7 +130,11 @@ class Node:
         for thread in threads:
             thread.start()
         try:
-            stop.wait()
+            while not stop.wait(0.5):
+                if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
+                    log.warning("%s: the process that started this node is gone; stopping",
+                                self.settings.name)
+                    stop.set()
         finally:
             stop.set()
             for thread in threads:
@@ -131,8 +143,10 @@ class Node:
             control.close()
             for box in self._outboxes.values():
                 box.close()
-            for engine in self._engines.values():
-                engine.close()
+            with self._engine_lock:
+                for engine in self._engines.values():
+                    engine.close()
+                self._engines.clear()
             self.repository.close()
 
     # ----------------------------------------------------------------- control
@@ -210,6 +224,9 @@ class Node:
             except fr.FrameError as exc:
                 self._drop(exc.reason, str(exc))
                 continue
+            except Exception as exc:  # a bug: never let it end the receive loop
+                self._drop("internal_error", f"decoding a frame: {exc!r}")
+                continue
             while not stop.is_set():
                 try:
                     self._inbox_q.put(frame, timeout=POLL_MS / 1000)
@@ -241,18 +258,21 @@ class Node:
                                 "float32/float16")
 
     def _engine(self, start: int, end: int) -> Engine:
+        """The engine of ``[start, end)``, from a small LRU cache (evicted engines are closed:
+        a swapped-out TensorRT engine releases its GPU memory)."""
         key = (start, end)
-        engine = self._engines.get(key)
-        if engine is None:
-            engine = self.repository.open_engine(self.manifest, start, end,
-                                                 backend=self.backend,
-                                                 threads=self.settings.threads)
-            self._engines[key] = engine
-            while len(self._engines) > self.settings.engine_cache:
-                _, old = self._engines.popitem(last=False)
-                old.close()
-        self._engines.move_to_end(key)
-        return engine
+        with self._engine_lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self.repository.open_engine(self.manifest, start, end,
+                                                     backend=self.backend,
+                                                     threads=self.settings.threads)
+                self._engines[key] = engine
+                while len(self._engines) > self.settings.engine_cache:
+                    _, old = self._engines.popitem(last=False)
+                    old.close()
+            self._engines.move_to_end(key)
+            return engine
 
     def _compute_loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -264,9 +284,16 @@ class Node:
                 end = self.assignment.end
             try:
                 out = self.compute(frame, end)
-            except ArmdiError as exc:
+            except Exception as exc:  # tell the source at once: a re-send would fail again
                 self._drop("engine_error", str(exc))
-                continue
+                out = fr.Frame(kind=fr.FrameKind.ERROR, request_id=frame.request_id,
+                               attempt=frame.attempt, fingerprint=frame.fingerprint,
+                               start_block=frame.start_block,
+                               tensor=np.zeros(0, np.float32),
+                               trace=(*frame.trace, fr.TraceEntry(
+                                   node=self.settings.name, start=frame.start_block,
+                                   end=end, ms=0.0)),
+                               error=f"{type(exc).__name__}: {exc}"[:1000])
             while not stop.is_set():
                 try:
                     self._send_q.put(out, timeout=POLL_MS / 1000)
@@ -281,7 +308,7 @@ class Node:
         y = self._engine(frame.start_block, end).infer(x)
         compute_s = time.perf_counter() - t0
         if self.settings.slowdown > 1.0:  # emulation: really compute, then wait the rest
-            time.sleep(compute_s * (self.settings.slowdown - 1.0))
+            self._stop.wait(compute_s * (self.settings.slowdown - 1.0))
         ms = (time.perf_counter() - t0) * 1000
         self.stats.observe("compute_ms", ms)
         self.stats.processed += 1
@@ -305,7 +332,7 @@ class Node:
                 continue
             with self._lock:
                 a = self.assignment
-            addr = a.result_addr if frame.kind == fr.FrameKind.RESULT else a.successor
+            addr = a.successor if frame.kind == fr.FrameKind.ACTIVATION else a.result_addr
             if addr is None:
                 self._drop("no_route", f"no successor configured for block {frame.start_block}")
                 continue
@@ -320,6 +347,9 @@ class Node:
             except TransportError as exc:
                 # The source re-sends overdue requests; this node only reports and moves on.
                 self._drop("send_failed", f"to {addr}: {exc}")
+                continue
+            except Exception as exc:  # a bug: never let it end the send loop
+                self._drop("internal_error", f"sending to {addr}: {exc!r}")
                 continue
             self.stats.observe("send_ms", (time.perf_counter() - t0) * 1000)
 

@@ -16,7 +16,8 @@ def resolve_backend(backend: str) -> str:
     return "trt" if importlib.util.find_spec("tensorrt") is not None else "ort"
 
 
-def node_settings(config: ClusterConfig, name: str) -> NodeSettings:
+def node_settings(config: ClusterConfig, name: str,
+                  parent_pid: int | None = None) -> NodeSettings:
     worker = config.worker(name)
     c = config.cluster
     return NodeSettings(
@@ -24,6 +25,7 @@ def node_settings(config: ClusterConfig, name: str) -> NodeSettings:
         repo=c.repo, model_id=c.model, backend=resolve_backend(c.backend),
         threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
         key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
+        parent_pid=parent_pid,
     )
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,16 @@ from appliance.api import (
     InferenceResult,
     NodeView,
     NotReadyError,
+    PipelineError,
     PipelineStatus,
     Prediction,
     QueueFullError,
     RequestTimeoutError,
 )
+from appliance.messages import MessageError
 from appliance.transport import ControlClient, DataInbox, DataOutbox, TransportError
 from engines.base import Engine
-from engines.errors import ArmdiError, InputSpecError
+from engines.errors import ArmdiError, EngineError, InputSpecError
 from engines.manifest import Manifest
 from engines.preprocess import decode_image, preprocess
 from engines.repository import ModelRepository
@@ -138,7 +140,11 @@ class Source:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
-        self._work: queue.Queue[tuple[_Pending, int]] = queue.Queue(settings.max_in_flight)
+        # Unbounded by construction: only admitted requests (at most the admission limit) and
+        # their retries (at most ``max_attempts`` each) are ever put on it.
+        self._work: queue.Queue[tuple[_Pending, int]] = queue.Queue()
+        self._configures: dict[str, msg.Configure] = {}
+        self._measured_bottleneck_ms = 0.0
         self._metrics = _Metrics()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -164,6 +170,8 @@ class Source:
 
     async def classify(self, image: bytes, top_k: int = 5,
                        timeout_s: float | None = None) -> Classification:
+        with self._lock:
+            self._check_admission()  # before spending CPU on decoding
         tensor = await asyncio.to_thread(self.prepare_image, image)
         result = await self.infer(tensor, timeout_s)
         return self.top_k(result, top_k)
@@ -207,35 +215,68 @@ class Source:
         return preprocess(decode_image(image), self._manifest.preprocessing)
 
     def submit(self, tensor: np.ndarray, timeout_s: float | None = None) -> Future[InferenceResult]:
-        """Accept one input of shape (1, C, H, W); the future resolves to its result."""
-        if not self.ready():
-            raise NotReadyError("the pipeline is not ready (starting, or stopped)")
+        """Accept one input of shape (1, C, H, W); the future resolves to its result.
+
+        Raises at once (nothing accepted) when the pipeline is not ready, the input has the
+        wrong shape, or too much is in flight (``QueueFullError``: back-pressure)."""
         spec = self._manifest.input
         tensor = np.ascontiguousarray(tensor, dtype=np.float32)
         if tensor.shape != (1, *spec.shape[1:]):
             raise InputSpecError(f"expected an input of shape {(1, *spec.shape[1:])}, got "
                                  f"{tuple(tensor.shape)}")
+        timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
+        if timeout <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout}")
         now = time.monotonic()
         future: Future[InferenceResult] = Future()
-        pending = _Pending(next(self._ids), tensor, future, now,
-                           now + (timeout_s or self.settings.request_timeout_s))
         with self._lock:
-            if len(self._pending) >= self.settings.max_in_flight:
-                self._metrics.counters["rejected_full"] += 1
-                raise QueueFullError(f"{len(self._pending)} requests in flight (the limit); "
-                                     "retry shortly")
+            self._check_admission()
+            pending = _Pending(next(self._ids), tensor, future, now, now + timeout)
+            self._arm(pending, now)
             self._pending[pending.request_id] = pending
-        self._dispatch(pending)
+            self._work.put_nowait((pending, pending.attempt))
+        request_id = pending.request_id
+        future.add_done_callback(lambda f: self._on_done(request_id, f))
         return future
 
-    def _dispatch(self, pending: _Pending) -> None:
-        per_attempt = self.settings.request_timeout_s / self.settings.max_attempts
+    def _check_admission(self) -> None:
+        """Raise unless one more request may be admitted. Call with ``_lock`` held."""
+        if not self.ready():
+            raise NotReadyError("the pipeline is not ready (starting, or stopped)")
+        limit = self.admission_limit()
+        if len(self._pending) >= limit:
+            self._metrics.counters["rejected_full"] += 1
+            raise QueueFullError(f"{len(self._pending)} requests in flight (the limit now is "
+                                 f"{limit}); retry shortly")
+
+    def admission_limit(self) -> int:
+        """How many requests may be in flight: at most ``max_in_flight``, and no more than the
+        pipeline can finish within half the request timeout at its bottleneck's pace, so an
+        admitted request is not queued past its deadline (and re-sent for nothing)."""
+        bottleneck = max(self.allocation.bottleneck_ms if self.allocation else 0.0,
+                         self._measured_bottleneck_ms, 0.1)
+        by_time = int(0.5 * self.settings.request_timeout_s * 1000 / bottleneck)
+        return max(2, min(self.settings.max_in_flight, by_time))
+
+    def _arm(self, pending: _Pending, now: float) -> None:
+        """Start the next attempt's clock. Call with ``_lock`` held.
+
+        An attempt is overdue after its share of the request's time, or three times the
+        latency expected with the work now in flight, whichever is longer."""
+        share = (pending.deadline - pending.submitted) / self.settings.max_attempts
+        bottleneck = max(self.allocation.bottleneck_ms if self.allocation else 0.0,
+                         self._measured_bottleneck_ms)
+        latency = self.allocation.latency_ms if self.allocation else 0.0
+        expected_s = 3 * (latency + len(self._pending) * bottleneck) / 1000
         pending.attempt += 1
-        pending.attempt_deadline = time.monotonic() + per_attempt
-        try:
-            self._work.put_nowait((pending, pending.attempt))
-        except queue.Full:
-            self._finish_error(pending.request_id, QueueFullError("the source queue is full"))
+        pending.attempt_deadline = min(pending.deadline, now + max(share, expected_s))
+
+    def _on_done(self, request_id: int, future: Future[InferenceResult]) -> None:
+        """A caller that cancels its future frees the request's slot at once."""
+        if future.cancelled():
+            with self._lock:
+                if self._pending.pop(request_id, None) is not None:
+                    self._metrics.counters["cancelled"] += 1
 
     def top_k(self, result: InferenceResult, k: int) -> Classification:
         logits = result.output.reshape(-1).astype(np.float64)
@@ -272,16 +313,16 @@ class Source:
                     route=[r[0] for r in self._route])
 
     def close(self) -> None:
-        self._ready = False
-        self._stop.set()
+        with self._lock:
+            self._ready = False
+            self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
         for p in pending:
-            if not p.future.done():
-                p.future.set_exception(NotReadyError("the pipeline stopped"))
+            _resolve(p.future, error=NotReadyError("the pipeline stopped"))
         if self._inbox is not None:
             self._inbox.close()
         for box in self._outboxes.values():
@@ -313,6 +354,9 @@ class Source:
             for w in list(waiting):
                 try:
                     reply = self._client(w).request(hello, timeout_ms=1000)
+                except MessageError as exc:  # it answered, but not in our cluster's key
+                    reply = msg.Ack(ok=False, reason=f"its reply was rejected ({exc}); do both "
+                                                     "use the same cluster key?")
                 except ArmdiError:
                     continue
                 waiting.remove(w)
@@ -367,6 +411,7 @@ class Source:
             configure = msg.Configure(node=name, start=start, end=end, successor_addr=nxt or None,
                                       result_addr=self.settings.data_addr,
                                       wire_dtype=self.settings.wire_dtype, chain=tuple(chain))
+            self._configures[name] = configure
             reply = self._client(worker).request(configure, timeout_ms=30_000)
             if not (isinstance(reply, msg.Ack) and reply.ok):
                 raise ArmdiError(f"worker {name} rejected blocks [{start}, {end}): "
@@ -401,9 +446,14 @@ class Source:
                 continue
             try:
                 self._start_request(pending)
-            except ArmdiError as exc:
+            except (EngineError, InputSpecError) as exc:  # will not go away on a retry
+                self._finish_error(pending.request_id, exc)
+            except ArmdiError as exc:  # e.g. a send timeout: the watchdog re-sends
                 self._metrics.counters["dispatch_error"] += 1
                 log.warning("request %d attempt %d: %s", pending.request_id, attempt, exc)
+            except Exception as exc:
+                self._loop_error("source loop", exc)
+                self._finish_error(pending.request_id, PipelineError(f"internal error: {exc}"))
 
     def _start_request(self, pending: _Pending) -> None:
         end, nxt = self._first_hop()
@@ -413,8 +463,8 @@ class Source:
             t0 = time.perf_counter()
             x = self._engine.infer(x)
             compute_s = time.perf_counter() - t0
-            if self.settings.slowdown > 1.0:
-                time.sleep(compute_s * (self.settings.slowdown - 1.0))
+            if self.settings.slowdown > 1.0:  # emulation: computed, now wait the rest
+                self._stop.wait(compute_s * (self.settings.slowdown - 1.0))
             trace = (fr.TraceEntry(node=self.settings.name, start=0, end=end,
                                    ms=(time.perf_counter() - t0) * 1000),)
         if end == self.blocks or nxt is None:
@@ -443,18 +493,35 @@ class Source:
             except TransportError:
                 continue
             try:
-                frame = fr.decode_frame(buf, key=self.settings.key,
-                                        max_bytes=self.settings.max_frame_bytes)
-                if frame.kind != fr.FrameKind.RESULT:
-                    raise fr.FrameError(f"unexpected {frame.kind.name} frame at the source")
-                if frame.fingerprint != self.fingerprint:
-                    raise fr.FrameError("result for another model fingerprint")
-            except fr.FrameError as exc:
-                self._metrics.counters["bad_frame"] += 1
-                log.warning("dropped a result frame: %s", exc)
-                continue
-            self._complete(frame.request_id, frame.attempt,
-                           np.array(fr.to_compute_dtype(frame.tensor)), frame.trace)
+                self._take_result(buf)
+            except Exception as exc:
+                self._loop_error("result loop", exc)
+
+    def _take_result(self, buf: memoryview) -> None:
+        try:
+            frame = fr.decode_frame(buf, key=self.settings.key,
+                                    max_bytes=self.settings.max_frame_bytes)
+            if frame.fingerprint != self.fingerprint:
+                raise fr.FrameError("result for another model fingerprint")
+            if frame.kind == fr.FrameKind.ACTIVATION:
+                raise fr.FrameError("unexpected ACTIVATION frame at the source")
+            expected = tuple(self._manifest.output.shape[1:])
+            if frame.kind == fr.FrameKind.RESULT and (
+                    frame.tensor.ndim != len(expected) + 1 or frame.tensor.shape[0] != 1
+                    or tuple(frame.tensor.shape[1:]) != expected):
+                raise fr.FrameError(f"result of shape {tuple(frame.tensor.shape)}, the model "
+                                    f"outputs {('1', *expected)}")
+        except fr.FrameError as exc:
+            self._metrics.counters["bad_frame"] += 1
+            log.warning("dropped a result frame: %s", exc)
+            return
+        if frame.kind == fr.FrameKind.ERROR:  # a worker could not run it: no use re-sending
+            where = frame.trace[-1].node if frame.trace else "a worker"
+            self._finish_error(frame.request_id, PipelineError(
+                f"request {frame.request_id} failed on {where}: {frame.error}"))
+            return
+        self._complete(frame.request_id, frame.attempt,
+                       np.array(fr.to_compute_dtype(frame.tensor)), frame.trace)
 
     def _complete(self, request_id: int, attempt: int, output: np.ndarray,
                   trace: tuple[fr.TraceEntry, ...]) -> None:
@@ -469,9 +536,8 @@ class Source:
             self._metrics.latencies.append(latency)
             self._metrics.done_times.append(now)
         path = tuple(Hop(t.node, t.start, t.end, t.ms) for t in trace)
-        result = InferenceResult(request_id, output, latency, path, attempts=attempt)
-        if not pending.future.done():
-            pending.future.set_result(result)
+        _resolve(pending.future, InferenceResult(request_id, output, latency, path,
+                                                 attempts=attempt))
 
     def _finish_error(self, request_id: int, error: Exception) -> None:
         with self._lock:
@@ -479,24 +545,37 @@ class Source:
             if pending is None:
                 return
             self._metrics.failed += 1
-        if not pending.future.done():
-            pending.future.set_exception(error)
+        _resolve(pending.future, error=error)
+
+    def _loop_error(self, where: str, exc: Exception) -> None:
+        """A bug must not kill a loop silently: log it, count it, keep going."""
+        self._metrics.counters["internal_errors"] += 1
+        log.error("%s: unexpected %s: %s", where, type(exc).__name__, exc, exc_info=exc)
 
     def _watchdog_loop(self) -> None:
         while not self._stop.wait(0.05):
-            now = time.monotonic()
+            try:
+                self._check_deadlines(time.monotonic())
+            except Exception as exc:
+                self._loop_error("watchdog", exc)
+
+    def _check_deadlines(self, now: float) -> None:
+        with self._lock:
+            overdue = [p for p in self._pending.values() if now >= p.attempt_deadline]
+        for p in overdue:
+            if now >= p.deadline or p.attempt >= self.settings.max_attempts:
+                self._finish_error(p.request_id, RequestTimeoutError(
+                    f"request {p.request_id}: no result after {p.attempt} attempt(s) in "
+                    f"{now - p.submitted:.1f} s; check the node logs and GET /v1/pipeline "
+                    "for down nodes"))
+                continue
             with self._lock:
-                overdue = [p for p in self._pending.values() if now >= p.attempt_deadline]
-            for p in overdue:
-                if now >= p.deadline or p.attempt >= self.settings.max_attempts:
-                    self._finish_error(p.request_id, RequestTimeoutError(
-                        f"request {p.request_id}: no result after {p.attempt} attempt(s) in "
-                        f"{now - p.submitted:.1f} s; check `armdi` node logs and "
-                        "GET /v1/pipeline for down nodes"))
-                else:
-                    self._metrics.retried += 1
-                    self._event("retry", request_id=p.request_id, attempt=p.attempt + 1)
-                    self._dispatch(p)
+                if self._pending.get(p.request_id) is not p:
+                    continue  # answered meanwhile
+                self._arm(p, now)
+                self._work.put_nowait((p, p.attempt))
+            self._metrics.retried += 1
+            self._event("retry", request_id=p.request_id, attempt=p.attempt)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(1.0):
@@ -504,18 +583,51 @@ class Source:
                 if w.state == "refused":
                     continue
                 try:
-                    reply = self._client(w).request(msg.StatusRequest(), timeout_ms=500)
-                except ArmdiError:
-                    w.failures += 1
-                    if w.failures >= 3 and w.state != "down":
-                        w.state = "down"
-                        self._event("node_down", node=w.ref.name)
-                    continue
-                if isinstance(reply, msg.NodeStatus):
-                    if w.state == "down":
-                        self._event("node_up", node=w.ref.name)
-                    w.last, w.failures = reply, 0
-                    w.state = "up" if reply.end > reply.start else "idle"
+                    self._poll(w)
+                except Exception as exc:
+                    self._loop_error("poll loop", exc)
+            used = [w.last.compute_ms_ewma + w.last.send_ms_ewma for w in self.workers
+                    if w.last is not None and w.state == "up" and w.last.processed > 0]
+            self._measured_bottleneck_ms = max(used, default=0.0)
+
+    def _poll(self, w: _WorkerState) -> None:
+        try:
+            reply = self._client(w).request(msg.StatusRequest(), timeout_ms=500)
+        except ArmdiError:
+            w.failures += 1
+            if w.failures >= 3 and w.state != "down":
+                w.state = "down"
+                self._event("node_down", node=w.ref.name)
+            return
+        if not isinstance(reply, msg.NodeStatus):
+            return
+        came_back = w.state == "down"
+        w.last, w.failures = reply, 0
+        configure = self._configures.get(w.ref.name)
+        if configure is not None and (reply.start, reply.end) != (configure.start,
+                                                                  configure.end):
+            self._reconfigure(w, configure)  # restarted (or reset): give it its blocks again
+        if came_back:
+            self._event("node_up", node=w.ref.name)
+        w.state = "up" if configure is not None else "idle"
+
+    def _reconfigure(self, w: _WorkerState, configure: msg.Configure) -> None:
+        hello = msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
+                          model_id=self._manifest.model_id, blocks=self.blocks,
+                          backends=(self.backend,), pid=os.getpid())
+        client = self._client(w)
+        reply = client.request(hello, timeout_ms=1000)
+        if not (isinstance(reply, msg.HelloReply) and reply.ok):
+            w.state = "refused"
+            reason = getattr(reply, "reason", repr(reply))
+            log.error("worker %s refused on rejoining: %s", w.ref.name, reason)
+            self._event("refused", node=w.ref.name, reason=reason)
+            return
+        ack = client.request(configure, timeout_ms=30_000)
+        if isinstance(ack, msg.Ack) and ack.ok:
+            log.info("worker %s rejoined; gave it blocks [%d, %d) again", w.ref.name,
+                     configure.start, configure.end)
+            self._event("rejoined", node=w.ref.name, blocks=[configure.start, configure.end])
 
     # ------------------------------------------------------------------ status helpers
     def _source_view(self) -> NodeView:
@@ -541,8 +653,25 @@ class Source:
             self._events.append(event)
             subscribers = list(self._subscribers)
         for loop, q in subscribers:
-            loop.call_soon_threadsafe(_offer, q, event)
+            try:
+                loop.call_soon_threadsafe(_offer, q, event)
+            except RuntimeError:  # that subscriber's event loop is closed
+                with self._lock:
+                    if (loop, q) in self._subscribers:
+                        self._subscribers.remove((loop, q))
 
+
+
+def _resolve(future: Future[InferenceResult], result: InferenceResult | None = None,
+             error: BaseException | None = None) -> None:
+    """Set a future's outcome unless its caller cancelled it meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass
 
 
 def _offer(q: asyncio.Queue[dict[str, Any]], event: dict[str, Any]) -> None:
