@@ -26,7 +26,7 @@ app = typer.Typer(
 
 RepoOption = Annotated[
     Path | None,
-    typer.Option("--repo", help="Model repository directory [default: ~/.local/share/armdi]."),
+    typer.Option("--repo", help="Model repository directory (default: ~/.local/share/armdi)."),
 ]
 
 
@@ -36,7 +36,9 @@ def _root(
 ) -> None:
     import logging
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        _fail(f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -218,8 +220,25 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _serve_source(source: Any, host: str, port: int, on_ready: Any = None) -> None:
-    """Serve the web front end for ``source`` until Ctrl-C or SIGTERM.
+def _listen(host: str, port: int) -> Any:
+    """The front end's listening socket, bound before anything else starts, so a port in use
+    is one clear error (and port 0 gets a real port to print)."""
+    import socket
+
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise ArmdiError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
+                         "another with --port (or source.http_port)") from exc
+
+
+def _url(sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}/"
+
+
+def _serve_source(source: Any, sock: Any) -> None:
+    """Serve the web front end for ``source`` on ``sock`` until Ctrl-C or SIGTERM.
 
     uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM is turned
     into KeyboardInterrupt first so the callers' ``finally`` blocks (which stop the workers
@@ -228,12 +247,10 @@ def _serve_source(source: Any, host: str, port: int, on_ready: Any = None) -> No
 
     from web.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(source), host=host, port=port,
-                                          log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(source), log_level="warning",
+                                          lifespan="on"))
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    if on_ready is not None:
-        on_ready(server)
-    server.run()
+    server.run(sockets=[sock])
 
 
 @app.command()
@@ -245,16 +262,17 @@ def serve(config: ConfigOption) -> None:
 
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
+    sock = _listen(cfg.source.http_host, cfg.source.http_port)
     source = Source(source_settings(cfg))
     try:
         source.start()
-        typer.echo(f"armdi serving {cfg.cluster.model} at "
-                   f"http://{cfg.source.http_host}:{cfg.source.http_port}/")
-        _serve_source(source, cfg.source.http_host, cfg.source.http_port)
+        typer.echo(f"armdi serving {cfg.cluster.model} at {_url(sock)}")
+        _serve_source(source, sock)
     except KeyboardInterrupt:
         pass
     finally:
         source.close()
+        sock.close()
 
 
 @app.command()
@@ -277,6 +295,8 @@ def up(
     repo: RepoOption = None,
 ) -> None:
     """Start a whole cluster on this machine: workers, source and web front end."""
+    import logging
+
     from appliance.cluster import LocalClusterOptions, parse_cpus, parse_slowdown, running
     from appliance.settings import source_settings
     from appliance.source import Source
@@ -284,6 +304,10 @@ def up(
 
     if nodes < 0:
         _fail("--nodes must be 0 or more")
+    if mode not in ("armdi", "edgepipe", "local"):
+        _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
+    if wire_dtype not in ("float32", "float16"):
+        _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
@@ -293,23 +317,25 @@ def up(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir,
+        log_level=logging.getLevelName(logging.getLogger().level),
     )
-    with running(options) as (_cluster, cfg):
-        source = Source(source_settings(cfg))
-        try:
-            source.start()
-            b = source.allocation.boundaries if source.allocation else ()
-            typer.echo(f"armdi up: {model}, {nodes} workers, mode {options.mode}, "
-                       f"boundaries {list(b)}")
-
-            def announce(_server: Any) -> None:
-                typer.echo(f"web front end: http://{host}:{port}/  (Ctrl-C stops everything)")
-
-            _serve_source(source, host, port, announce)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            source.close()
+    sock = _listen(host, port)  # before any worker starts: a port in use fails cleanly
+    try:
+        with running(options) as (_cluster, cfg):
+            source = Source(source_settings(cfg))
+            try:
+                source.start()
+                b = source.allocation.boundaries if source.allocation else ()
+                typer.echo(f"armdi up: {model}, {nodes} workers, mode {options.mode}, "
+                           f"boundaries {list(b)}")
+                typer.echo(f"web front end: {_url(sock)}  (Ctrl-C stops everything)")
+                _serve_source(source, sock)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                source.close()
+    finally:
+        sock.close()
     typer.echo("armdi up: stopped")
 
 

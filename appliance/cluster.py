@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +50,17 @@ class LocalClusterOptions:
     request_timeout_s: float = 10.0
     queue_depth: int = 8
     source_runs_blocks: bool = True
+    log_level: str = "WARNING"  # of the worker processes
 
 
-def parse_list(text: str | None, what: str) -> list[str]:
+def parse_list(text: str | None) -> list[str]:
     return [part.strip() for part in text.split(",")] if text else []
 
 
 def parse_slowdown(text: str | None, nodes: int) -> tuple[float, ...]:
     """``"1,2,4"`` -> per worker slowdown factors (missing ones are 1)."""
     values = []
-    for part in parse_list(text, "--slowdown"):
+    for part in parse_list(text):
         try:
             value = float(part)
         except ValueError as exc:
@@ -76,7 +77,7 @@ def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ..
     """``"0,1,1"`` or ``"0+1,2"`` -> CPUs per worker (``+`` joins several CPUs for one)."""
     out: list[tuple[int, ...] | None] = []
     count = os.cpu_count() or 1
-    for part in parse_list(text, "--cpus"):
+    for part in parse_list(text):
         try:
             cpus = tuple(int(c) for c in part.split("+"))
         except ValueError as exc:
@@ -139,16 +140,22 @@ class LocalCluster:
         self.own_run_dir = options.run_dir is None
         self.run_dir = Path(options.run_dir or tempfile.mkdtemp(prefix="armdi-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config = local_config(options, self.run_dir)
+        try:
+            self.config = local_config(options, self.run_dir)
+        except BaseException:
+            if self.own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.config_path = self.run_dir / "cluster.toml"
         self.config_path.write_text(dump_toml(self.config))
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_workers(self, log_level: str = "WARNING", timeout_s: float = 60.0) -> None:
+    def start_workers(self, timeout_s: float = 60.0) -> None:
         """Start every worker and wait until each answers on its control socket; a worker
         that exits first fails the start at once, with its exit status."""
         for worker in self.config.workers:
-            cmd = [sys.executable, "-m", "appliance.cli", "--log-level", log_level, "node",
+            cmd = [sys.executable, "-m", "appliance.cli", "--log-level",
+                   self.options.log_level, "node",
                    "--config", str(self.config_path), "--name", worker.name,
                    "--parent-pid", str(os.getpid())]
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
@@ -212,7 +219,3 @@ def running(options: LocalClusterOptions) -> Iterator[tuple[LocalCluster, Cluste
         yield cluster, cluster.config
     finally:
         cluster.stop()
-
-
-def worker_names(config: ClusterConfig) -> Sequence[str]:
-    return [w.name for w in config.workers]

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from engines.errors import ArmdiError
+from engines.repository import default_repo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,11 +69,7 @@ class ConfigError(ArmdiError):
         self.problems = problems or (message,)
 
 
-def default_repo() -> Path:
-    """The default model repository: the user's data directory for armdi."""
-    import platformdirs
 
-    return Path(platformdirs.user_data_dir("armdi"))
 
 
 class _Frozen(BaseModel):
@@ -123,7 +120,8 @@ class ClusterSection(_Frozen):
     max_frame_mb: float = Field(64.0, gt=0, description="largest frame accepted, in MiB")
     queue_depth: int = Field(8, ge=1, description="frames a node queues before pushing back")
     request_timeout_s: float = Field(
-        10.0, gt=0, description="seconds before the source re-sends an unanswered request"
+        10.0, gt=0,
+        description="a request's deadline in seconds (re-sent up to 3 times within it)"
     )
     backend: Literal["auto", "ort", "trt"] = Field(
         "auto", description="engine backend: auto | ort (ONNX Runtime) | trt (TensorRT)"

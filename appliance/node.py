@@ -90,7 +90,7 @@ class Node:
         self.repository = repository or ModelRepository(settings.repo)
         self.manifest: Manifest = self.repository.load_manifest(settings.model_id)
         self.repository.check_file(self.manifest, self.manifest.weights_file)
-        self.fingerprint = bytes.fromhex(self.manifest.fingerprint)
+        self.fingerprint = fr.fingerprint_from_hex(self.manifest.fingerprint)
         self.blocks = self.manifest.blocks
         self.backend = self.repository.serving_backend(self.manifest, settings.backend)
         self.assignment = Assignment()

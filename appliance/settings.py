@@ -11,9 +11,9 @@ def resolve_backend(backend: str) -> str:
     """``auto`` is TensorRT where it imports, else ONNX Runtime."""
     if backend != "auto":
         return backend
-    import importlib.util
+    from engines.trt import tensorrt_major
 
-    return "trt" if importlib.util.find_spec("tensorrt") is not None else "ort"
+    return "trt" if tensorrt_major() is not None else "ort"
 
 
 def node_settings(config: ClusterConfig, name: str,
@@ -41,7 +41,8 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         name=s.name, data_addr=s.data_addr, repo=c.repo, model_id=c.model, workers=workers,
         mode=c.mode, backend=resolve_backend(c.backend), threads=s.threads,
         slowdown=s.slowdown, bandwidth_Bps=s.bandwidth_Bps, latency_ms=s.latency_ms,
-        cpus=s.cpus, run_blocks=s.run_blocks, key=c.hmac_key(), wire_dtype=c.wire_dtype,
+        cpus=s.cpus, run_blocks=s.run_blocks, max_blocks=s.max_blocks, key=c.hmac_key(),
+        wire_dtype=c.wire_dtype,
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
     )

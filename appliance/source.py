@@ -83,6 +83,7 @@ class SourceSettings:
     latency_ms: float = 0.0
     cpus: tuple[int, ...] | None = None
     run_blocks: bool = True
+    max_blocks: int | None = None
     key: bytes | None = None
     wire_dtype: fr.WireDtype = "float32"
     max_frame_bytes: int = 64 << 20
@@ -130,7 +131,7 @@ class Source:
         self.repository = repository or ModelRepository(settings.repo)
         self._manifest = self.repository.load_manifest(settings.model_id)
         self.repository.check_file(self._manifest, self._manifest.weights_file)
-        self.fingerprint = bytes.fromhex(self._manifest.fingerprint)
+        self.fingerprint = fr.fingerprint_from_hex(self._manifest.fingerprint)
         self.blocks = self._manifest.blocks
         self.backend = self.repository.serving_backend(self._manifest, settings.backend)
         self.workers = [_WorkerState(ref) for ref in settings.workers]
@@ -295,7 +296,8 @@ class Source:
         """Connect to the workers, place the boundaries, open the engine, start the loops."""
         s = self.settings
         if s.mode not in ("armdi", "edgepipe", "local"):
-            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe or local")
+            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe, armdi or "
+                             "local")
         if s.cpus:
             os.sched_setaffinity(0, set(s.cpus))
         self._started = time.monotonic()
@@ -391,7 +393,7 @@ class Source:
             bandwidth_Bps=[s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs],
             latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
             slowdown=[s.slowdown] + [r.slowdown for r in refs],
-            max_blocks=[None if s.run_blocks else 0] + [r.max_blocks for r in refs],
+            max_blocks=[s.max_blocks if s.run_blocks else 0] + [r.max_blocks for r in refs],
         )
         return solve(snap)
 
@@ -607,6 +609,8 @@ class Source:
         if configure is not None and (reply.start, reply.end) != (configure.start,
                                                                   configure.end):
             self._reconfigure(w, configure)  # restarted (or reset): give it its blocks again
+            if w.state == "refused":
+                return
         if came_back:
             self._event("node_up", node=w.ref.name)
         w.state = "up" if configure is not None else "idle"

@@ -17,13 +17,13 @@ from builder import graph as graph_mod
 from builder import segments as seg_mod
 from builder.profile import median_ms, profile, sample_segments
 from builder.progress import Reporter, SilentReporter
-from builder.sources import OPSET, SourceModel, resolve, sha256_file
+from builder.sources import OPSET, SourceModel, resolve
 from builder.verify import sample_inputs, verify
 from engines.base import Engine
 from engines.errors import BuildError
 from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo, Verification
 from engines.ort import OrtEngine
-from engines.repository import MANIFEST, ModelRepository, write_json_atomic
+from engines.repository import MANIFEST, ModelRepository, sha256_file, write_json_atomic
 
 FULL_MODEL = "model.onnx"
 STAGING = ".staging"
@@ -87,7 +87,7 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         raise BuildError(f"--backend {options.backend!r}: use auto, ort or trt")
     seg_mod.segment_ranges(2, options.segments)  # validate the option before any work
     opset = options.opset
-    if options.backend == "trt":
+    if _wants_trt(options.backend):
         from builder.trt_stage import require_tensorrt
 
         # TensorRT 8.x parses ONNX opset 17 at most (JetPack 6.0); 10.x takes 18.
@@ -259,7 +259,7 @@ def _wants_trt(backend: str) -> bool:
     if backend == "trt":
         return True
     if backend == "auto":
-        from builder.trt_stage import tensorrt_major
+        from engines.trt import tensorrt_major
 
         return tensorrt_major() is not None
     return False

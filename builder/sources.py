@@ -5,7 +5,6 @@ Torch and torchvision are imported only here, only when a named model is built.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,14 +42,6 @@ def valid_model_id(name: str) -> str:
             f"invalid model id {name!r}: use letters, digits, '_', '-', '.' (at most 64)"
         )
     return name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def imagenet_labels() -> tuple[str, ...]:

@@ -101,7 +101,7 @@ class TrtBuildOptions:
                 raise ValueError(f"dla_core must be 0 or more, got {self.dla_core}")
             if not self.fp16:
                 # DLA runs FP16 and INT8 layers only; in fp32 every layer would fall back.
-                raise ValueError("DLA runs FP16/INT8 only: build with fp16 (--fp16) for --dla")
+                raise ValueError("DLA runs FP16/INT8 only: set fp16=True with dla_core")
 
     @property
     def precision(self) -> str:
@@ -404,7 +404,8 @@ def check_dla(dla_core: int | None, num_dla_cores: int) -> None:
     if dla_core is None:
         return
     if num_dla_cores == 0:
-        raise BuildError("this device has no DLA (builder.num_DLA_cores is 0); build without --dla")
+        raise BuildError("this device has no DLA (builder.num_DLA_cores is 0); build without "
+                         "dla_core")
     if not 0 <= dla_core < num_dla_cores:
         raise BuildError(
             f"DLA core {dla_core} does not exist; this device has cores 0..{num_dla_cores - 1}"

@@ -16,31 +16,16 @@ import numpy as np
 
 from builder.progress import Reporter
 from builder.segments import segment_filename
-from engines.errors import BackendUnavailableError
 from engines.manifest import SegmentEntry
 
 TRT_CACHE = ".trt-cache"
 
 
-def tensorrt_major() -> int | None:
-    """TensorRT's major version where it imports, else None."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        return None
-    try:
-        return int(str(tensorrt.__version__).split(".")[0])
-    except ValueError:
-        return None
-
-
 def require_tensorrt() -> int:
-    major = tensorrt_major()
-    if major is None:
-        raise BackendUnavailableError(
-            "TensorRT is not available on this machine: `import tensorrt` failed. Install "
-            "JetPack's python3-libnvinfer (see jetson_setup.sh) or use --backend ort")
-    return major
+    """TensorRT's major version, or ``BackendUnavailableError`` saying what to do."""
+    from engines.trt import import_tensorrt, parse_trt_version
+
+    return parse_trt_version(str(import_tensorrt().__version__))[0]
 
 
 def build_trt(

@@ -94,26 +94,27 @@ class ModelRepository:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{path}: unreadable manifest ({exc}); rebuild: "
-                                f"armdi build {model_id}") from exc
+                                f"armdi build {model_id} --repo {self.root}") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None
+        source = data.get("source") if isinstance(data, dict) else None
+        hint = self._rebuild(model_id, source if isinstance(source, dict) else {})
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"{path}: manifest schema version {version!r}, this armdi reads version "
-                f"{SCHEMA_VERSION}; rebuild: armdi build {model_id}"
+                f"{SCHEMA_VERSION}; rebuild: {hint}"
             )
         try:
             return Manifest.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise ManifestError(f"{path}: {where}: {err['msg']}; rebuild: "
-                                f"armdi build {model_id}") from exc
+            raise ManifestError(f"{path}: {where}: {err['msg']}; rebuild: {hint}") from exc
 
     def check_file(self, manifest: Manifest, relpath: str) -> Path:
         """The path of ``relpath``, after checking its size and sha256 against the manifest."""
         path = self.model_dir(manifest.model_id) / relpath
         entry = manifest.files.get(relpath)
-        rebuild = f"rebuild: armdi build {manifest.model_id} --repo {self.root}"
+        rebuild = f"rebuild: {self.rebuild_command(manifest)}"
         if entry is None:
             raise ArtifactError(f"{path}: not listed in the manifest; {rebuild}")
         try:
@@ -135,6 +136,18 @@ class ModelRepository:
         with self._lock:
             self._verified.add(key)
         return path
+
+    def rebuild_command(self, manifest: Manifest) -> str:
+        """The ``armdi build`` command that makes this model again, from the same source."""
+        return self._rebuild(manifest.model_id, manifest.source.model_dump())
+
+    def _rebuild(self, model_id: str, source: dict[str, object]) -> str:
+        what = model_id
+        if source.get("kind") == "onnx" and source.get("name"):
+            what = f"{source['name']} --name {model_id}"
+        elif source.get("weights") not in (None, "pretrained"):
+            what = f"{model_id} --weights {source['weights']}"
+        return f"armdi build {what} --repo {self.root}"
 
     def check_all(self, manifest: Manifest) -> None:
         for relpath in manifest.files:
@@ -173,7 +186,7 @@ class ModelRepository:
         if entry is None:
             raise ArtifactError(
                 f"{manifest.model_id}: no {backend} engine for block [{start}, {end}); "
-                f"rebuild: armdi build {manifest.model_id} --backend {backend}"
+                f"rebuild: {self.rebuild_command(manifest)} --backend {backend}"
             )
         self.check_file(manifest, manifest.weights_file)
         path = self.check_file(manifest, entry.path)

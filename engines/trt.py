@@ -75,6 +75,14 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+def tensorrt_major() -> int | None:
+    """TensorRT's major version where it imports, else None (the one availability check)."""
+    try:
+        return parse_trt_version(str(import_tensorrt().__version__))[0]
+    except (BackendUnavailableError, ValueError):
+        return None
+
+
 def import_pycuda() -> Any:
     """Import ``pycuda.driver`` (no autoinit) or raise ``BackendUnavailableError``."""
     try:

@@ -14,11 +14,10 @@ import pytest
 
 import builder.build as build_mod
 from builder.build import STAGING, BuildOptions, build
-from builder.sources import sha256_file
 from engines.chained import ChainedEngine
 from engines.errors import BuildError, ModelNotFoundError, VerificationError
 from engines.ort import OrtEngine
-from engines.repository import MANIFEST, ModelRepository
+from engines.repository import MANIFEST, ModelRepository, sha256_file
 from tests.conftest import (
     CONSTANT_CUTS,
     RESIDUAL_CUTS,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,13 @@ def test_unknown_model(tmp_path: Path, built_tiny: BuiltModel) -> None:
 
 
 def _assert_names_file_and_rebuild(err: pytest.ExceptionInfo[ModelRepositoryError],
-                                   path: Path) -> None:
+                                   path: Path, source_known: bool = True) -> None:
     message = str(err.value)
     assert str(path) in message
-    assert "rebuild: armdi build tiny" in message
+    if source_known:  # the model came from an ONNX file: rebuild from that file, under its id
+        assert re.search(r"rebuild: armdi build \S+tiny\.onnx --name tiny --repo \S+", message)
+    else:  # the manifest is unreadable: only the model id is known
+        assert re.search(r"rebuild: armdi build tiny --repo \S+", message)
     assert "\n" not in message
 
 
@@ -189,7 +193,7 @@ def test_manifest_without_a_schema_version(built_tiny: BuiltModel) -> None:
     path.write_text(json.dumps([1, 2, 3]))
     with pytest.raises(ManifestError, match="schema version None") as err:
         ModelRepository(built_tiny.repo).load_manifest("tiny")
-    _assert_names_file_and_rebuild(err, path)
+    _assert_names_file_and_rebuild(err, path, source_known=False)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage"])
@@ -198,7 +202,7 @@ def test_unreadable_manifest(built_tiny: BuiltModel, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(ManifestError, match="unreadable manifest") as err:
         ModelRepository(built_tiny.repo).load_manifest("tiny")
-    _assert_names_file_and_rebuild(err, path)
+    _assert_names_file_and_rebuild(err, path, source_known=False)
 
 
 def test_manifest_that_does_not_validate(built_tiny: BuiltModel) -> None:

@@ -90,3 +90,21 @@ def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: Built
         time.sleep(0.1)
     assert _processes_mentioning(str(run_dir)) == []
     assert [p.name for p in run_dir.iterdir()] == ["cluster.toml"]
+
+
+def test_up_on_a_port_in_use_fails_cleanly_before_starting_workers(built_tiny: BuiltModel,
+                                                                     tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", "up", "--repo", str(built_tiny.repo),
+             "--model", "tiny", "--nodes", "2", "--port", str(port), "--run-dir", str(run_dir)],
+            capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot listen on"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert _processes_mentioning(str(run_dir)) == []
