@@ -68,8 +68,8 @@ def build(
         help="Merge the cheapest neighbouring blocks until at most N remain.")] = None,
     name: Annotated[str | None, typer.Option(help="Model id (default: the model name or the "
                                                   "ONNX file's stem).")] = None,
-    input_size: Annotated[int, typer.Option(help="Input height/width of an ONNX file's "
-                                                 "model.")] = 224,
+    input_size: Annotated[int | None, typer.Option(
+        help="Input height/width for an ONNX file whose input size is dynamic.")] = None,
     threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
     fp16: Annotated[bool, typer.Option(help="TensorRT: build FP16 engines.")] = False,
     opset: Annotated[int | None, typer.Option(
@@ -348,10 +348,18 @@ def classify(
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
 ) -> None:
     """Classify images through a running armdi server."""
-    from appliance.client import classify_files
+    from appliance.client import ClassifyError, classify_files
 
-    results = classify_files(images, url=url, top_k=top_k, timeout=timeout)
-    for path, result in zip(images, results, strict=True):
+    failed = 0
+    for path in images:  # one at a time: a bad file does not lose the others' answers
+        try:
+            result = classify_files([path], url=url, top_k=top_k, timeout=timeout)[0]
+        except ClassifyError as exc:
+            if "no armdi server" in str(exc):
+                raise
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            failed += 1
+            continue
         if as_json:
             typer.echo(json.dumps(result))
             continue
@@ -360,6 +368,8 @@ def classify(
                            for h in result["path"])
         typer.echo(f"{path}: {top['label']} ({top['score']:.3f})  "
                    f"{result['latency_ms']:.1f} ms  via {hops}")
+    if failed:
+        raise typer.Exit(1)
 
 
 bench_app = typer.Typer(no_args_is_help=True,

@@ -36,7 +36,7 @@ class BuildOptions:
     repo: Path
     weights: str = "pretrained"
     name: str | None = None
-    input_size: int = 224
+    input_size: int | None = None  # ONNX files with a dynamic height/width need it
     backend: str = "auto"  # auto | ort | trt
     segments: str = "all"  # all | blocks | window:W
     max_blocks: int | None = None
@@ -129,6 +129,8 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         model = onnx.load(str(source.onnx_path))
     except Exception as exc:
         raise BuildError(f"{source.onnx_path}: cannot load ONNX ({exc})") from exc
+    if source.source.kind == "onnx":
+        _fix_input_size(model, options.input_size, source.onnx_path)
     analysis = graph_mod.analyse(model)
     infos = seg_mod.value_infos(model)
     light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
@@ -252,6 +254,30 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     )
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def _fix_input_size(model: onnx.ModelProto, size: int | None, path: Path) -> None:
+    """Check an ONNX file's input height/width against ``--input-size``; fix dynamic ones."""
+    from builder.graph import graph_io
+
+    name = graph_io(model)[0]
+    vi = next(i for i in model.graph.input if i.name == name)
+    dims = vi.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return  # refused later with the shape in the message
+    static = [d.dim_value if d.HasField("dim_value") else None for d in dims[2:]]
+    if None not in static:
+        if size is not None and static != [size, size]:
+            raise BuildError(f"{path}: the model's input is {static[0]}x{static[1]}; "
+                             f"--input-size {size} does not match (leave it out)")
+        return
+    if size is None:
+        raise BuildError(f"{path}: the model's input has a dynamic height/width; give "
+                         "--input-size N")
+    for dim in dims[2:]:
+        dim.Clear()
+        dim.dim_value = size
+    del model.graph.value_info[:]  # shapes are inferred again for this size
 
 
 def _wants_trt(backend: str) -> bool:

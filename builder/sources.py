@@ -59,19 +59,25 @@ def resolve(
     *,
     weights: str = "pretrained",
     name: str | None = None,
-    input_size: int = 224,
+    input_size: int | None = None,
     opset: int | None = None,
     on_progress: Callable[[str], None] = lambda _msg: None,
 ) -> SourceModel:
     """Turn the user's MODEL argument into an ONNX file in ``workdir``."""
     path = Path(model).expanduser()
     if model.endswith(".onnx") or path.exists():
-        return _from_onnx_file(path, name, input_size)
+        if weights != "pretrained" or opset is not None:
+            raise BuildError(f"{path}: --weights and --opset apply to named models; an ONNX "
+                             "file brings its own weights and opset")
+        return _from_onnx_file(path, name, input_size or 224)
     if model not in NAMED_MODELS:
         raise BuildError(
             f"unknown model {model!r}: use one of {', '.join(NAMED_MODELS)} or a path to an "
             ".onnx file"
         )
+    if input_size is not None:
+        raise BuildError(f"--input-size applies to ONNX files; {model} is exported at its own "
+                         "input size")
     on_progress(f"exporting {model} to ONNX")
     module, info, prep, labels = _torch_model(model, weights)
     out = workdir / f"{model}.source.onnx"

@@ -1,0 +1,52 @@
+"""``--input-size`` for ONNX files, and options that only apply to named models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.build import BuildOptions, build
+from engines.errors import BuildError
+from tests.conftest import residual_net, save
+
+
+def _dynamic_hw(tmp_path: Path) -> Path:
+    model = residual_net()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for dim, name in zip(dims[2:], ("H", "W"), strict=True):
+        dim.Clear()
+        dim.dim_param = name
+    del model.graph.value_info[:]
+    return save(model, tmp_path / "src" / "dyn.onnx")
+
+
+def _build(source: Path, repo: Path, **options: object) -> object:
+    opts: dict[str, object] = {"segments": "blocks", "backend": "ort", "profile_repeats": 2,
+                               "profile_segments": 0, **options}
+    return build(BuildOptions(model=str(source), repo=repo, **opts))  # type: ignore[arg-type]
+
+
+def test_dynamic_height_and_width_need_input_size(tmp_path: Path) -> None:
+    source = _dynamic_hw(tmp_path)
+    with pytest.raises(BuildError, match="dynamic height/width; give --input-size"):
+        _build(source, tmp_path / "repo")
+    report = _build(source, tmp_path / "repo", input_size=12)
+    manifest = report.manifest  # type: ignore[attr-defined]
+    assert manifest.input.shape == (-1, 3, 12, 12)
+    assert manifest.preprocessing.crop == 12 and manifest.verification.passed
+
+
+def test_a_static_input_must_match_input_size(tmp_path: Path) -> None:
+    source = save(residual_net(), tmp_path / "src" / "static.onnx")  # 8x8
+    with pytest.raises(BuildError, match="input is 8x8; --input-size 12 does not match"):
+        _build(source, tmp_path / "repo", input_size=12)
+    assert _build(source, tmp_path / "repo", input_size=8).manifest.preprocessing.crop == 8  # type: ignore[attr-defined]
+
+
+def test_named_model_options_are_refused_for_onnx_files(tmp_path: Path) -> None:
+    source = save(residual_net(), tmp_path / "src" / "static.onnx")
+    with pytest.raises(BuildError, match="--weights and --opset apply to named models"):
+        _build(source, tmp_path / "repo", weights="random")
+    with pytest.raises(BuildError, match="--input-size applies to ONNX files"):
+        _build(Path("mobilenet_v2"), tmp_path / "repo", input_size=160)
