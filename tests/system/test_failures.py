@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -94,85 +96,70 @@ def test_cancelled_requests_free_their_slot_and_loops_survive(built_tiny: BuiltM
     assert status.in_flight == 0 and status.counters.get("internal_errors", 0) == 0
 
 
-def test_a_request_keeps_its_own_timeout(built_tiny: BuiltModel, tmp_path: Path) -> None:
-    good = Node(NodeSettings(name="w", data_addr=f"ipc://{tmp_path}/w.data",
-                             control_addr=f"ipc://{tmp_path}/w.ctl", repo=built_tiny.repo,
-                             model_id="tiny"))
+@contextlib.contextmanager
+def one_worker(built: BuiltModel, tmp: Path, worker_key: bytes | None = None,
+               source_key: bytes | None = None,
+               **source: object) -> Iterator[tuple[Node, threading.Event, Source]]:
+    """An in-process worker thread ``w`` and a source ``s`` (not started) that uses it."""
+    node = Node(NodeSettings(name="w", data_addr=f"ipc://{tmp}/w.data",
+                             control_addr=f"ipc://{tmp}/w.ctl", repo=built.repo,
+                             model_id="tiny", key=worker_key))
     stop = threading.Event()
-    thread = threading.Thread(target=good.run, args=(stop,), daemon=True)
+    thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
     thread.start()
-    source = Source(SourceSettings(name="s", data_addr=f"ipc://{tmp_path}/s.data",
-                                   repo=built_tiny.repo, model_id="tiny", run_blocks=False,
-                                   workers=(WorkerRef("w", f"ipc://{tmp_path}/w.data",
-                                                      f"ipc://{tmp_path}/w.ctl"),),
-                                   request_timeout_s=30.0))
+    settings = SourceSettings(name="s", data_addr=f"ipc://{tmp}/s.data", repo=built.repo,
+                              model_id="tiny", key=source_key,
+                              workers=(WorkerRef("w", f"ipc://{tmp}/w.data",
+                                                 f"ipc://{tmp}/w.ctl"),),
+                              **source)  # type: ignore[arg-type]
+    src = Source(settings)
     try:
+        yield node, stop, src
+    finally:
+        src.close()
+        stop.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def test_a_request_keeps_its_own_timeout(built_tiny: BuiltModel, tmp_path: Path) -> None:
+    with one_worker(built_tiny, tmp_path, run_blocks=False,
+                    request_timeout_s=30.0) as (_node, stop, source):
         source.start()
         stop.set()  # the only worker goes away: nothing will answer
-        thread.join(timeout=10)
+        time.sleep(1.0)
         t0 = time.monotonic()
         with pytest.raises(RequestTimeoutError):
             source.submit(_inputs(1)[:1], timeout_s=0.6).result(timeout=10)
         elapsed = time.monotonic() - t0
-    finally:
-        source.close()
     assert 0.5 <= elapsed < 2.0, elapsed
 
 
 def test_an_engine_error_on_a_worker_fails_the_request_at_once(built_tiny: BuiltModel,
                                                                tmp_path: Path) -> None:
-    node = Node(NodeSettings(name="w", data_addr=f"ipc://{tmp_path}/w.data",
-                             control_addr=f"ipc://{tmp_path}/w.ctl", repo=built_tiny.repo,
-                             model_id="tiny"))
-    stop = threading.Event()
-    thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
-    thread.start()
-    source = Source(SourceSettings(name="s", data_addr=f"ipc://{tmp_path}/s.data",
-                                   repo=built_tiny.repo, model_id="tiny", run_blocks=False,
-                                   workers=(WorkerRef("w", f"ipc://{tmp_path}/w.data",
-                                                      f"ipc://{tmp_path}/w.ctl"),),
-                                   request_timeout_s=30.0))
-    try:
+    class Broken:
+        def infer(self, x: np.ndarray) -> np.ndarray:
+            raise EngineError("the GPU fell off the bus")
+
+    with one_worker(built_tiny, tmp_path, run_blocks=False,
+                    request_timeout_s=30.0) as (node, _stop, source):
         source.start()
-
-        class Broken:
-            def infer(self, x: np.ndarray) -> np.ndarray:
-                raise EngineError("the GPU fell off the bus")
-
         node._engine = lambda start, end: Broken()  # type: ignore[assignment,method-assign,return-value]
         t0 = time.monotonic()
         with pytest.raises(PipelineError, match="fell off the bus"):
             source.submit(_inputs(1)[:1]).result(timeout=10)
         elapsed = time.monotonic() - t0
         status = source.status()
-    finally:
-        source.close()
-        stop.set()
-        thread.join(timeout=10)
     assert elapsed < 2.0 and status.retried == 0 and status.failed == 1
 
 
 def test_a_worker_with_another_cluster_key_is_refused_with_the_reason(
         built_tiny: BuiltModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    node = Node(NodeSettings(name="w", data_addr=f"ipc://{tmp_path}/w.data",
-                             control_addr=f"ipc://{tmp_path}/w.ctl", repo=built_tiny.repo,
-                             model_id="tiny", key=b"a" * 32))
-    stop = threading.Event()
-    thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
-    thread.start()
-    source = Source(SourceSettings(name="s", data_addr=f"ipc://{tmp_path}/s.data",
-                                   repo=built_tiny.repo, model_id="tiny", key=b"b" * 32,
-                                   workers=(WorkerRef("w", f"ipc://{tmp_path}/w.data",
-                                                      f"ipc://{tmp_path}/w.ctl"),),
-                                   connect_timeout_s=10.0))
-    try:
+    with one_worker(built_tiny, tmp_path, worker_key=b"a" * 32, source_key=b"b" * 32,
+                    connect_timeout_s=10.0) as (_node, _stop, source):
         t0 = time.monotonic()
         source.start()
         elapsed = time.monotonic() - t0
         states = {n.name: n.state for n in source.status().nodes}
-    finally:
-        source.close()
-        stop.set()
-        thread.join(timeout=10)
     assert states["w"] == "refused" and elapsed < 5.0
     assert any("cluster key" in r.message for r in caplog.records)
