@@ -153,6 +153,7 @@ class Source:
         self._outboxes: dict[str, DataOutbox] = {}
         self._clients: dict[str, ControlClient] = {}
         self._ready = False
+        self._started = time.monotonic()  # reset by start(); the throughput window's origin
         self._events: deque[dict[str, Any]] = deque(maxlen=500)
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[dict[str, Any]]]]
         self._subscribers = []
@@ -185,7 +186,7 @@ class Source:
             recent = [t for t in m.done_times if now - t <= 10.0]
             lat = sorted(m.latencies)
         views = [self._source_view()] + [self._worker_view(w) for w in self.workers]
-        span = min(10.0, now - self._started) if hasattr(self, "_started") else 10.0
+        span = min(10.0, now - self._started)
         return PipelineStatus(
             model_id=self._manifest.model_id, fingerprint=self._manifest.fingerprint,
             mode=self.settings.mode, blocks=self.blocks, ready=self.ready(), nodes=tuple(views),
@@ -343,15 +344,18 @@ class Source:
                 self._clients[w.ref.name] = client
             return client
 
+    def _hello(self) -> msg.Hello:
+        return msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
+                         model_id=self._manifest.model_id, blocks=self.blocks,
+                         backends=(self.backend,), pid=os.getpid())
+
     def _handshake(self) -> list[_WorkerState]:
         """Hello to every worker until it answers (or ``connect_timeout_s``); a worker that
         serves another model version is refused with the reason and left out."""
         deadline = time.monotonic() + self.settings.connect_timeout_s
         waiting = list(self.workers)
         live: list[_WorkerState] = []
-        hello = msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
-                          model_id=self._manifest.model_id, blocks=self.blocks,
-                          backends=(self.backend,), pid=os.getpid())
+        hello = self._hello()
         while waiting and time.monotonic() < deadline:
             for w in list(waiting):
                 try:
@@ -616,9 +620,7 @@ class Source:
         w.state = "up" if configure is not None else "idle"
 
     def _reconfigure(self, w: _WorkerState, configure: msg.Configure) -> None:
-        hello = msg.Hello(node=self.settings.name, fingerprint=self._manifest.fingerprint,
-                          model_id=self._manifest.model_id, blocks=self.blocks,
-                          backends=(self.backend,), pid=os.getpid())
+        hello = self._hello()
         client = self._client(w)
         reply = client.request(hello, timeout_ms=1000)
         if not (isinstance(reply, msg.HelloReply) and reply.ok):

@@ -39,6 +39,7 @@ from engines.base import BaseEngine, TensorSpec
 from engines.errors import BackendUnavailableError, BuildError, EngineError, VerificationError
 from engines.trt import DeviceSignature, TrtEngine, TrtSession
 from tests.engines.test_trt import CACHE_MAGIC, fake_session, tiny_model
+from tests.engines.test_trt import FakeParserError as Trt8Error
 
 ORIN = DeviceSignature("Orin", (8, 7), "8.5.2")
 FINGERPRINT = "ab" * 32
@@ -285,21 +286,7 @@ def test_check_ops_looks_inside_subgraphs_custom_domains_maxpool_and_strings() -
 # --- parser errors ------------------------------------------------------------------------
 
 
-class Trt8Error:
-    def __init__(self, desc: str, node: int) -> None:
-        self._desc, self._node = desc, node
-
-    def desc(self) -> str:
-        return self._desc
-
-    def node(self) -> int:
-        return self._node
-
-    def code(self) -> str:
-        return "ErrorCode.UNSUPPORTED_NODE"
-
-
-class Trt10Error(Trt8Error):
+class Trt10Error(Trt8Error):  # 10.x parser errors also name the node and its operator
     def node_name(self) -> str:
         return "/features/ln"
 
