@@ -90,6 +90,7 @@ class NodeView:
     queue_capacity: int = 0
     processed: int = 0
     address: str = ""
+    reason: str = ""  # why a worker is idle (e.g. the optimum leaves it out), or refused/down
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,7 @@ def _pipeline(spec: _PipelineSpec, options: PipelineBenchOptions) -> Iterator[_P
 
     cluster_options = LocalClusterOptions(
         model=options.model, repo=options.repo, nodes=len(spec.cpus), mode="edgepipe",
-        cpus=spec.cpus, port=0, source_runs_blocks=False,
+        cpus=spec.cpus, port=0, source_runs_blocks=False, min_workers=len(spec.cpus),
         request_timeout_s=options.request_timeout_s)
     with running(cluster_options) as (cluster, config):
         source = Source(source_settings(config))

@@ -29,7 +29,13 @@ import numpy as np
 
 from appliance import frames as fr
 from appliance import messages as msg
-from appliance.allocator import Allocation, evaluate, snapshot_from_profile, solve
+from appliance.allocator import (
+    Allocation,
+    evaluate,
+    snapshot_from_profile,
+    solve,
+    why_left_out,
+)
 from appliance.api import (
     Classification,
     Hop,
@@ -86,6 +92,7 @@ class SourceSettings:
     max_blocks: int | None = None
     key: bytes | None = None
     wire_dtype: fr.WireDtype = "float32"
+    min_workers: int = 0  # the first N live workers run at least one block each
     max_frame_bytes: int = 64 << 20
     request_timeout_s: float = 10.0
     max_attempts: int = 3
@@ -111,6 +118,7 @@ class _WorkerState:
     state: str = "starting"
     last: msg.NodeStatus | None = None
     failures: int = 0
+    reason: str = ""  # why it is idle, refused or down
 
 
 @dataclass
@@ -145,6 +153,7 @@ class Source:
         # their retries (at most ``max_attempts`` each) are ever put on it.
         self._work: queue.Queue[tuple[_Pending, int]] = queue.Queue()
         self._configures: dict[str, msg.Configure] = {}
+        self._allocated: list[str] = []  # the live workers the allocation was solved over
         self._measured_bottleneck_ms = 0.0
         self._metrics = _Metrics()
         self._stop = threading.Event()
@@ -372,12 +381,15 @@ class Source:
                 else:
                     w.state = "refused"
                     reason = getattr(reply, "reason", repr(reply))
+                    w.reason = reason
                     log.error("worker %s refused: %s", w.ref.name, reason)
                     self._event("refused", node=w.ref.name, reason=reason)
             if waiting:
                 time.sleep(0.1)
         for w in waiting:
             w.state = "down"
+            w.reason = (f"did not answer at {w.ref.control_addr} within "
+                        f"{self.settings.connect_timeout_s:.0f} s")
             log.error("worker %s did not answer at %s within %.0f s; continuing without it",
                       w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s)
             self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
@@ -391,6 +403,11 @@ class Source:
             snap = snapshot_from_profile([base], self._manifest.activation_bytes())
             return evaluate(snap, [0, self.blocks])
         refs = [w.ref for w in live]
+        self._allocated = [r.name for r in refs]
+        forced = min(s.min_workers, len(refs))
+        if forced < s.min_workers:
+            log.warning("min_workers = %d, but only %d workers are live; forcing those",
+                        s.min_workers, forced)
         snap = snapshot_from_profile(
             [base] + [base] * len(refs),
             self._manifest.activation_bytes(),
@@ -398,8 +415,12 @@ class Source:
             latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
             slowdown=[s.slowdown] + [r.slowdown for r in refs],
             max_blocks=[s.max_blocks if s.run_blocks else 0] + [r.max_blocks for r in refs],
+            must_use=[False] + [i < forced for i in range(len(refs))],
         )
-        return solve(snap)
+        allocation = solve(snap)
+        for n, w in enumerate(live, start=1):
+            w.reason = why_left_out(snap, allocation, n)
+        return allocation
 
     def _configure(self, live: list[_WorkerState]) -> None:
         assert self.allocation is not None
@@ -425,6 +446,7 @@ class Source:
         for w in live:
             if w.ref.name not in chain:
                 w.state = "idle"
+                log.warning("worker %s runs no blocks: %s", w.ref.name, w.reason)
         self._route = route
         if route and route[0][0] == self.settings.name:
             self._engine = self.repository.open_engine(
@@ -646,12 +668,30 @@ class Source:
                         self.settings.data_addr)
 
     def _worker_view(self, w: _WorkerState) -> NodeView:
+        """What a worker runs: its own report once polled, its configured range before."""
         last = w.last
-        start, end = (last.start, last.end) if last else (0, 0)
-        stage = (last.compute_ms_ewma + last.send_ms_ewma) if last else None
+        if last is not None:
+            start, end = last.start, last.end
+            stage: float | None = last.compute_ms_ewma + last.send_ms_ewma
+            if last.processed == 0:
+                stage = None
+        else:
+            configure = self._configures.get(w.ref.name)
+            start, end = (configure.start, configure.end) if configure else (0, 0)
+            stage = None
+        if stage is None and self.allocation is not None and start < end:
+            index = self._route_index(w.ref.name)
+            stage = self.allocation.stage_ms[index] if index is not None else None
         return NodeView(w.ref.name, "worker", start, end, w.state, stage,
-                        last.queue_depth if last else 0, last.queue_capacity if last else 0,
-                        last.processed if last else 0, w.ref.data_addr)
+                        last.queue_depth if last else 0,
+                        last.queue_capacity if last else 0,
+                        last.processed if last else 0, w.ref.data_addr, w.reason)
+
+    def _route_index(self, name: str) -> int | None:
+        """The worker's index in the allocation (0 is the source), or None if not live."""
+        assert self.allocation is not None
+        names = [self.settings.name, *self._allocated]
+        return names.index(name) if name in names else None
 
     def _event(self, kind: str, **data: Any) -> None:
         event = {"type": kind, "time": time.time(), **data}
