@@ -113,7 +113,7 @@ class PipelineStatus:
 
 
 class Pipeline(Protocol):
-    """What ``web.create_app`` needs. ``appliance.source.Source`` implements it."""
+    """What ``web.create_app`` needs. ``appliance.data.source.Source`` implements it."""
 
     @property
     def manifest(self) -> Manifest: ...

@@ -275,8 +275,8 @@ class _Pipeline:
 @contextlib.contextmanager
 def _pipeline(spec: _PipelineSpec, options: PipelineBenchOptions) -> Iterator[_Pipeline]:
     from appliance.cluster import LocalClusterOptions, running
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
 
     cluster_options = LocalClusterOptions(
         model=options.model, repo=options.repo, nodes=len(spec.cpus), mode="edgepipe",
@@ -418,8 +418,8 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
     import pynng
     from pynng import ffi, lib
 
-    from appliance import frames as fr
-    from appliance.transport import DataInbox, DataOutbox
+    from appliance.wire import frames as fr
+    from appliance.wire.transport import DataInbox, DataOutbox
 
     if spec["cpu"] is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {spec["cpu"]})

@@ -207,7 +207,7 @@ def node(
 ) -> None:
     """Run one worker of a cluster (until SIGINT/SIGTERM or a Shutdown message)."""
     from appliance.config import load_config
-    from appliance.node import Node
+    from appliance.data.node import Node
     from appliance.settings import node_settings
 
     settings = node_settings(load_config(config), name, parent_pid)
@@ -230,8 +230,8 @@ def _idle_lines(source: Any) -> list[str]:
 def serve(config: ConfigOption) -> None:
     """Run the source and the web front end of a cluster."""
     from appliance.config import load_config
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
     from web.server import listen, serve, url_of
 
     cfg = load_config(config)
@@ -277,8 +277,8 @@ def up(
     import logging
 
     from appliance.cluster import LocalClusterOptions, parse_cpus, parse_slowdown, running
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
     from engines.repository import ModelRepository
 
     if nodes < 0:

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import messages as msg
 from appliance.config import ClusterConfig, dump_toml, parse_config
-from appliance.transport import ControlClient
+from appliance.wire import messages as msg
+from appliance.wire.transport import ControlClient
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.cluster")

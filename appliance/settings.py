@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from appliance.config import ClusterConfig
-from appliance.node import NodeSettings
-from appliance.source import SourceSettings, WorkerRef
+from appliance.data.node import NodeSettings
+from appliance.data.source import SourceSettings, WorkerRef
 
 
 def resolve_backend(backend: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.allocator import (
+from appliance.control.allocator import (
     BOTTLENECK_RTOL,
     Allocation,
     AllocationError,

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from appliance import frames as fr
 from appliance.bench import GOALS, PipelineBenchOptions, format_report, run_pipeline_bench
 from appliance.cli import app
-from appliance.transport import DataInbox, DataOutbox
+from appliance.wire import frames as fr
+from appliance.wire.transport import DataInbox, DataOutbox
 from engines.errors import ModelNotFoundError
 from tests.conftest import BuiltModel
 

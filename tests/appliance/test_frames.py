@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from appliance import frames as fr
+from appliance.wire import frames as fr
 
 FP = hashlib.sha256(b"model").digest()
 KEY = b"cluster-key"

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.node import Node, NodeSettings
-from appliance.transport import ControlClient, DataInbox, DataOutbox, TransportTimeout
+from appliance.data.node import Node, NodeSettings
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.transport import ControlClient, DataInbox, DataOutbox, TransportTimeout
 from engines.preprocess import Normaliser
 from tests.conftest import BuiltModel, run_onnx
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from appliance.api import InferenceResult, PipelineError, RequestTimeoutError
-from appliance.node import Node, NodeSettings
-from appliance.source import Source, SourceSettings, WorkerRef
+from appliance.data.node import Node, NodeSettings
+from appliance.data.source import Source, SourceSettings, WorkerRef
 from engines.errors import EngineError
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster, submit_all

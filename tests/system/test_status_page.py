@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from appliance.source import Source
+from appliance.data.source import Source
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster
 from web.app import create_app

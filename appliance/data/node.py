@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.transport import (
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.transport import (
     ControlServer,
     DataInbox,
     DataOutbox,

@@ -31,16 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.allocator import (
-    Allocation,
-    Snapshot,
-    evaluate,
-    snapshot_from_profile,
-    solve,
-    why_left_out,
-)
 from appliance.api import (
     Classification,
     Hop,
@@ -53,8 +43,18 @@ from appliance.api import (
     QueueFullError,
     RequestTimeoutError,
 )
-from appliance.messages import MessageError
-from appliance.transport import (
+from appliance.control.allocator import (
+    Allocation,
+    Snapshot,
+    evaluate,
+    snapshot_from_profile,
+    solve,
+    why_left_out,
+)
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.messages import MessageError
+from appliance.wire.transport import (
     ControlClient,
     DataInbox,
     DataOutbox,
