@@ -91,6 +91,10 @@ class NodeView:
     processed: int = 0
     address: str = ""
     reason: str = ""  # why a worker is idle (e.g. the optimum leaves it out), or refused/down
+    slowdown: float = 1.0  # emulated slowdown factor
+    speed: float | None = None  # measured / profiled time of its segment
+    link_Bps: float | None = None  # its output's bytes / send time
+    moves: int = 0  # boundary moves it decided
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class PipelineStatus:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     counters: dict[str, int] = field(default_factory=dict)
+    optimum: tuple[int, ...] = ()  # the exact optimum at the measured speeds (the reference)
+    optimum_bottleneck_ms: float | None = None
 
 
 class Pipeline(Protocol):
@@ -130,6 +136,10 @@ class Pipeline(Protocol):
         ...
 
     def status(self) -> PipelineStatus: ...
+
+    def set_slowdown(self, node: str, factor: float) -> None:
+        """Change a node's emulated slowdown while it runs (blocking; call off the loop)."""
+        ...
 
     def events(self) -> AsyncIterator[dict[str, Any]]:
         """Live events (boundary moves, failures, rejoins) as JSON-able dicts."""

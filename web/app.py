@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api import NotReadyError, Pipeline, QueueFullError, RequestTimeoutError
 from engines.errors import ArmdiError, InputSpecError
-from web.routers import WebSettings, classify, metrics, server_version, v2
+from web.routers import WebSettings, classify, metrics, nodes, server_version, v2
 from web.routers import pipeline as pipeline_routes
 
 __all__ = ["WebSettings", "create_app"]
@@ -58,7 +58,7 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
     app.state.settings = settings
     app.state.metrics_registry = registry
 
-    for module in (classify, v2, pipeline_routes, metrics):
+    for module in (classify, v2, pipeline_routes, nodes, metrics):
         app.include_router(module.router)
     app.add_api_route("/", index, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -69,6 +69,7 @@ class FakePipeline:
         self.fail: Exception | None = None
         self.fail_times: int | None = None  # None: fail every call while ``fail`` is set
         self.calls = 0
+        self.slowdowns: list[tuple[str, float]] = []
         self.event_list: list[dict[str, Any]] = events if events is not None else [
             {"type": "boundary_moved", "boundaries": [0, 2, 4]},
             {"type": "node_down", "node": "worker-1"},
@@ -124,6 +125,9 @@ class FakePipeline:
             throughput_per_s=12.5, latency_p50_ms=4.0, latency_p99_ms=float("nan"),
             counters={"boundary_moves": 3},
         )
+
+    def set_slowdown(self, node: str, factor: float) -> None:
+        self.slowdowns.append((node, factor))
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         for event in self.event_list:
