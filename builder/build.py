@@ -21,7 +21,14 @@ from builder.sources import OPSET, SourceModel, resolve
 from builder.verify import sample_inputs, verify
 from engines.base import Engine
 from engines.errors import BuildError
-from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo, Verification
+from engines.manifest import (
+    FileEntry,
+    Manifest,
+    SegmentEntry,
+    TensorInfo,
+    Verification,
+    content_fingerprint,
+)
 from engines.ort import OrtEngine
 from engines.repository import MANIFEST, ModelRepository, sha256_file, write_json_atomic
 
@@ -123,7 +130,6 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
 def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
                 timings: dict[str, float]) -> Manifest:
     t0 = time.perf_counter()
-    fingerprint = sha256_file(source.onnx_path)
     reporter.note(f"loading {source.onnx_path.name}")
     try:
         model = onnx.load(str(source.onnx_path))
@@ -178,6 +184,13 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         timings["merge_s"] = time.perf_counter() - t0
 
     K = analysis.blocks
+    input_info = TensorInfo(**cuts[0].model_dump(exclude={"index"}))
+    output_info = TensorInfo(**cuts[-1].model_dump(exclude={"index"}))
+    fingerprint = content_fingerprint(
+        graph_sha256=sha256_file(out / FULL_MODEL),
+        weights_sha256=sha256_file(out / seg_mod.WEIGHTS_FILE),
+        input=input_info, output=output_info, cut_points=cuts,
+        preprocessing=source.preprocessing)
     ranges = sorted(set(seg_mod.segment_ranges(K, options.segments))
                     | {(k, k + 1) for k in range(K)}, key=lambda r: (r[1] - r[0], r))
     t0 = time.perf_counter()
@@ -237,8 +250,8 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         armdi_version=ARMDI_VERSION,
         opset=max((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")),
                   default=OPSET),
-        input=TensorInfo(**cuts[0].model_dump(exclude={"index"})),
-        output=TensorInfo(**cuts[-1].model_dump(exclude={"index"})),
+        input=input_info,
+        output=output_info,
         preprocessing=source.preprocessing,
         labels=source.labels if _is_classifier(cuts[-1].shape, source.labels) else None,
         blocks=K,

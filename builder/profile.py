@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,22 +11,10 @@ import numpy as np
 
 from builder.progress import Reporter
 from engines.base import Engine
+from engines.device import device_signature
 from engines.manifest import DeviceProfile
 
-
-def device_signature() -> str:
-    """A stable name for this kind of device: architecture, CPU model, core count."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith(("model name", "hardware")):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cpu = re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-")[:48] or "cpu"
-    return f"{platform.machine()}-{cpu}-{os.cpu_count()}c"
+__all__ = ["device_signature", "median_ms", "profile", "sample_segments"]
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -101,14 +101,24 @@ class ModelRepository:
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"{path}: manifest schema version {version!r}, this armdi reads version "
-                f"{SCHEMA_VERSION}; rebuild: {hint}"
+                f"{SCHEMA_VERSION} (built by another armdi version); rebuild: {hint} (or "
+                "unpack a pack made by this version)"
             )
         try:
-            return Manifest.model_validate(data)
+            manifest = Manifest.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ManifestError(f"{path}: {where}: {err['msg']}; rebuild: {hint}") from exc
+        try:
+            content = manifest.content_fingerprint()
+        except ValueError as exc:
+            raise ManifestError(f"{path}: {exc}; rebuild: {hint}") from exc
+        if content != manifest.fingerprint:
+            raise ManifestError(
+                f"{path}: fingerprint {manifest.fingerprint[:12]} does not match the "
+                f"manifest's content ({content[:12]}; edited by hand?); rebuild: {hint}")
+        return manifest
 
     def check_file(self, manifest: Manifest, relpath: str) -> Path:
         """The path of ``relpath``, after checking its size and sha256 against the manifest."""

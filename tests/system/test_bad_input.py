@@ -101,14 +101,20 @@ def test_configure_outside_the_model_is_refused(node) -> None:
 
 
 def _other_version(built: BuiltModel, tmp: Path) -> Path:
-    """A copy of the repository whose model claims another fingerprint (another build)."""
+    """A copy of the repository whose model is another version (other preprocessing), with
+    the fingerprint that content gives."""
     import json
+
+    from engines.manifest import Manifest
 
     repo = tmp / "other-repo"
     shutil.copytree(built.repo, repo)
     path = repo / "tiny" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["fingerprint"] = "ab" * 32
+    manifest = Manifest.model_validate_json(path.read_text())
+    manifest = manifest.model_copy(update={"preprocessing": manifest.preprocessing.model_copy(
+        update={"resize": 300})})
+    data = manifest.model_dump(mode="json")
+    data["fingerprint"] = manifest.content_fingerprint()
     path.write_text(json.dumps(data))
     return repo
 
