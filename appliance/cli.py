@@ -110,6 +110,67 @@ def build(
     )
 
 
+@app.command()
+def pack(
+    model_id: Annotated[str, typer.Argument(help="A model id in the repository.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The pack to write "
+                                                               "(a .tar file).")],
+    repo: RepoOption = None,
+) -> None:
+    """Write a built model to one tar file, to install on other devices with armdi unpack."""
+    from engines.pack import pack as run_pack
+    from engines.repository import ModelRepository
+
+    report = run_pack(ModelRepository(_repo_path(repo)), model_id, output)
+    m = report.manifest
+    typer.echo(f"packed {m.model_id} (fingerprint {m.fingerprint[:16]}): {report.files} files, "
+               f"{report.bytes / 1e6:.1f} MB -> {report.path}")
+    typer.echo(f"on each device: armdi unpack {report.path.name} [--repo DIR]")
+
+
+@app.command()
+def unpack(
+    archive: Annotated[Path, typer.Argument(help="A pack written by armdi pack.")],
+    profile: Annotated[bool, typer.Option(help="Profile the model's blocks on this device "
+                                               "for the allocator.")] = True,
+    threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
+    repo: RepoOption = None,
+) -> None:
+    """Install a packed model into the repository, verifying the manifest and every file."""
+    from engines.pack import unpack as run_unpack
+    from engines.repository import ModelRepository
+
+    repository = ModelRepository(_repo_path(repo))
+    report = run_unpack(archive, repository)
+    m = report.manifest
+    if report.unchanged:
+        typer.echo(f"{m.model_id} (fingerprint {m.fingerprint[:16]}) is already installed in "
+                   f"{repository.root}; unchanged")
+    else:
+        was = f" (replaced fingerprint {report.replaced[:16]})" if report.replaced else ""
+        typer.echo(f"unpacked {m.model_id} (fingerprint {m.fingerprint[:16]}): {report.files} "
+                   f"files, {report.bytes / 1e6:.1f} MB verified -> {report.path}{was}")
+    if profile and (not report.unchanged or _needs_profile(m)):
+        _profile_here(repository, m.model_id, threads)
+
+
+def _needs_profile(manifest: Any) -> bool:
+    from engines.device import device_signature
+
+    return all(p.device != device_signature() for p in manifest.profiles.values())
+
+
+def _profile_here(repository: Any, model_id: str, threads: int = 1) -> None:
+    """Time the model's blocks on this device (ONNX Runtime) and keep them in its manifest."""
+    from builder.profile import profile_installed
+    from builder.progress import SilentReporter
+
+    typer.echo(f"profiling {model_id}'s blocks on this device ...", err=True)
+    p = profile_installed(repository, model_id, SilentReporter(), threads=threads)
+    typer.echo(f"profiled {model_id} on {p.device}: full model {p.full_model_ms:.2f} ms, sum of "
+               f"{len(p.block_ms)} blocks {sum(p.block_ms):.2f} ms")
+
+
 def inspect_data(manifest: Any) -> dict[str, Any]:
     """The JSON of ``armdi inspect``."""
     profiles = {
@@ -259,13 +320,19 @@ def serve(config: ConfigOption) -> None:
     from appliance.config import load_config
     from appliance.settings import source_settings
     from appliance.source import Source
+    from engines.repository import ModelRepository
 
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = _listen(cfg.source.http_host, cfg.source.http_port)
+    repository = ModelRepository(cfg.cluster.repo)
+    if _needs_profile(repository.load_manifest(cfg.cluster.model)):
+        _profile_here(repository, cfg.cluster.model)  # first start on this device
     source = Source(source_settings(cfg))
     try:
         source.start()
+        for name, reason in source.refusals.items():
+            typer.secho(f"refused {name}: {reason}", fg=typer.colors.RED, err=True)
         typer.echo(f"armdi serving {cfg.cluster.model} at {_url(sock)}")
         _serve_source(source, sock)
     except KeyboardInterrupt:

@@ -165,8 +165,9 @@ class Node:
             ok = message.fingerprint == self.manifest.fingerprint
             reason = "" if ok else (
                 f"{self.settings.name} serves {self.manifest.model_id} fingerprint "
-                f"{self.manifest.fingerprint[:12]}, the source has {message.fingerprint[:12]}; "
-                "rebuild the model on one of them so both match")
+                f"{self.manifest.fingerprint[:12]}, the source has {message.fingerprint[:12]} "
+                f"({message.model_id}); ship the source's model here: armdi pack on the "
+                "source, armdi unpack on this node")
             return msg.HelloReply(node=self.settings.name, fingerprint=self.manifest.fingerprint,
                                   ok=ok, reason=reason)
         if isinstance(message, msg.Configure):

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from engines.base import Engine
 from engines.chained import ChainedEngine
 from engines.errors import ArtifactError, ManifestError, ModelNotFoundError
-from engines.manifest import SCHEMA_VERSION, Manifest
+from engines.manifest import SCHEMA_VERSION, DeviceProfile, Manifest
 
 MANIFEST = "manifest.json"
 
@@ -158,6 +158,16 @@ class ModelRepository:
         elif source.get("weights") not in (None, "pretrained"):
             what = f"{model_id} --weights {source['weights']}"
         return f"armdi build {what} --repo {self.root}"
+
+    def save_profile(self, model_id: str, profile: DeviceProfile) -> Manifest:
+        """Add (or replace) this device's ``profile`` in the model's manifest. Profiles are
+        outside the fingerprint: they belong to the device, not to the model."""
+        manifest = self.load_manifest(model_id)
+        key = f"{profile.device}/{profile.backend}/t{profile.threads}"
+        updated = manifest.model_copy(update={"profiles": {**manifest.profiles,
+                                                           key: profile}})
+        write_json_atomic(self.model_dir(model_id) / MANIFEST, updated.model_dump(mode="json"))
+        return updated
 
     def check_all(self, manifest: Manifest) -> None:
         for relpath in manifest.files:
