@@ -133,9 +133,6 @@ def unpack(archive: Path, repository: ModelRepository) -> UnpackReport:
         if missing:
             raise ArtifactError(f"{where}: {model_id}/{missing[0]} is missing from the pack "
                                 "(the manifest lists it); pack the model again")
-        unchanged = _already_installed(repository, manifest)
-        if unchanged is not None:
-            return unchanged
         staging = repository.root / STAGING
         try:
             staging.mkdir(parents=True, exist_ok=True)
@@ -151,6 +148,9 @@ def unpack(archive: Path, repository: ModelRepository) -> UnpackReport:
             total = 0
             for relpath, member in sorted(named.items()):
                 total += _extract_verified(where, tar, member, target, relpath, manifest)
+            unchanged = _already_installed(repository, manifest)
+            if unchanged is not None:
+                return unchanged  # verified, and already there: keep its engines, profiles
             write_json_atomic(target / MANIFEST, manifest.model_dump(mode="json"))
             replaced = _replace(repository, manifest, target, work)
         finally:
@@ -188,14 +188,17 @@ def _check_members(where: str, members: list[tarfile.TarInfo]
                 or any(p in ("", ".") for p in parts):
             raise ArtifactError(f"{where}: unexpected member {name!r} (a pack holds "
                                 "<model_id>/<file>); refusing it")
+        model_ids.add(parts[0])
+        if len(model_ids) > 1:
+            raise ArtifactError(f"{where}: a pack holds one model folder, this one has "
+                                f"{len(model_ids)} ({', '.join(sorted(model_ids))}); "
+                                "refusing it")
         relpath = "/".join(parts[1:])
         if relpath in named:
             raise ArtifactError(f"{where}: {name!r} appears twice; refusing the pack")
-        model_ids.add(parts[0])
         named[relpath] = member
-    if len(model_ids) != 1:
-        raise ArtifactError(f"{where}: a pack holds one model folder, this one has "
-                            f"{len(model_ids)} ({', '.join(sorted(model_ids)) or 'none'})")
+    if not model_ids:
+        raise ArtifactError(f"{where}: the pack is empty (make one with armdi pack)")
     return model_ids.pop(), named
 
 
