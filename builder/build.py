@@ -100,6 +100,14 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         # TensorRT 8.x parses ONNX opset 17 at most (JetPack 6.0); 10.x takes 18.
         if require_tensorrt() < 10 and opset is None:
             opset = 17
+    from builder.shipped import shipped_model
+
+    shipped = shipped_model(options)
+    if shipped is not None:  # a model shipped here (armdi unpack): its TensorRT plans only
+        from builder.shipped import build_trt_for_shipped
+
+        manifest, path, seconds = build_trt_for_shipped(options, shipped, reporter)
+        return BuildReport(manifest, path, seconds)
     repo = ModelRepository(options.repo)
     staging_root = _prepare_repo(repo.root)
     _clean_stale(staging_root)
@@ -209,7 +217,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     segments = {"ort": tuple(entries)}
     backend_verification: dict[str, Verification] = {}
     if _wants_trt(options.backend):
-        from builder.trt_stage import build_trt
+        from builder.trt_stage import build_trt, trt_verification
 
         t0 = time.perf_counter()
         if len(ranges) > 200:
@@ -219,13 +227,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
             out, Path(options.repo), ranges, fingerprint, activations, open_segment,
             reporter, fp16=options.fp16, blocks=K)
         segments["trt"] = tuple(trt_entries)
-        trt_precision = "fp16" if options.fp16 else "fp32"
-        backend_verification["trt"] = Verification(
-            passed=True, max_abs_error=trt_error,
-            tolerance=1e-3 if trt_precision == "fp32" else 1.0,
-            samples=1, top1_agreement=1.0, segments_checked=len(trt_entries),
-            detail=f"TensorRT {trt_precision} engines against ONNX Runtime on each segment"
-                   + (" (fp16: top-1 of the final segment must agree)" if options.fp16 else ""))
+        backend_verification["trt"] = trt_verification(trt_entries, trt_error, fp16=options.fp16)
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
                       f"{trt_error:.2g}")
         timings["trt_s"] = time.perf_counter() - t0

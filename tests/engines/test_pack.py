@@ -218,7 +218,7 @@ def test_pack_and_unpack_errors(built_tiny: BuiltModel, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not a readable tar file"):
         unpack(junk, ModelRepository(tmp_path / "r"))
     (built_tiny.model_dir / "seg_0001_0002.onnx").write_bytes(b"changed")
-    with pytest.raises(ArtifactError, match="seg_0001_0002.onnx"):
+    with pytest.raises(ArtifactError, match=r"seg_0001_0002\.onnx"):
         pack(ModelRepository(built_tiny.repo), "tiny", tmp_path / "x.tar")
     assert not (tmp_path / "x.tar").exists()
     assert list(tmp_path.glob(".x.tar*")) == []
