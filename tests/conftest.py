@@ -287,6 +287,23 @@ def built_tiny(built_tiny_session: BuiltModel, tmp_path: Path) -> Iterator[Built
     yield BuiltModel(repo, built_tiny_session.manifest, built_tiny_session.source)
 
 
+def other_version(built: BuiltModel, tmp: Path) -> Path:
+    """A copy of ``built``'s repository (in ``tmp/other-repo``) whose model is another
+    version of it (other preprocessing), with the fingerprint that content gives."""
+    import json
+
+    repo = tmp / "other-repo"
+    shutil.copytree(built.repo, repo)
+    path = repo / built.manifest.model_id / "manifest.json"
+    manifest = Manifest.model_validate_json(path.read_text())
+    manifest = manifest.model_copy(update={"preprocessing": manifest.preprocessing.model_copy(
+        update={"resize": 300})})
+    data = manifest.model_dump(mode="json")
+    data["fingerprint"] = manifest.content_fingerprint()
+    path.write_text(json.dumps(data))
+    return repo
+
+
 @pytest.fixture
 def tiny_repo(built_tiny: BuiltModel) -> tuple[Path, Manifest]:
     """``(repo, manifest)`` of a private copy of the built tiny model (id ``tiny``)."""

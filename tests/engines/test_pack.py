@@ -200,9 +200,9 @@ def test_unsafe_members_are_refused_and_nothing_is_written(packed: Path, tmp_pat
 
 def test_unpack_replaces_another_version_and_says_so(built_tiny: BuiltModel, packed: Path,
                                                      tmp_path: Path) -> None:
-    from tests.system.test_bad_input import _other_version
+    from tests.conftest import other_version
 
-    other_root = _other_version(built_tiny, tmp_path)  # the same model id, other content
+    other_root = other_version(built_tiny, tmp_path)  # the same model id, other content
     other = ModelRepository(other_root)
     old = other.load_manifest("tiny").fingerprint
     report = unpack(packed, other)

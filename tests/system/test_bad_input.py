@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from appliance.node import Node, NodeSettings
 from appliance.source import Source, SourceSettings, WorkerRef
 from appliance.transport import ControlClient, DataInbox, DataOutbox
 from engines.repository import ModelRepository
-from tests.conftest import BuiltModel
+from tests.conftest import BuiltModel, other_version
 
 KEY = bytes(range(32))
 
@@ -100,30 +99,11 @@ def test_configure_outside_the_model_is_refused(node) -> None:
     assert isinstance(ack, msg.Ack) and not ack.ok and "bad range" in ack.reason
 
 
-def _other_version(built: BuiltModel, tmp: Path) -> Path:
-    """A copy of the repository whose model is another version (other preprocessing), with
-    the fingerprint that content gives."""
-    import json
-
-    from engines.manifest import Manifest
-
-    repo = tmp / "other-repo"
-    shutil.copytree(built.repo, repo)
-    path = repo / "tiny" / "manifest.json"
-    manifest = Manifest.model_validate_json(path.read_text())
-    manifest = manifest.model_copy(update={"preprocessing": manifest.preprocessing.model_copy(
-        update={"resize": 300})})
-    data = manifest.model_dump(mode="json")
-    data["fingerprint"] = manifest.content_fingerprint()
-    path.write_text(json.dumps(data))
-    return repo
-
-
 def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
         built_tiny: BuiltModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     other = Node(NodeSettings(name="old", data_addr=f"ipc://{tmp_path}/old.data",
                               control_addr=f"ipc://{tmp_path}/old.ctl",
-                              repo=_other_version(built_tiny, tmp_path), model_id="tiny"))
+                              repo=other_version(built_tiny, tmp_path), model_id="tiny"))
     good = Node(NodeSettings(name="good", data_addr=f"ipc://{tmp_path}/good.data",
                              control_addr=f"ipc://{tmp_path}/good.ctl", repo=built_tiny.repo,
                              model_id="tiny"))
