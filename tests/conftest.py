@@ -162,6 +162,22 @@ def two_output_net() -> onnx.ModelProto:
     return _model(nodes, [image_input()], outs, [], "two_outputs")
 
 
+def with_export_metadata(model: onnx.ModelProto, checkout: str,
+                         producer_version: str = "2.14.0") -> onnx.ModelProto:
+    """``model`` as an exporter run from ``checkout`` would write it: stack traces and doc
+    strings naming that checkout's files, and its own producer version."""
+    model.producer_name, model.producer_version = "pytorch", producer_version
+    model.doc_string = f"exported by {checkout}/builder/sources.py"
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.source", f"{checkout}/builder/efficientnet_lite.py"
+    model.graph.doc_string = checkout
+    for index, node in enumerate(model.graph.node):
+        node.doc_string = f'File "{checkout}/builder/efficientnet_lite.py", line {index}'
+        meta = node.metadata_props.add()
+        meta.key, meta.value = "pkg.torch.onnx.stack_trace", f"{checkout}/x.py:{index}"
+    return model
+
+
 def reorder_nodes(model: onnx.ModelProto, order: list[int]) -> onnx.ModelProto:
     """A copy of ``model`` whose node list is stored in ``order``."""
     out = onnx.ModelProto()

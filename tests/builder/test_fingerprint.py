@@ -12,23 +12,12 @@ import pytest
 from engines.errors import ManifestError
 from engines.manifest import SCHEMA_VERSION, Manifest
 from engines.repository import MANIFEST, ModelRepository
-from tests.conftest import BuiltModel, build_tiny, residual_net, save
+from tests.conftest import BuiltModel, build_tiny, residual_net, save, with_export_metadata
 
 
 def _exported_at(path: Path, checkout: str, producer_version: str, seed: int = 0) -> Path:
-    """The residual net as an exporter run from ``checkout`` would write it: stack traces
-    and doc strings naming that checkout's files, its own producer version."""
-    model = residual_net(seed)
-    model.producer_name, model.producer_version = "pytorch", producer_version
-    model.doc_string = f"exported by {checkout}/builder/sources.py"
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "pkg.torch.onnx.source", f"{checkout}/builder/efficientnet_lite.py"
-    model.graph.doc_string = f"{checkout}"
-    for index, node in enumerate(model.graph.node):
-        node.doc_string = f"File \"{checkout}/builder/efficientnet_lite.py\", line {index}"
-        meta = node.metadata_props.add()
-        meta.key, meta.value = "pkg.torch.onnx.stack_trace", f"{checkout}/x.py:{index}"
-    return save(model, path / "tiny.onnx")
+    return save(with_export_metadata(residual_net(seed), checkout, producer_version),
+                path / "tiny.onnx")
 
 
 def _build(source: Path, repo: Path, **options: object) -> Manifest:

@@ -124,6 +124,7 @@ def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
         x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
         result = source.submit(x).result(timeout=10)
         states = {n.name: n.state for n in source.status().nodes}
+        refusals = dict(source.refusals)
     finally:
         source.close()
         stop.set()
@@ -132,6 +133,10 @@ def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
     assert [h.node for h in result.path] == ["good"]
     assert states["old"] == "refused" and states["ghost"] == "down" and states["good"] == "up"
     assert any("fingerprint" in r.message for r in caplog.records if "old" in r.message)
+    # The refused node is named with the commands that make it serve the source's model.
+    assert list(refusals) == ["old"]
+    assert f"armdi pack tiny -o tiny.tar --repo {built_tiny.repo}" in refusals["old"]
+    assert "copy tiny.tar to old and there run `armdi unpack tiny.tar" in refusals["old"]
     assert any("ghost" in r.message and "did not answer" in r.message for r in caplog.records)
 
 
