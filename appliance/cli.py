@@ -183,7 +183,9 @@ def inspect_data(manifest: Any) -> dict[str, Any]:
         }
         for key, p in manifest.profiles.items()
     }
-    first = next(iter(manifest.profiles.values()), None)
+    from engines.device import device_signature
+
+    first = manifest.profile_for(device_signature(), "ort")  # this device's, where it has one
     return {
         "model_id": manifest.model_id,
         "fingerprint": manifest.fingerprint,

@@ -310,6 +310,7 @@ def test_help(jetson: Jetson) -> None:
         "--no-desktop",
         "--skip-build",
         "--root",
+        "--model-from",
     ):
         assert flag in res.out
     assert res.mutating == []
