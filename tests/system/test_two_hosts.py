@@ -94,7 +94,7 @@ def _namespace() -> Iterator[tuple[str, str, tuple[str, ...]]]:
         subprocess.run([ip, "netns", "del", name], capture_output=True, timeout=10)
 
 
-def _config(host_ip: str, ns_ip: str, http_port: int) -> str:
+def _config(host_ip: str, ns_ip: str) -> str:
     ips = {"source": host_ip, "w1": ns_ip, "w2": host_ip, "w3": host_ip}
     # Ports free here; the namespace is new, so they are free there too.
     ports = {name: (_free_port("127.0.0.1"), _free_port("127.0.0.1")) for name in ips}
@@ -108,7 +108,7 @@ def _config(host_ip: str, ns_ip: str, http_port: int) -> str:
                       for n in ("w1", "w2", "w3"))
     return ('[cluster]\nmodel = "tiny"\nrepo = "repo"\nmode = "edgepipe"\nbackend = "ort"\n\n'
             f'[source]\nname = "source"\n{addrs("source")}run_blocks = false\n'
-            f'http_host = "127.0.0.1"\nhttp_port = {http_port}\n' + workers)
+            'http_host = "127.0.0.1"\nhttp_port = 0\n' + workers)  # serve prints the port
 
 
 def _host(tmp: Path, name: str, config: str) -> Path:
@@ -143,7 +143,10 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str, timeout_s: float) -> 
         seen.append(line)
         if text in line:
             return line
-    raise AssertionError(f"no {text!r} in the output: {''.join(seen)}")
+    if proc.poll() is None:
+        proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"no {text!r} in the output: {''.join(seen)}; stderr: {err}")
 
 
 def _pipeline_when_polled(url: str, timeout_s: float = 20.0) -> dict[str, object]:
@@ -160,9 +163,8 @@ def _pipeline_when_polled(url: str, timeout_s: float = 20.0) -> dict[str, object
 
 
 def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Path) -> None:
-    http_port = _free_port("127.0.0.1")
     with _namespace() as (host_ip, ns_ip, in_ns):
-        config = _config(host_ip, ns_ip, http_port)
+        config = _config(host_ip, ns_ip)
         a, b, c, d = (_host(tmp_path, n, config) for n in ("a", "b", "c", "d"))
         # A: the build (the session's), packed.
         shutil.copytree(built_tiny.repo, a / "repo")
@@ -193,12 +195,12 @@ def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Pa
                  str(a / "cluster.toml")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(serve)
-            _wait_for_line(serve, "armdi serving tiny at", 90)
+            url = _wait_for_line(serve, "armdi serving tiny at", 90).split(" at ")[1].strip()
             x = np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32)
-            response = httpx.post(f"http://127.0.0.1:{http_port}/v2/models/tiny/infer", json={
+            response = httpx.post(f"{url}v2/models/tiny/infer", json={
                 "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                             "data": x.ravel().tolist()}]}, timeout=60)
-            pipeline = _pipeline_when_polled(f"http://127.0.0.1:{http_port}/v1/pipeline")
+            pipeline = _pipeline_when_polled(f"{url}v1/pipeline")
         finally:
             _stop(procs)
         err = serve.stderr.read() if serve.stderr else ""
