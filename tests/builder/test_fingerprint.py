@@ -96,3 +96,16 @@ def test_a_repository_of_the_old_schema_asks_for_a_rebuild(built_tiny: BuiltMode
     text = str(err.value)
     assert f"schema version 1, this armdi reads version {SCHEMA_VERSION}" in text
     assert "rebuild: armdi build" in text and "unpack" in text
+
+
+def test_profile_for_prefers_this_device_and_backend(built_tiny: BuiltModel) -> None:
+    m = built_tiny.manifest
+    [mine] = m.profiles.values()
+    other = mine.model_copy(update={"device": "jetson-orin", "block_ms": (9.0,) * m.blocks})
+    trt = mine.model_copy(update={"backend": "trt", "block_ms": (0.5,) * m.blocks})
+    both = m.model_copy(update={"profiles": {"o": other, "t": trt, "m": mine}})
+    assert both.profile_for(mine.device, "ort") is mine
+    assert both.profile_for(mine.device, "trt") is trt
+    assert both.profile_for("jetson-orin", "trt") is other  # its own, though for ONNX Runtime
+    assert both.profile_for("unknown", "ort") is other  # any, until this device profiles
+    assert m.model_copy(update={"profiles": {}}).profile_for(mine.device, "ort") is None

@@ -30,7 +30,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from engines.repository import ModelRepository
+from engines.device import device_signature
+from engines.manifest import Manifest
+from engines.repository import MANIFEST, ModelRepository, write_json_atomic
 from tests.conftest import (
     BuiltModel,
     build_tiny,
@@ -41,6 +43,15 @@ from tests.conftest import (
 )
 
 PY = sys.executable
+
+
+def _move_profiles_to_another_device(repo: Path) -> None:
+    path = repo / "tiny" / MANIFEST
+    manifest = Manifest.model_validate_json(path.read_text())
+    moved = {f"another-device/{p.backend}/t{p.threads}": p.model_copy(
+        update={"device": "another-device"}) for p in manifest.profiles.values()}
+    write_json_atomic(path, manifest.model_copy(update={"profiles": moved}).model_dump(
+        mode="json"))
 
 
 def _free_port(host: str) -> int:
@@ -166,8 +177,9 @@ def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Pa
     with _namespace() as (host_ip, ns_ip, in_ns):
         config = _config(host_ip, ns_ip)
         a, b, c, d = (_host(tmp_path, n, config) for n in ("a", "b", "c", "d"))
-        # A: the build (the session's), packed.
+        # A: the build (the session's), packed; as if built on another kind of device.
         shutil.copytree(built_tiny.repo, a / "repo")
+        _move_profiles_to_another_device(a / "repo")
         packed = _run("pack", "tiny", "-o", str(a / "tiny.tar"), "--repo", str(a / "repo"))
         assert packed.returncode == 0, packed.stderr
         # B: unpacks the copy of A's pack it was given.
@@ -181,6 +193,9 @@ def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Pa
                    segments="blocks")
         fingerprints = {h.name: ModelRepository(h / "repo").load_manifest("tiny").fingerprint
                         for h in (a, b, c, d)}
+        here = device_signature()
+        unpacked_profiles = ModelRepository(b / "repo").load_manifest("tiny").profiles
+        assert {p.device for p in unpacked_profiles.values()} >= {"another-device", here}
         assert fingerprints["a"] == fingerprints["b"] == fingerprints["c"] != fingerprints["d"]
 
         procs: list[subprocess.Popen[str]] = []
@@ -204,6 +219,9 @@ def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Pa
         finally:
             _stop(procs)
         err = serve.stderr.read() if serve.stderr else ""
+    # The source had no profile of this device: serve made one at its first start.
+    profiles = ModelRepository(a / "repo").load_manifest("tiny").profiles.values()
+    assert any(p.device == here and len(p.block_ms) == 11 for p in profiles)
     assert response.status_code == 200, response.text
     got = np.asarray(response.json()["outputs"][0]["data"], np.float32).reshape(8, -1)
     expected = run_onnx(a / "repo" / "tiny" / "model.onnx", x)[0]
