@@ -621,7 +621,6 @@ run_steps() {
     RESTART_REASONS=()
     IN_STEPS=1
     step_packages
-    check_python
     step_venv
     step_armdi
     step_pycuda
@@ -656,6 +655,7 @@ summary() {
 }
 
 # ---------------------------------------------------------------------------- main
+check_python  # a refusal comes before the first change, never after the apt step
 MODE=
 [[ $DRY_RUN -eq 1 ]] && MODE='; dry run, nothing will be changed'
 printf '%s: L4T %s (JetPack %s), %s; role %s, name %s, model %s; root %s%s\n' \

@@ -90,6 +90,7 @@ class NodeView:
     queue_capacity: int = 0
     processed: int = 0
     address: str = ""
+    reason: str = ""  # why a worker is idle (e.g. the optimum leaves it out), or refused/down
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class PipelineStatus:
 
 
 class Pipeline(Protocol):
-    """What ``web.create_app`` needs. ``appliance.source.Source`` implements it."""
+    """What ``web.create_app`` needs. ``appliance.data.source.Source`` implements it."""
 
     @property
     def manifest(self) -> Manifest: ...

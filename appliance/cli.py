@@ -270,7 +270,7 @@ def node(
 ) -> None:
     """Run one worker of a cluster (until SIGINT/SIGTERM or a Shutdown message)."""
     from appliance.config import load_config
-    from appliance.node import Node
+    from appliance.data.node import Node
     from appliance.settings import node_settings
 
     settings = node_settings(load_config(config), name, parent_pid)
@@ -283,60 +283,34 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _listen(host: str, port: int) -> Any:
-    """The front end's listening socket, bound before anything else starts, so a port in use
-    is one clear error (and port 0 gets a real port to print)."""
-    import socket
-
-    try:
-        return socket.create_server((host, port), reuse_port=False)
-    except OSError as exc:
-        raise ArmdiError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
-                         "another with --port (or source.http_port)") from exc
-
-
-def _url(sock: Any) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{host}:{port}/"
-
-
-def _serve_source(source: Any, sock: Any) -> None:
-    """Serve the web front end for ``source`` on ``sock`` until Ctrl-C or SIGTERM.
-
-    uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM is turned
-    into KeyboardInterrupt first so the callers' ``finally`` blocks (which stop the workers
-    and remove the socket files) always run."""
-    import uvicorn
-
-    from web.app import create_app
-
-    server = uvicorn.Server(uvicorn.Config(create_app(source), log_level="warning",
-                                          lifespan="on"))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    server.run(sockets=[sock])
+def _idle_lines(source: Any) -> list[str]:
+    """One line per worker that runs no blocks, with the reason."""
+    return [f"  {n.name} runs no blocks: {n.reason or n.state}"
+            for n in source.status().nodes if n.role == "worker" and n.start == n.end]
 
 
 @app.command()
 def serve(config: ConfigOption) -> None:
     """Run the source and the web front end of a cluster."""
     from appliance.config import load_config
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
     from engines.repository import ModelRepository
+    from web.server import listen, serve, url_of
 
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
-    sock = _listen(cfg.source.http_host, cfg.source.http_port)
+    sock = listen(cfg.source.http_host, cfg.source.http_port)
     repository = ModelRepository(cfg.cluster.repo)
     if _needs_profile(repository.load_manifest(cfg.cluster.model)):
         _profile_here(repository, cfg.cluster.model)  # first start on this device
     source = Source(source_settings(cfg))
     try:
         source.start()
-        for name, reason in source.refusals.items():
-            typer.secho(f"refused {name}: {reason}", fg=typer.colors.RED, err=True)
-        typer.echo(f"armdi serving {cfg.cluster.model} at {_url(sock)}")
-        _serve_source(source, sock)
+        typer.echo(f"armdi serving {cfg.cluster.model} at {url_of(sock)}")
+        for line in _idle_lines(source):  # refused ones with the fix (another fingerprint)
+            typer.echo(line)
+        serve(source, sock)
     except KeyboardInterrupt:
         pass
     finally:
@@ -358,6 +332,9 @@ def up(
     port: Annotated[int, typer.Option(help="Web front end port.")] = 8000,
     wire_dtype: Annotated[str, typer.Option(help="float32 | float16 activations on the "
                                                  "wire.")] = "float32",
+    min_workers: Annotated[int, typer.Option(
+        help="The first N workers run at least one block each, even where the optimum "
+             "would leave them out (demos, tests).")] = 0,
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
@@ -367,12 +344,14 @@ def up(
     import logging
 
     from appliance.cluster import LocalClusterOptions, parse_cpus, parse_slowdown, running
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
     from engines.repository import ModelRepository
 
     if nodes < 0:
         _fail("--nodes must be 0 or more")
+    if not 0 <= min_workers <= nodes:
+        _fail(f"--min-workers must be between 0 and --nodes ({nodes})")
     if mode not in ("armdi", "edgepipe", "local"):
         _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
     if wire_dtype not in ("float32", "float16"):
@@ -385,10 +364,12 @@ def up(
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
-        port=port, wire_dtype=wire_dtype, run_dir=run_dir,
+        port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
-    sock = _listen(host, port)  # before any worker starts: a port in use fails cleanly
+    from web.server import listen, serve, url_of
+
+    sock = listen(host, port)  # before any worker starts: a port in use fails cleanly
     try:
         with running(options) as (_cluster, cfg):
             source = Source(source_settings(cfg))
@@ -397,8 +378,10 @@ def up(
                 b = source.allocation.boundaries if source.allocation else ()
                 typer.echo(f"armdi up: {model}, {nodes} workers, mode {options.mode}, "
                            f"boundaries {list(b)}")
-                typer.echo(f"web front end: {_url(sock)}  (Ctrl-C stops everything)")
-                _serve_source(source, sock)
+                for line in _idle_lines(source):
+                    typer.echo(line)
+                typer.echo(f"web front end: {url_of(sock)}  (Ctrl-C stops everything)")
+                serve(source, sock)
             except KeyboardInterrupt:
                 pass
             finally:

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import messages as msg
 from appliance.config import ClusterConfig, dump_toml, parse_config
-from appliance.transport import ControlClient
+from appliance.wire import messages as msg
+from appliance.wire.transport import ControlClient
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.cluster")
@@ -50,6 +50,7 @@ class LocalClusterOptions:
     request_timeout_s: float = 10.0
     queue_depth: int = 8
     source_runs_blocks: bool = True
+    min_workers: int = 0  # the first N workers run at least one block each
     log_level: str = "WARNING"  # of the worker processes
 
 
@@ -112,6 +113,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "model": options.model, "repo": str(options.repo), "mode": options.mode,
         "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
         "queue_depth": options.queue_depth,
+        "min_workers": options.min_workers if options.mode != "local" else 0,
     }
     if options.key_hex:
         cluster["key"] = options.key_hex

@@ -126,6 +126,11 @@ class ClusterSection(_Frozen):
     backend: Literal["auto", "ort", "trt"] = Field(
         "auto", description="engine backend: auto | ort (ONNX Runtime) | trt (TensorRT)"
     )
+    min_workers: int = Field(
+        0, ge=0,
+        description="the first N workers each run at least one block, even where the optimum "
+                    "would leave them out (for demos and tests)"
+    )
 
     @field_validator("repo", "key_file")
     @classmethod
@@ -269,6 +274,11 @@ class ClusterConfig(_Frozen):
             problems.append(
                 f"workers: mode {mode!r} needs at least one [[workers]] entry "
                 '(or set cluster.mode = "local")'
+            )
+        if self.cluster.min_workers > len(self.workers):
+            problems.append(
+                f"cluster.min_workers: {self.cluster.min_workers} workers must run blocks, but "
+                f"only {len(self.workers)} [[workers]] are configured"
             )
         if mode == "local" and not self.source.run_blocks:
             problems.append(

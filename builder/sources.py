@@ -127,7 +127,7 @@ def _torch_model(
         else:
             module = EfficientNetLite0()
             if weights != "random":
-                module.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+                load_weights(module, Path(weights).expanduser(), model)
         info = SourceInfo(kind="efficientnet_lite0", name=model, weights=weights)
         return module.eval(), info, LITE_PREPROCESSING, labels
 
@@ -151,12 +151,53 @@ def _torch_model(
         if not path.is_file():
             raise BuildError(f"--weights {weights!r}: expected pretrained, random or a file")
         module = builder_fn(weights=None)
-        try:
-            module.load_state_dict(torch.load(path, map_location="cpu"))
-        except Exception as exc:
-            raise BuildError(f"{path}: not a state dict for {model} ({exc})") from exc
+        load_weights(module, path, model)
     info = SourceInfo(kind="torchvision", name=model, weights=weights)
     return module.eval(), info, Preprocessing(), labels
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(module: Any, path: Path, model: str) -> None:
+    """Load the state dict in ``path`` into ``module``, refusing any that does not fit it.
+
+    Every parameter and buffer of the architecture must be in the file and nothing else
+    (BatchNorm's ``num_batches_tracked`` counters excepted), with the same shapes: a partial
+    or foreign state dict would otherwise leave layers at their random initial values."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu")
+    except Exception as exc:
+        raise BuildError(f"--weights {path}: cannot read it as a PyTorch state dict ({exc})"
+                         ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint
+    if not isinstance(state, dict):
+        raise BuildError(f"--weights {path}: holds a {type(state).__name__}, not a state dict "
+                         "(save one with torch.save(model.state_dict(), PATH))")
+    expected = set(module.state_dict())
+    given = set(state)
+    ignore = {k for k in (expected ^ given) if k.endswith("num_batches_tracked")}
+    missing = sorted(expected - given - ignore)
+    unexpected = sorted(given - expected - ignore)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_listed(unexpected)})")
+        raise BuildError(f"--weights {path} does not match the {model} architecture: "
+                         f"{'; '.join(parts)}")
+    try:
+        module.load_state_dict({k: v for k, v in state.items() if k not in ignore},
+                               strict=not ignore)
+    except RuntimeError as exc:  # e.g. a shape mismatch
+        raise BuildError(f"--weights {path} does not match the {model} architecture: "
+                         f"{str(exc).splitlines()[-1].strip() or exc}") from exc
 
 
 def export_torch(module: Any, out: Path, *, input_size: int = 224, opset: int = OPSET) -> None:

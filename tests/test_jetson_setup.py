@@ -589,6 +589,19 @@ def test_existing_venv_without_system_site_packages_is_fixed(jetson: Jetson) -> 
     assert "changed: venv" in res.out
 
 
+@pytest.mark.parametrize("extra", [(), ("--yes",)])
+def test_wrong_python_is_refused_before_any_change(jetson: Jetson, extra: tuple[str, ...]) -> None:
+    """A python3 other than JetPack 6's is refused before the apt step, not after it."""
+    _write_stub(jetson.bin / "python3", 'if [[ ${1:-} == -c ]]; then echo 3.12; fi\nexit 0\n')
+    before = jetson.tree()
+    res = jetson.run("--config", str(jetson.config), "--name", "edge1", *extra)
+    assert res.rc == 1
+    assert "python3 is 3.12" in res.err
+    assert res.mutating == []
+    assert not res.called("apt-get")
+    assert jetson.tree() == before
+
+
 # --- --model-from: a model built elsewhere, shipped as a pack -----------------------------
 
 

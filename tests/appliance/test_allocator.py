@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.allocator import (
+from appliance.control.allocator import (
     BOTTLENECK_RTOL,
     Allocation,
     AllocationError,
@@ -22,6 +23,7 @@ from appliance.allocator import (
     snapshot_from_profile,
     solve,
     stage_time,
+    why_left_out,
 )
 from engines.errors import ArmdiError
 
@@ -288,7 +290,7 @@ def _brute_force(snap: Snapshot) -> tuple[float, tuple[int, ...]] | None:
         for n in range(workers):
             a, b = bounds[n], bounds[n + 1]
             cap = None if snap.max_blocks is None else snap.max_blocks[n]
-            if cap is not None and b - a > cap:
+            if (cap is not None and b - a > cap) or (snap.forced(n) and b == a):
                 fits = False
                 break
             if b > a or (n == 0 and snap.must_include_source):
@@ -329,6 +331,11 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
     caps = draw(
         st.none() | st.lists(st.none() | st.integers(0, blocks), min_size=workers, max_size=workers)
     )
+    forced = draw(st.none() | st.lists(st.booleans(), min_size=workers, max_size=workers))
+    if forced is not None:  # a worker capped at 0 blocks cannot be forced to run one
+        forced = [f and (caps is None or caps[n] != 0) for n, f in enumerate(forced)]
+        if sum(forced) > blocks:
+            forced = None
     return Snapshot(
         block_ms=tuple(tuple(r) for r in rows),
         activation_bytes=tuple(sizes),
@@ -336,6 +343,7 @@ def _snapshots(draw: st.DrawFn) -> Snapshot:
         latency_ms=tuple(latency),
         max_blocks=None if caps is None else tuple(caps),
         must_include_source=draw(st.booleans()),
+        must_use=None if forced is None else tuple(forced),
     )
 
 
@@ -369,7 +377,8 @@ def test_evaluate_is_consistent(snap: Snapshot, data: st.DataObject) -> None:
     try:
         alloc = evaluate(snap, bounds)
     except AllocationError:
-        assert snap.max_blocks is not None  # only a cap can reject well-formed boundaries
+        # only a cap or a forced worker can reject well-formed boundaries
+        assert snap.max_blocks is not None or snap.must_use is not None
         return
     for n in range(snap.workers):
         a, b = alloc.segment(n)
@@ -380,3 +389,53 @@ def test_evaluate_is_consistent(snap: Snapshot, data: st.DataObject) -> None:
     assert alloc.bottleneck_ms == max(used)
     assert alloc.latency_ms == math.fsum(used)
     assert solve(snap).bottleneck_ms <= alloc.bottleneck_ms + alloc.bottleneck_ms * BOTTLENECK_RTOL
+
+
+# --- workers the user insists on (must_use, --min-workers) ---------------------------------
+
+
+def _costly_hop() -> Snapshot:
+    """Two equal workers and a link so slow that the optimum keeps everything on worker 0."""
+    return snapshot_from_profile([[1.0] * 4] * 2, [10**6, 10**6, 10**6, 10**6, 0],
+                                 bandwidth_Bps=1e6)
+
+
+def test_the_optimum_leaves_a_worker_out_when_its_hop_costs_more_than_it_saves() -> None:
+    snap = _costly_hop()
+    alloc = solve(snap)
+    assert alloc.boundaries == (0, 4, 4) and alloc.used == (0,)
+    reason = why_left_out(snap, alloc, 1)
+    assert "leaves it out" in reason and "--min-workers" in reason
+    assert "1e+03 ms" in reason  # the 1 s hop it would cost
+    assert why_left_out(snap, alloc, 0) == ""  # a used worker needs no reason
+
+
+def test_must_use_puts_a_block_on_a_worker_even_when_it_does_not_pay() -> None:
+    snap = dataclasses.replace(_costly_hop(), must_use=(False, True))
+    alloc = solve(snap)
+    assert alloc.used == (0, 1)
+    assert alloc.boundaries[1] < alloc.boundaries[2]
+    # every allocation that uses it pays one 1 s hop
+    assert alloc.bottleneck_ms == pytest.approx(1000.0)
+    with pytest.raises(AllocationError, match="must run at least one block"):
+        evaluate(snap, (0, 4, 4))
+
+
+def test_why_left_out_names_a_zero_cap() -> None:
+    snap = dataclasses.replace(_costly_hop(), max_blocks=(None, 0))
+    assert why_left_out(snap, solve(snap), 1) == "its max_blocks is 0"
+
+
+@pytest.mark.parametrize(("caps", "forced", "match"), [
+    ((None, 0), (False, True), "max_blocks"),
+    (None, (True, True, True), "one entry per worker"),
+])
+def test_must_use_is_validated(caps: tuple[int | None, ...] | None,
+                               forced: tuple[bool, ...], match: str) -> None:
+    with pytest.raises(AllocationError, match=match):
+        dataclasses.replace(_costly_hop(), max_blocks=caps, must_use=forced)
+
+
+def test_must_use_cannot_exceed_the_blocks() -> None:
+    with pytest.raises(AllocationError, match="only 1"):
+        snapshot_from_profile([[1.0]] * 2, [0, 0], must_use=[True, True])

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from appliance import frames as fr
 from appliance.bench import GOALS, PipelineBenchOptions, format_report, run_pipeline_bench
 from appliance.cli import app
-from appliance.transport import DataInbox, DataOutbox
+from appliance.wire import frames as fr
+from appliance.wire.transport import DataInbox, DataOutbox
 from engines.errors import ModelNotFoundError
 from tests.conftest import BuiltModel
 
@@ -36,13 +36,21 @@ def test_bench_pipeline_writes_the_summary(built_tiny: BuiltModel) -> None:
     assert data["model"] == model
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["cpu_model"]
     assert set(data["load_avg"]) == {"start", "end"}
-    for key in ("direct", "pipeline_1node", "pipeline_1node_pinned", "pipeline_2node"):
+    for key in ("direct", "pipeline_1node", "pipeline_1node_pinned", "pipeline_2node",
+                "pipeline_2node_balanced"):
         for figure in ("throughput_ips", "p50_ms", "p99_ms"):
             assert _positive(data[key][figure]), (key, figure, data[key])
     boundaries = data["pipeline_2node"]["boundaries"]
     assert boundaries[0] == boundaries[1] == 0  # the source runs no blocks
     assert boundaries[-1] == built_tiny.manifest.blocks
     assert data["pipeline_1node"]["boundaries"] == [0, 0, built_tiny.manifest.blocks]
+    blocks = built_tiny.manifest.blocks
+    balance = data["balance"]
+    assert 0 < balance["balanced"] < blocks and 0 < balance["static"] < blocks
+    assert str(balance["balanced"]) in balance["throughput_ips"]
+    assert all(0 < p["boundary"] < blocks for p in balance["bisection"])
+    assert data["pipeline_2node_balanced"]["boundaries"] == [0, 0, balance["balanced"], blocks]
+    assert _positive(data["direct"]["cpu_ms_per_request"])
     assert data["transfer_input"]["bytes"] == built_tiny.manifest.input.bytes_per_sample
     assert _positive(data["transfer_input"]["raw_ms"])
     assert _positive(data["transfer_input"]["frame_ms"])
@@ -50,6 +58,10 @@ def test_bench_pipeline_writes_the_summary(built_tiny: BuiltModel) -> None:
     assert transfer["bytes"] > 0 and _positive(transfer["raw_ms"])
     assert _positive(transfer["frame_ms"])
     summary = data["summary"]
+    assert set(GOALS) == {"overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio"}
+    assert _positive(summary["speedup_2node_static"])
+    assert summary["speedup_2node"] >= summary["speedup_2node_static"]
+    assert math.isfinite(summary["overhead_1node_ms"])
     for ratio in GOALS:
         assert _positive(summary[ratio]), ratio
         assert isinstance(summary["met"][ratio], bool)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 from typing import Any
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from appliance import frames as fr
+from appliance.wire import frames as fr
 
 FP = hashlib.sha256(b"model").digest()
 KEY = b"cluster-key"
@@ -26,7 +25,7 @@ def make(tensor: np.ndarray | None = None, **changes: Any) -> fr.Frame:
                     start_block=3, tensor=np.arange(6, dtype=np.float32).reshape(2, 3)
                     if tensor is None else tensor,
                     trace=(fr.TraceEntry(node="source", start=0, end=3, ms=1.25),))
-    return dataclasses.replace(base, **changes)
+    return base.replace(**changes)
 
 
 def assert_same(a: fr.Frame, b: fr.Frame) -> None:
@@ -170,12 +169,17 @@ def decode(data: bytes | bytearray, key: bytes | None = None, limit: int = LIMIT
 
 @pytest.mark.parametrize(("offset", "fmt", "value", "error", "message"), [
     (0, "<4s", b"ARMX", fr.MalformedFrameError, "bad magic"),
-    (4, "<B", 2, fr.MalformedFrameError, "unsupported frame format version 2"),
+    (4, "<B", 1, fr.MalformedFrameError, "unsupported frame format version 1"),
+    (4, "<B", 3, fr.MalformedFrameError, "unsupported frame format version 3"),
     (5, "<B", 9, fr.MalformedFrameError, "unknown frame kind 9"),
     (6, "<H", 0x0100, fr.MalformedFrameError, "unknown flags"),
-    (52, "<B", 7, fr.MalformedFrameError, "unknown dtype code 7"),
-    (53, "<B", 9, fr.MalformedFrameError, "9 dims, at most 8"),
-    (54, "<I", 5, fr.MalformedFrameError, "does not match shape (5,)"),
+    (20, "<B", 7, fr.MalformedFrameError, "unknown dtype code 7"),
+    (21, "<B", 9, fr.MalformedFrameError, "9 dims, at most 8"),
+    (24, "<H", 5000, fr.MalformedFrameError, "error message of 5000 bytes"),
+    (24, "<H", 1, fr.MalformedFrameError, "only allowed on ERROR"),
+    (26, "<H", 5000, fr.MalformedFrameError, "extension of 5000 bytes"),
+    (28, "<I", 1, fr.MalformedFrameError, "reserved header field"),
+    (64, "<I", 5, fr.MalformedFrameError, "does not match shape (5,)"),
 ])
 def test_header_fields(offset: int, fmt: str, value: object, error: type[fr.FrameError],
                        message: str) -> None:
@@ -183,41 +187,64 @@ def test_header_fields(offset: int, fmt: str, value: object, error: type[fr.Fram
         decode(patched(small(), offset, fmt, value))
 
 
-def trace_count_offset(frame: fr.Frame) -> int:
-    return 54 + 4 * frame.tensor.ndim
+def trace_offset(frame: fr.Frame) -> int:
+    return fr.HEADER_BYTES + 4 * frame.tensor.ndim
 
 
-def test_trace_and_error_fields() -> None:
+def test_trace_fields() -> None:
     frame = make(np.arange(4, dtype=np.float32))
     data = fr.encode_frame(frame, None)
-    at = trace_count_offset(frame)
-    with pytest.raises(fr.MalformedFrameError, match="65 trace entries"):
-        decode(patched(data, at, "<B", 65))
+    at = trace_offset(frame)
+    assert data[22:24] == struct.pack("<H", 1 + len("source") + 8)  # the trace's byte length
     with pytest.raises(fr.MalformedFrameError, match="0-byte node name"):
-        decode(patched(data, at + 1, "<B", 0))
+        decode(patched(data, at, "<B", 0))
+    with pytest.raises(fr.MalformedFrameError, match="runs past the trace section"):
+        decode(patched(data, at, "<B", 20))
     bad_name = bytearray(data)
-    bad_name[at + 2] = 0xFF  # first byte of "source"
+    bad_name[at + 1] = 0xFF  # first byte of "source"
     with pytest.raises(fr.MalformedFrameError, match="not utf-8"):
         decode(bad_name)
-    name_end = at + 2 + len("source")
+    name_end = at + 1 + len("source")
     with pytest.raises(fr.MalformedFrameError, match=r"blocks \[9, 3\)"):
         decode(patched(data, name_end, "<H", 9))
-    error_at = name_end + 8
-    with pytest.raises(fr.MalformedFrameError, match="error message of 5000 bytes"):
-        decode(patched(data, error_at, "<H", 5000))
-    with pytest.raises(fr.MalformedFrameError, match="only allowed on ERROR"):
-        # an ACTIVATION frame whose error length claims the next (padding) bytes
-        decode(patched(data, error_at, "<H", 1))
+    many = make(np.arange(4, dtype=np.float32),
+                trace=[fr.TraceEntry("n", 0, 0, 0.0)] * fr.MAX_TRACE)
+    entry = fr.TraceEntry("n", 0, 0, 0.0).wire()
+    too_many = fr.decode_frame(fr.encode_frame(many, None), key=None, max_bytes=LIMIT)
+    assert len(too_many.trace) == fr.MAX_TRACE
+    with pytest.raises(fr.InvalidFrameError, match="64 entries already"):
+        too_many.forward(fr.FrameKind.ACTIVATION, 4, np.zeros(1, np.float32), entry)
+    # a 65th entry smuggled in by a sender is refused by the decoder's walk of the section
+    with pytest.raises(fr.MalformedFrameError, match="over 64 trace entries"):
+        fr._check_trace(entry * (fr.MAX_TRACE + 1))
+    assert fr._check_trace(entry * fr.MAX_TRACE) == fr.MAX_TRACE
+
+
+def test_forward_appends_one_hop_and_keeps_the_request() -> None:
+    frame = fr.decode_frame(fr.encode_frame(make(ext=b"later"), KEY), key=KEY, max_bytes=LIMIT)
+    hop = fr.hop_wire(fr.node_prefix("w1"), 3, 7, 2.5)
+    out = frame.forward(fr.FrameKind.RESULT, 7, np.ones((1, 2), np.float32), hop)
+    back = fr.decode_frame(fr.encode_frame(out, KEY), key=KEY, max_bytes=LIMIT)
+    assert (back.kind, back.request_id, back.attempt, back.start_block, back.ext) == (
+        fr.FrameKind.RESULT, 42, 1, 7, b"later")
+    assert [(e.node, e.start, e.end, e.ms) for e in back.trace] == [
+        ("source", 0, 3, 1.25), ("w1", 3, 7, 2.5)]
+    with pytest.raises(fr.InvalidFrameError, match="only allowed on ERROR"):
+        frame.forward(fr.FrameKind.RESULT, 7, np.ones(1, np.float32), hop, error="boom")
+    with pytest.raises(fr.InvalidFrameError, match="cannot travel"):
+        frame.forward(fr.FrameKind.RESULT, 7, np.ones(1, np.complex64), hop)
+    with pytest.raises(AttributeError, match="immutable"):
+        frame.start_block = 9  # type: ignore[misc]
 
 
 def test_nonzero_padding_and_payload_length_mismatch() -> None:
     frame = make(np.arange(4, dtype=np.float32), trace=())
     data = fr.encode_frame(frame, None)
     payload_len_at = len(data) - frame.tensor.nbytes - 8
-    error_end = trace_count_offset(frame) + 1 + 2
-    assert payload_len_at > error_end, "this frame needs padding for the test to mean anything"
+    header_end = trace_offset(frame)
+    assert payload_len_at > header_end, "this frame needs padding for the test to mean anything"
     padded = bytearray(data)
-    padded[error_end] = 1
+    padded[header_end] = 1
     with pytest.raises(fr.MalformedFrameError, match="non-zero padding"):
         decode(padded)
     with pytest.raises(fr.TruncatedFrameError, match="declares"):
@@ -258,7 +285,7 @@ def test_tags() -> None:
         decode(tagged, key=None)
     with pytest.raises(fr.FrameAuthError, match="bad frame tag"):
         decode(tagged, key=b"another key")
-    for index in (-fr.TAG_BYTES - 1, -1, 20):  # a payload byte, a tag byte, a header byte
+    for index in (-fr.TAG_BYTES - 1, -1, 10):  # a payload byte, a tag byte, the request id
         flipped = bytearray(tagged)
         flipped[index] ^= 0x01
         with pytest.raises(fr.FrameAuthError, match="bad frame tag"):

@@ -8,7 +8,7 @@ import json
 import pydantic
 import pytest
 
-from appliance import messages as m
+from appliance.wire import messages as m
 from engines.errors import ArmdiError
 
 FP = hashlib.sha256(b"model").hexdigest()

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance import frames as fr
-from appliance import messages as m
-from appliance.transport import (
+from appliance.wire import frames as fr
+from appliance.wire import messages as m
+from appliance.wire.transport import (
     ControlClient,
     ControlServer,
     DataInbox,

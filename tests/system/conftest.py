@@ -13,8 +13,8 @@ import pytest
 
 from appliance.api import InferenceResult, QueueFullError
 from appliance.cluster import LocalClusterOptions, running
+from appliance.data.source import Source
 from appliance.settings import source_settings
-from appliance.source import Source
 from tests.conftest import BuiltModel
 
 

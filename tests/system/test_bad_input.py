@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.node import Node, NodeSettings
-from appliance.source import Source, SourceSettings, WorkerRef
-from appliance.transport import ControlClient, DataInbox, DataOutbox
+from appliance.data.node import Node, NodeSettings
+from appliance.data.source import Source, SourceSettings, WorkerRef
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.transport import ControlClient, DataInbox, DataOutbox
 from engines.repository import ModelRepository
 from tests.conftest import BuiltModel, other_version
 

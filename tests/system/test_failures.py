@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from appliance.api import InferenceResult, PipelineError, RequestTimeoutError
-from appliance.node import Node, NodeSettings
-from appliance.source import Source, SourceSettings, WorkerRef
+from appliance.data.node import Node, NodeSettings
+from appliance.data.source import Source, SourceSettings, WorkerRef
 from engines.errors import EngineError
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster, submit_all
@@ -42,7 +42,7 @@ def _outcomes(futures: list[Future[InferenceResult]], timeout: float) -> tuple[i
 def test_kill_9_a_worker_under_load_then_restart_it(built_tiny: BuiltModel,
                                                     tmp_path: Path) -> None:
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, slowdown=(30.0, 30.0),
-                 request_timeout_s=3.0, source_runs_blocks=False) as source:
+                 min_workers=2, request_timeout_s=3.0, source_runs_blocks=False) as source:
         lc_dir = tmp_path / "run"
         w1 = next(p for p in Path("/proc").iterdir() if p.name.isdigit() and
                   b"--name\0w1" in _cmdline(p) and str(lc_dir).encode() in _cmdline(p))

@@ -48,7 +48,7 @@ def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_p
     count = 200 if wire == "float32" else 60
     inputs = photo_variants(lite_repo.manifest.preprocessing, count)
     expected = reference(str(lite_repo.source), inputs)
-    with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=3,
+    with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=3, min_workers=3,
                  wire_dtype=wire) as source:
         b = source.allocation.boundaries
         assert len([n for n in range(len(b) - 1) if b[n] < b[n + 1]]) >= 3, b

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from appliance.source import Source
+from appliance.data.source import Source
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster
 from web.app import create_app
@@ -51,7 +51,8 @@ def test_status_page_shows_the_chain_and_classifies_an_upload(built_tiny: BuiltM
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(image)
     blocks = built_tiny.manifest.blocks
-    with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2) as source, \
+    # min_workers: both workers run blocks whatever this machine's timings say is optimal
+    with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, min_workers=2) as source, \
             _serve(source) as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -77,6 +78,6 @@ def test_status_page_shows_the_chain_and_classifies_an_upload(built_tiny: BuiltM
     assert "tiny" in model
     for name in ("source", "w1", "w2"):
         assert name in chain, (name, chain)
-    assert "w1" in answer or "w2" in answer, answer
+    assert "w1" in answer and "w2" in answer, answer
     assert "end to end" in answer
     assert (tmp_path / "status.png").stat().st_size > 5000

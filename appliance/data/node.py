@@ -1,17 +1,23 @@
 """A worker node: receive activation frames, run ``[start_block, end)``, forward.
 
-Three threads overlap the work of one node: the receive loop decodes and checks frames and
-puts them on a bounded queue (a full queue stops receiving, which pushes back on the sender);
-the compute loop runs the engine; the send loop encodes and ships. A fourth thread answers
-control messages. Every blocking call has a timeout, so ``stop`` ends all of them promptly.
-A bad frame is counted, logged and dropped; it never stops the node.
+The data path is one loop on one thread: receive, check, compute, send, receive... NNG
+receives and sends on its own I/O threads and buffers whole messages, so the loop needs no
+Python threads to overlap the network with compute: a frame that arrives while the engine
+runs waits in the inbox's buffer (``queue_depth`` frames), and a send returns as soon as the
+message is in the outbox's buffer (``queue_depth`` frames) while NNG writes it out. When the
+successor stops taking frames, the send buffer fills, the send blocks, the loop stops
+receiving, and the inbox's buffer fills in turn: back-pressure reaches the sender without a
+queue of ours. Each thread wake-up costs 50-100 us on small machines, as much as a hop.
+
+A second thread answers control messages (and loads engines on ``Configure``); the main
+thread only watches for the parent process. Every blocking call has a timeout, so ``stop``
+ends all of them promptly. A bad frame is counted, logged and dropped; it never stops the node.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -20,12 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.transport import ControlServer, DataInbox, DataOutbox, TransportError
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.transport import (
+    ControlServer,
+    DataInbox,
+    DataOutbox,
+    TransportClosed,
+    TransportError,
+    TransportTimeout,
+)
 from engines.base import Engine
 from engines.errors import ArmdiError
 from engines.manifest import Manifest
+from engines.preprocess import Normaliser
 from engines.repository import ModelRepository
 
 log = logging.getLogger("armdi.node")
@@ -56,7 +70,7 @@ class NodeSettings:
     cpus: tuple[int, ...] | None = None
     key: bytes | None = None
     max_frame_bytes: int = 64 << 20
-    queue_depth: int = 8
+    queue_depth: int = 8  # frames NNG buffers on receive, and again on send
     send_timeout_ms: int = 2000
     engine_cache: int = 8
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
@@ -97,14 +111,14 @@ class Node:
         self.stats = Stats()
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._engine_lock = threading.Lock()  # the control and compute threads open engines
-        self._send_lock = threading.Lock()  # one sender at a time: send or compute thread
+        self._engine_lock = threading.Lock()  # the control and data threads open engines
         self._stop = threading.Event()
         self._engines: OrderedDict[tuple[int, int], Engine] = OrderedDict()
-        self._inbox_q: queue.Queue[fr.Frame] = queue.Queue(settings.queue_depth)
-        self._send_q: queue.Queue[fr.Frame] = queue.Queue(settings.queue_depth)
-        self._outboxes: dict[str, DataOutbox] = {}
+        self._outboxes: dict[str, DataOutbox] = {}  # used by the data thread only
+        self._busy = False  # a frame taken from the inbox and not yet sent
         self._sample_shapes = [tuple(c.shape[1:]) for c in self.manifest.cut_points]
+        self._normalise = Normaliser(self.manifest.preprocessing)
+        self._prefix = fr.node_prefix(settings.name)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -112,7 +126,8 @@ class Node:
         self._stop = stop
         if self.settings.cpus:
             os.sched_setaffinity(0, set(self.settings.cpus))
-        inbox = DataInbox(self.settings.data_addr, max_bytes=self.settings.max_frame_bytes)
+        inbox = DataInbox(self.settings.data_addr, max_bytes=self.settings.max_frame_bytes,
+                          recv_buffer=self.settings.queue_depth)
         try:
             control = ControlServer(self.settings.control_addr,
                                     max_bytes=1 << 20, key=self.settings.key)
@@ -120,9 +135,7 @@ class Node:
             inbox.close()
             raise
         threads = [
-            threading.Thread(target=self._recv_loop, args=(inbox, stop), name="recv"),
-            threading.Thread(target=self._compute_loop, args=(stop,), name="compute"),
-            threading.Thread(target=self._send_loop, args=(stop,), name="send"),
+            threading.Thread(target=self._data_loop, args=(inbox, stop), name="data"),
             threading.Thread(target=self._control_loop, args=(control, stop), name="control"),
         ]
         log.info("%s: serving %s (%d blocks) on %s, control %s", self.settings.name,
@@ -201,7 +214,7 @@ class Node:
             a = self.assignment
         return msg.NodeStatus(
             node=self.settings.name, start=a.start, end=a.end,
-            queue_depth=self._inbox_q.qsize(), queue_capacity=self.settings.queue_depth,
+            queue_depth=int(self._busy), queue_capacity=self.settings.queue_depth,
             processed=self.stats.processed, dropped=dict(self.stats.dropped),
             compute_ms_ewma=self.stats.compute_ms or 0.0,
             send_ms_ewma=self.stats.send_ms or 0.0,
@@ -213,28 +226,45 @@ class Node:
         self.stats.dropped[reason] += 1
         log.warning("%s: dropped a frame (%s): %s", self.settings.name, reason, detail)
 
-    def _recv_loop(self, inbox: DataInbox, stop: threading.Event) -> None:
+    def _data_loop(self, inbox: DataInbox, stop: threading.Event) -> None:
+        """Receive, check, compute, send: one frame at a time, on this thread only."""
         while not stop.is_set():
             try:
                 buf = inbox.recv(timeout_ms=POLL_MS)
-            except TransportError:
-                continue  # a timeout: look at ``stop`` again
+            except TransportTimeout:
+                continue  # look at ``stop`` again
+            except TransportClosed:
+                return
+            except TransportError as exc:
+                log.warning("%s: receive failed: %s", self.settings.name, exc)
+                continue
             try:
-                frame = fr.decode_frame(buf, key=self.settings.key,
-                                        max_bytes=self.settings.max_frame_bytes)
-                self.check_frame(frame)
-            except fr.FrameError as exc:
-                self._drop(exc.reason, str(exc))
-                continue
-            except Exception as exc:  # a bug: never let it end the receive loop
-                self._drop("internal_error", f"decoding a frame: {exc!r}")
-                continue
-            while not stop.is_set():
-                try:
-                    self._inbox_q.put(frame, timeout=POLL_MS / 1000)
-                    break
-                except queue.Full:
-                    continue  # back-pressure: stop receiving until there is room
+                self.handle(buf)
+            except Exception as exc:  # a bug: never let it end the data loop
+                self._drop("internal_error", f"handling a frame: {exc!r}")
+            finally:
+                self._busy = False
+
+    def handle(self, buf: memoryview) -> None:
+        """Decode and check one received frame, run it, and send the outcome on."""
+        try:
+            frame = fr.decode_frame(buf, key=self.settings.key,
+                                    max_bytes=self.settings.max_frame_bytes)
+            self.check_frame(frame)
+        except fr.FrameError as exc:
+            self._drop(exc.reason, str(exc))
+            return
+        self._busy = True
+        a = self.assignment  # replaced whole by Configure: one consistent read
+        try:
+            out = self.compute(frame, a.end, a.wire_dtype)
+        except Exception as exc:  # tell the source at once: a re-send would fail again
+            self._drop("engine_error", str(exc))
+            hop = fr.hop_wire(self._prefix, frame.start_block, max(a.end, frame.start_block),
+                              0.0)
+            out = frame.forward(fr.FrameKind.ERROR, frame.start_block, np.zeros(0, np.float32),
+                                hop, error=f"{type(exc).__name__}: {exc}")
+        self._send_one(out, a)
 
     def check_frame(self, frame: fr.Frame) -> None:
         """Raise ``FrameError`` unless this node can run this frame."""
@@ -255,9 +285,11 @@ class Node:
             raise FrameRejected("wrong_shape", f"activation shape {tuple(frame.tensor.shape)} "
                                 f"does not match cut point {frame.start_block} "
                                 f"{('N', *expected)}")
-        if frame.tensor.dtype not in (np.float32, np.float16):
-            raise FrameRejected("wrong_dtype", f"activation dtype {frame.tensor.dtype} is not "
-                                "float32/float16")
+        dtype = frame.tensor.dtype
+        if not (dtype == np.float32 or dtype == np.float16
+                or (dtype == np.uint8 and frame.start_block == 0)):
+            raise FrameRejected("wrong_dtype", f"activation dtype {dtype} is not float32/"
+                                "float16 (or uint8 pixels, for block 0)")
 
     def _engine(self, start: int, end: int) -> Engine:
         """The engine of ``[start, end)``, from a small LRU cache (evicted engines are closed:
@@ -276,45 +308,16 @@ class Node:
             self._engines.move_to_end(key)
             return engine
 
-    def _compute_loop(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                frame = self._inbox_q.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
-                continue
-            with self._lock:
-                end = self.assignment.end
-            try:
-                out = self.compute(frame, end)
-            except Exception as exc:  # tell the source at once: a re-send would fail again
-                self._drop("engine_error", str(exc))
-                out = fr.Frame(kind=fr.FrameKind.ERROR, request_id=frame.request_id,
-                               attempt=frame.attempt, fingerprint=frame.fingerprint,
-                               start_block=frame.start_block,
-                               tensor=np.zeros(0, np.float32),
-                               trace=(*frame.trace, fr.TraceEntry(
-                                   node=self.settings.name, start=frame.start_block,
-                                   end=end, ms=0.0)),
-                               error=f"{type(exc).__name__}: {exc}"[:1000])
-            # Idle sender: ship it from here and save a thread hand-off (~0.1 ms); busy
-            # sender: queue it, so sending overlaps the next computation.
-            if self._send_q.empty() and self._send_lock.acquire(blocking=False):
-                try:
-                    self._send_one(out)
-                finally:
-                    self._send_lock.release()
-                continue
-            while not stop.is_set():
-                try:
-                    self._send_q.put(out, timeout=POLL_MS / 1000)
-                    break
-                except queue.Full:
-                    continue
+    def compute(self, frame: fr.Frame, end: int,
+                wire_dtype: fr.WireDtype = "float32") -> fr.Frame:
+        """Run ``[frame.start_block, end)`` on the frame's activation (slowdown included);
+        the frame it returns carries an activation as ``wire_dtype``.
 
-    def compute(self, frame: fr.Frame, end: int) -> fr.Frame:
-        """Run ``[frame.start_block, end)`` on the frame's activation (slowdown included)."""
+        uint8 pixels (an image request at block 0) are normalised here, on the node that
+        runs the first block: a quarter of float32's bytes crossed the link."""
         t0 = time.perf_counter()
-        x = fr.to_compute_dtype(frame.tensor)
+        x = frame.tensor
+        x = self._normalise(x) if x.dtype == np.uint8 else fr.to_compute_dtype(x)
         y = self._engine(frame.start_block, end).infer(x)
         compute_s = time.perf_counter() - t0
         if self.settings.slowdown > 1.0:  # emulation: really compute, then wait the rest
@@ -322,56 +325,34 @@ class Node:
         ms = (time.perf_counter() - t0) * 1000
         self.stats.observe("compute_ms", ms)
         self.stats.processed += 1
-        hop = fr.TraceEntry(node=self.settings.name, start=frame.start_block, end=end, ms=ms)
-        kind = fr.FrameKind.RESULT if end == self.blocks else fr.FrameKind.ACTIVATION
-        return fr.Frame(kind=kind, request_id=frame.request_id, attempt=frame.attempt,
-                        fingerprint=frame.fingerprint, start_block=end, tensor=y,
-                        trace=(*frame.trace, hop))
+        if end == self.blocks:
+            kind = fr.FrameKind.RESULT
+        else:
+            kind, y = fr.FrameKind.ACTIVATION, fr.cast_for_wire(y, wire_dtype)
+        return frame.forward(kind, end, y, fr.hop_wire(self._prefix, frame.start_block, end, ms))
 
     def _outbox(self, addr: str) -> DataOutbox:
         box = self._outboxes.get(addr)
         if box is None:
-            box = self._outboxes[addr] = DataOutbox(addr)
+            box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth)
         return box
 
-    def _send_loop(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                frame = self._send_q.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
-                continue
-            with self._send_lock:
-                self._send_one(frame)
+    def _send_one(self, frame: fr.Frame, a: Assignment) -> None:
+        """Encode and send one frame to where it goes next; failures are counted.
 
-    def _send_one(self, frame: fr.Frame) -> None:
-        """Encode and send one frame to where it goes next; failures are counted."""
-        with self._lock:
-            a = self.assignment
+        Returns once the frame is in NNG's send buffer (NNG writes it out on its own
+        thread); blocks, up to ``send_timeout_ms``, only while that buffer is full."""
         addr = a.successor if frame.kind == fr.FrameKind.ACTIVATION else a.result_addr
         if addr is None:
             self._drop("no_route", f"no successor configured for block {frame.start_block}")
             return
-        tensor = frame.tensor
-        if frame.kind == fr.FrameKind.ACTIVATION:
-            tensor = fr.cast_for_wire(tensor, a.wire_dtype)
         t0 = time.perf_counter()
         try:
-            size, write = fr.frame_writer(_with_tensor(frame, tensor), self.settings.key)
+            size, write = fr.frame_writer(frame, self.settings.key)
             self._outbox(addr).send_with(size, write,
                                          timeout_ms=self.settings.send_timeout_ms)
         except TransportError as exc:
             # The source re-sends overdue requests; this node only reports and moves on.
             self._drop("send_failed", f"to {addr}: {exc}")
             return
-        except Exception as exc:  # a bug: never let it end the send loop
-            self._drop("internal_error", f"sending to {addr}: {exc!r}")
-            return
         self.stats.observe("send_ms", (time.perf_counter() - t0) * 1000)
-
-
-def _with_tensor(frame: fr.Frame, tensor: np.ndarray) -> fr.Frame:
-    if tensor is frame.tensor:
-        return frame
-    return fr.Frame(kind=frame.kind, request_id=frame.request_id, attempt=frame.attempt,
-                    fingerprint=frame.fingerprint, start_block=frame.start_block, tensor=tensor,
-                    trace=frame.trace)

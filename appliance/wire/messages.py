@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from appliance.frames import WireDtype
+from appliance.wire.frames import WireDtype
 from engines.errors import ArmdiError
 
 MAGIC: Final = b"ARMC"

@@ -49,7 +49,7 @@ import pynng
 from pynng import ffi, lib
 from typing_extensions import Buffer, Self
 
-from appliance.messages import (
+from appliance.wire.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
     ControlMessage,

@@ -18,12 +18,14 @@ semantics), so a stage time does not depend on the order the terms are added in.
 ``solve`` returns the exact optimum: the minimal bottleneck (max stage time); among the
 allocations whose bottleneck is within ``BOTTLENECK_RTOL`` of that minimum, the lowest
 end-to-end latency (sum of stage times, compared exactly), then the fewest workers, then the
-lexicographically smallest boundaries. It runs two dynamic programmes over (worker, boundary),
+lexicographically smallest boundaries. Workers marked in ``must_use`` run at least one block
+whatever it costs (``--min-workers``). It runs two dynamic programmes over (worker, boundary),
 each O(N * K^2): the min-bottleneck, then the min-latency with every stage under the bottleneck.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -43,6 +45,7 @@ __all__ = [
     "snapshot_from_profile",
     "solve",
     "stage_time",
+    "why_left_out",
 ]
 
 BOTTLENECK_RTOL = 1e-9
@@ -77,6 +80,9 @@ class Snapshot:
     """Memory cap: at most this many blocks on worker n (``None``: unlimited)."""
     must_include_source: bool = True
     """Worker 0 (the source) always stays in the chain, possibly running zero blocks."""
+    must_use: tuple[bool, ...] | None = None
+    """Worker n must run at least one block (``armdi up --min-workers``): the user insists on
+    it even where the optimum would leave it out. ``None``: no worker is forced."""
 
     def __post_init__(self) -> None:
         rows = tuple(
@@ -129,12 +135,26 @@ class Snapshot:
                     raise AllocationError(
                         f"max_blocks[{n}]: must be a non-negative int or None, got {cap!r}"
                     )
+        forced: tuple[bool, ...] | None = None
+        if self.must_use is not None:
+            forced = tuple(bool(f) for f in _per_worker(self.must_use, "must_use", workers))
+            for n, flag in enumerate(forced):
+                if flag and caps is not None and caps[n] == 0:
+                    raise AllocationError(
+                        f"must_use[{n}]: worker {n} must run a block but max_blocks[{n}] = 0"
+                    )
+            if sum(forced) > blocks:
+                raise AllocationError(
+                    f"must_use: {sum(forced)} workers must each run a block, the model has "
+                    f"only {blocks}"
+                )
         object.__setattr__(self, "block_ms", rows)
         object.__setattr__(self, "activation_bytes", tuple(int(s) for s in sizes))
         object.__setattr__(self, "bandwidth_Bps", tuple(float(r) for r in bandwidth))
         object.__setattr__(self, "latency_ms", latency)
         object.__setattr__(self, "max_blocks", caps)
         object.__setattr__(self, "must_include_source", bool(self.must_include_source))
+        object.__setattr__(self, "must_use", forced)
 
     @property
     def workers(self) -> int:
@@ -154,6 +174,10 @@ class Snapshot:
     def must_stay(self, n: int) -> bool:
         """Whether worker n stays in the chain even with an empty segment."""
         return n == 0 and self.must_include_source
+
+    def forced(self, n: int) -> bool:
+        """Whether worker n must run at least one block."""
+        return self.must_use is not None and self.must_use[n]
 
 
 @dataclass(frozen=True)
@@ -223,6 +247,9 @@ def evaluate(snapshot: Snapshot, boundaries: Sequence[int]) -> Allocation:
                 f"worker {n} runs {end - start} blocks [{start}, {end}) but max_blocks[{n}] = "
                 f"{snapshot.cap(n)}"
             )
+        if end == start and snapshot.forced(n):
+            raise AllocationError(f"worker {n} must run at least one block (must_use), got "
+                                  f"[{start}, {end})")
         if end > start or snapshot.must_stay(n):
             stages.append(stage_time(snapshot, n, start, end))
             used.append(n)
@@ -258,6 +285,30 @@ def solve(snapshot: Snapshot) -> Allocation:
     return evaluate(snapshot, _min_latency(snapshot, table, limit))
 
 
+def why_left_out(snapshot: Snapshot, optimum: Allocation, n: int) -> str:
+    """Why the optimum gives worker n no blocks, in words: what using it would cost.
+
+    Solves the snapshot again with worker n forced to run at least one block and compares
+    the best such allocation with ``optimum``.
+    """
+    if n in optimum.used:
+        return ""
+    if snapshot.cap(n) == 0:
+        return "its max_blocks is 0"
+    forced = list(snapshot.must_use or (False,) * snapshot.workers)
+    forced[n] = True
+    try:
+        using = solve(dataclasses.replace(snapshot, must_use=tuple(forced)))
+    except AllocationError as exc:
+        return f"no allocation can use it ({exc})"
+    return (
+        f"the optimum leaves it out: using it gives a bottleneck of "
+        f"{using.bottleneck_ms:.3g} ms and a latency of {using.latency_ms:.3g} ms, against "
+        f"{optimum.bottleneck_ms:.3g} ms and {optimum.latency_ms:.3g} ms without it: it does "
+        f"not pay; --min-workers (cluster.min_workers) insists on using it"
+    )
+
+
 def even_split(blocks: int, workers: int) -> tuple[int, ...]:
     """Boundaries giving every worker ``blocks // workers`` blocks, the first ones one more."""
     if workers < 1 or blocks < 0:
@@ -287,6 +338,7 @@ def snapshot_from_profile(
     slowdown: Sequence[float] | None = None,
     max_blocks: Sequence[int | None] | None = None,
     must_include_source: bool = True,
+    must_use: Sequence[bool] | None = None,
 ) -> Snapshot:
     """A snapshot from profiled block times; scalars for links apply to every worker.
 
@@ -304,6 +356,7 @@ def snapshot_from_profile(
         latency_ms=_broadcast(latency_ms, workers),
         max_blocks=None if max_blocks is None else tuple(max_blocks),
         must_include_source=must_include_source,
+        must_use=None if must_use is None else tuple(must_use),
     )
 
 
@@ -326,7 +379,7 @@ class _StageTable:
             for t in snapshot.block_ms[n]:
                 prefix.append(prefix[-1] + _exact(t))
             by_end: list[list[tuple[int, float]]] = [[] for _ in range(blocks + 1)]
-            if snapshot.must_stay(n):
+            if snapshot.must_stay(n) and not snapshot.forced(n):
                 by_end[0].append((0, stage_time(snapshot, n, 0, 0)))
             for end in range(1, blocks + 1):
                 # shipping cost after the segment, exact; None when the link cannot carry it
@@ -353,7 +406,8 @@ def _min_bottleneck(snapshot: Snapshot, table: _StageTable) -> float:
     for n in range(snapshot.workers):
         nxt = [math.inf] * (blocks + 1)
         for end in range(blocks + 1):
-            value = math.inf if snapshot.must_stay(n) else best[end]  # worker n left out
+            stays = snapshot.must_stay(n) or snapshot.forced(n)
+            value = math.inf if stays else best[end]  # worker n left out
             for start, stage in table.rows[n][end]:
                 value = min(value, max(best[start], stage))
             nxt[end] = value
@@ -377,7 +431,7 @@ def _min_latency(snapshot: Snapshot, table: _StageTable, limit: float) -> tuple[
         nxt: list[_Key | None] = [None] * (blocks + 1)
         for end in range(blocks + 1):
             chosen: _Key | None = None
-            if not snapshot.must_stay(n):
+            if not (snapshot.must_stay(n) or snapshot.forced(n)):
                 chosen = best[end]  # worker n left out
             for start, stage in table.rows[n][end]:
                 prev = best[start]

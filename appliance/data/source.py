@@ -1,7 +1,11 @@
 """The source: owns the input, starts every request, and returns exactly one result for each.
 
 It runs its own first segment (when the allocation gives it blocks), ships the activation to
-the first worker, and receives results from the last one. Every accepted request is kept,
+the first worker, and receives results from the last one. When it runs no blocks, a request
+is sent from the caller's own thread (no hand-off); otherwise one thread runs the first
+segment, off the caller's event loop. One thread receives results and completes each
+request's future. Image requests travel as uint8 pixels, a quarter of float32's bytes, and
+are normalised where block 0 runs. Every accepted request is kept,
 with its input, until its result arrives; an overdue request is re-sent from block 0, and
 results are de-duplicated by request id, so none is lost and none is returned twice. A
 request that cannot finish before its deadline fails with a clear error.
@@ -27,9 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from appliance import frames as fr
-from appliance import messages as msg
-from appliance.allocator import Allocation, evaluate, snapshot_from_profile, solve
 from appliance.api import (
     Classification,
     Hop,
@@ -42,13 +43,29 @@ from appliance.api import (
     QueueFullError,
     RequestTimeoutError,
 )
-from appliance.messages import MessageError
-from appliance.transport import ControlClient, DataInbox, DataOutbox, TransportError
+from appliance.control.allocator import (
+    Allocation,
+    Snapshot,
+    evaluate,
+    snapshot_from_profile,
+    solve,
+    why_left_out,
+)
+from appliance.wire import frames as fr
+from appliance.wire import messages as msg
+from appliance.wire.messages import MessageError
+from appliance.wire.transport import (
+    ControlClient,
+    DataInbox,
+    DataOutbox,
+    TransportError,
+    TransportTimeout,
+)
 from engines.base import Engine
 from engines.device import device_signature
 from engines.errors import ArmdiError, EngineError, InputSpecError
 from engines.manifest import Manifest
-from engines.preprocess import decode_image, preprocess
+from engines.preprocess import Normaliser, decode_image, pixels
 from engines.repository import ModelRepository
 
 log = logging.getLogger("armdi.source")
@@ -87,11 +104,14 @@ class SourceSettings:
     max_blocks: int | None = None
     key: bytes | None = None
     wire_dtype: fr.WireDtype = "float32"
+    min_workers: int = 0  # the first N live workers run at least one block each
+    boundaries: tuple[int, ...] | None = None  # forced at start (benchmarks), else the optimum
     max_frame_bytes: int = 64 << 20
     request_timeout_s: float = 10.0
     max_attempts: int = 3
     max_in_flight: int = 64
     send_timeout_ms: int = 2000
+    send_buffer: int = 8  # frames NNG buffers towards the first worker
     connect_timeout_s: float = 30.0
 
 
@@ -112,6 +132,7 @@ class _WorkerState:
     state: str = "starting"
     last: msg.NodeStatus | None = None
     failures: int = 0
+    reason: str = ""  # why it is idle, refused or down
 
 
 @dataclass
@@ -147,8 +168,13 @@ class Source:
         # their retries (at most ``max_attempts`` each) are ever put on it.
         self._work: queue.Queue[tuple[_Pending, int]] = queue.Queue()
         self._configures: dict[str, msg.Configure] = {}
+        self._allocated: list[str] = []  # the live workers the allocation was solved over
+        self._snapshot: Snapshot | None = None  # what the allocation was solved from
+        self._engines: dict[tuple[int, int], Engine] = {}  # the source's own, by range
+        self._config_lock = threading.Lock()  # one reconfiguration at a time
         self._measured_bottleneck_ms = 0.0
         self._metrics = _Metrics()
+        self._normalise = Normaliser(self._manifest.preprocessing)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._inbox: DataInbox | None = None
@@ -216,15 +242,21 @@ class Source:
 
     # ------------------------------------------------------------------ requests
     def prepare_image(self, image: bytes) -> np.ndarray:
-        return preprocess(decode_image(image), self._manifest.preprocessing)
+        """The uint8 pixels of an encoded image, resized and cropped (normalised later, by
+        whichever node runs block 0)."""
+        return pixels(decode_image(image), self._manifest.preprocessing)
 
     def submit(self, tensor: np.ndarray, timeout_s: float | None = None) -> Future[InferenceResult]:
         """Accept one input of shape (1, C, H, W); the future resolves to its result.
 
-        Raises at once (nothing accepted) when the pipeline is not ready, the input has the
-        wrong shape, or too much is in flight (``QueueFullError``: back-pressure)."""
+        The input is the float32 model input, or the uint8 pixels of an image
+        (``prepare_image``) that the node running block 0 normalises. Raises at once (nothing
+        accepted) when the pipeline is not ready, the input has the wrong shape, or too much
+        is in flight (``QueueFullError``: back-pressure)."""
         spec = self._manifest.input
-        tensor = np.ascontiguousarray(tensor, dtype=np.float32)
+        if not (isinstance(tensor, np.ndarray) and tensor.dtype == np.uint8):
+            tensor = np.asarray(tensor, dtype=np.float32)
+        tensor = np.ascontiguousarray(tensor)
         if tensor.shape != (1, *spec.shape[1:]):
             raise InputSpecError(f"expected an input of shape {(1, *spec.shape[1:])}, got "
                                  f"{tuple(tensor.shape)}")
@@ -238,10 +270,18 @@ class Source:
             pending = _Pending(next(self._ids), tensor, future, now, now + timeout)
             self._arm(pending, now)
             self._pending[pending.request_id] = pending
-            self._work.put_nowait((pending, pending.attempt))
         request_id = pending.request_id
         future.add_done_callback(lambda f: self._on_done(request_id, f))
+        self._dispatch(pending, pending.attempt)
         return future
+
+    def _dispatch(self, pending: _Pending, attempt: int) -> None:
+        """Start an attempt: here, when the source only ships the input (no hand-off to
+        another thread), or on the source thread when it runs blocks first."""
+        if self._first_hop()[0] > 0:  # the source computes first: not on the caller's thread
+            self._work.put_nowait((pending, attempt))
+        else:
+            self._attempt(pending, attempt, timeout_ms=0)
 
     def _check_admission(self) -> None:
         """Raise unless one more request may be admitted. Call with ``_lock`` held."""
@@ -334,8 +374,8 @@ class Source:
             box.close()
         for client in self._clients.values():
             client.close()
-        if self._engine is not None:
-            self._engine.close()
+        for engine in self._engines.values():
+            engine.close()
         self.repository.close()
 
     def _client(self, w: _WorkerState) -> ControlClient:
@@ -377,6 +417,8 @@ class Source:
                 time.sleep(0.1)
         for w in waiting:
             w.state = "down"
+            w.reason = (f"did not answer at {w.ref.control_addr} within "
+                        f"{self.settings.connect_timeout_s:.0f} s")
             log.error("worker %s did not answer at %s within %.0f s; continuing without it",
                       w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s)
             self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
@@ -392,7 +434,7 @@ class Source:
             reason = (f"{reason}. Fix: on the source run `armdi pack {model} -o {model}.tar "
                       f"--repo {repo}`, copy {model}.tar to {w.ref.name} and there run "
                       f"`armdi unpack {model}.tar --repo {repo}`, then restart its armdi node")
-        self.refusals[w.ref.name] = reason
+        self.refusals[w.ref.name] = w.reason = reason
         log.error("worker %s refused%s: %s", w.ref.name, when, reason)
         self._event("refused", node=w.ref.name, reason=reason)
 
@@ -402,8 +444,14 @@ class Source:
         base = list(profile.block_ms) if profile else [1.0] * self.blocks
         if s.mode == "local" or not live:
             snap = snapshot_from_profile([base], self._manifest.activation_bytes())
+            self._snapshot = snap
             return evaluate(snap, [0, self.blocks])
         refs = [w.ref for w in live]
+        self._allocated = [r.name for r in refs]
+        forced = min(s.min_workers, len(refs))
+        if forced < s.min_workers:
+            log.warning("min_workers = %d, but only %d workers are live; forcing those",
+                        s.min_workers, forced)
         snap = snapshot_from_profile(
             [base] + [base] * len(refs),
             self._manifest.activation_bytes(),
@@ -411,8 +459,20 @@ class Source:
             latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
             slowdown=[s.slowdown] + [r.slowdown for r in refs],
             max_blocks=[s.max_blocks if s.run_blocks else 0] + [r.max_blocks for r in refs],
+            must_use=[False] + [i < forced for i in range(len(refs))],
         )
-        return solve(snap)
+        self._snapshot = snap
+        if s.boundaries is not None:
+            if len(s.boundaries) != len(refs) + 2:
+                raise ArmdiError(f"boundaries {list(s.boundaries)} need {len(refs) + 2} entries "
+                                 f"(the source and {len(refs)} live workers)")
+            allocation = evaluate(snap, s.boundaries)
+        else:
+            allocation = solve(snap)
+        for n, w in enumerate(live, start=1):
+            w.reason = why_left_out(snap, allocation, n) if s.boundaries is None else (
+                "" if n in allocation.used else "boundaries set by hand: no blocks")
+        return allocation
 
     def _configure(self, live: list[_WorkerState]) -> None:
         assert self.allocation is not None
@@ -436,14 +496,43 @@ class Source:
                 raise ArmdiError(f"worker {name} rejected blocks [{start}, {end}): "
                                  f"{getattr(reply, 'reason', reply)}")
         for w in live:
-            if w.ref.name not in chain:
-                w.state = "idle"
-        self._route = route
+            if w.ref.name in chain:
+                w.state = "up"
+                continue
+            w.state = "idle"
+            log.warning("worker %s runs no blocks: %s", w.ref.name, w.reason)
+            if self._configures.pop(w.ref.name, None) is not None:  # it ran blocks before
+                self._client(w).request(msg.Configure(
+                    node=w.ref.name, start=0, end=0, successor_addr=None,
+                    result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
+                    chain=tuple(chain)), timeout_ms=30_000)
+        engine = None
         if route and route[0][0] == self.settings.name:
-            self._engine = self.repository.open_engine(
-                self._manifest, route[0][2], route[0][3], backend=self.backend,
-                threads=self.settings.threads)
+            key = (route[0][2], route[0][3])
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = self.repository.open_engine(
+                    self._manifest, *key, backend=self.backend, threads=self.settings.threads)
+        self._engine = engine
+        self._route = route
         log.info("allocation %s over %s", list(b), chain)
+
+    def set_boundaries(self, boundaries: tuple[int, ...] | list[int]) -> Allocation:
+        """Place the boundaries by hand over the live workers (benchmarks sweep them): the
+        workers are configured with their new ranges, then the source routes by them.
+        Frames in flight that a worker no longer runs are re-sent by the watchdog."""
+        with self._config_lock:
+            if self._snapshot is None:
+                raise NotReadyError("the pipeline has not started")
+            allocation = evaluate(self._snapshot, list(boundaries))
+            live = [w for w in self.workers if w.ref.name in self._allocated]
+            self.allocation = allocation
+            for n, w in enumerate(live, start=1):
+                w.reason = "" if n in allocation.used else "boundaries set by hand: no blocks"
+            self._configure(live)
+            self._event("boundaries_set", boundaries=list(allocation.boundaries),
+                        route=[r[0] for r in self._route])
+            return allocation
 
     # ------------------------------------------------------------------ loops
     def _first_hop(self) -> tuple[int, str | None]:
@@ -461,25 +550,39 @@ class Source:
                 pending, attempt = self._work.get(timeout=POLL_S)
             except queue.Empty:
                 continue
-            if pending.future.done() or attempt != pending.attempt:
-                continue
-            try:
-                self._start_request(pending)
-            except (EngineError, InputSpecError) as exc:  # will not go away on a retry
-                self._finish_error(pending.request_id, exc)
-            except ArmdiError as exc:  # e.g. a send timeout: the watchdog re-sends
-                self._metrics.counters["dispatch_error"] += 1
-                log.warning("request %d attempt %d: %s", pending.request_id, attempt, exc)
-            except Exception as exc:
-                self._loop_error("source loop", exc)
-                self._finish_error(pending.request_id, PipelineError(f"internal error: {exc}"))
+            self._attempt(pending, attempt)
 
-    def _start_request(self, pending: _Pending) -> None:
+    def _attempt(self, pending: _Pending, attempt: int, timeout_ms: int | None = None) -> None:
+        """Run one attempt of a request; every failure ends in the request's outcome or in
+        a count (the watchdog re-sends what did not go out). ``timeout_ms=0`` (a caller's
+        thread, perhaps an event loop: it must not block) hands a send that cannot go out
+        at once to the source thread."""
+        if timeout_ms is None:
+            timeout_ms = self.settings.send_timeout_ms
+        if pending.future.done() or attempt != pending.attempt:
+            return  # answered, cancelled, or superseded by a newer attempt
+        try:
+            if not self._start_request(pending, timeout_ms):
+                self._work.put_nowait((pending, attempt))  # full now: the source thread waits
+        except (EngineError, InputSpecError) as exc:  # will not go away on a retry
+            self._finish_error(pending.request_id, exc)
+        except ArmdiError as exc:  # e.g. a send timeout: the watchdog re-sends
+            self._metrics.counters["dispatch_error"] += 1
+            log.warning("request %d attempt %d: %s", pending.request_id, attempt, exc)
+        except Exception as exc:
+            self._loop_error("dispatch", exc)
+            self._finish_error(pending.request_id, PipelineError(f"internal error: {exc}"))
+
+    def _start_request(self, pending: _Pending, timeout_ms: int) -> bool:
+        """Run the source's own blocks, if any, and send the activation on. False when the
+        send did not go out within ``timeout_ms`` (0: the outbox's buffer is full now)."""
         end, nxt = self._first_hop()
         x = pending.tensor
         trace: tuple[fr.TraceEntry, ...] = ()
         if end > 0 and self._engine is not None:
             t0 = time.perf_counter()
+            if x.dtype == np.uint8:
+                x = self._normalise(x)
             x = self._engine.infer(x)
             compute_s = time.perf_counter() - t0
             if self.settings.slowdown > 1.0:  # emulation: computed, now wait the rest
@@ -488,21 +591,34 @@ class Source:
                                    ms=(time.perf_counter() - t0) * 1000),)
         if end == self.blocks or nxt is None:
             self._complete(pending.request_id, pending.attempt, x, trace)
-            return
+            return True
         if end > 0:
             x = fr.cast_for_wire(x, self.settings.wire_dtype)
         frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=pending.request_id,
                          attempt=pending.attempt, fingerprint=self.fingerprint,
                          start_block=end, tensor=x, trace=trace)
-        box = self._outboxes.get(nxt)
-        if box is None:
-            box = self._outboxes[nxt] = DataOutbox(nxt)
         try:
-            box.send_with(*fr.frame_writer(frame, self.settings.key),
-                          timeout_ms=self.settings.send_timeout_ms)
+            self._outbox(nxt).send_with(*fr.frame_writer(frame, self.settings.key),
+                                        timeout_ms=timeout_ms)
+        except TransportTimeout:
+            if timeout_ms == 0:
+                return False
+            self._metrics.counters["send_failed"] += 1
+            log.warning("request %d: send to %s timed out", pending.request_id, nxt)
         except TransportError as exc:
             self._metrics.counters["send_failed"] += 1
             log.warning("request %d: send to %s failed: %s", pending.request_id, nxt, exc)
+        return True
+
+    def _outbox(self, addr: str) -> DataOutbox:
+        box = self._outboxes.get(addr)
+        if box is None:
+            with self._lock:
+                box = self._outboxes.get(addr)
+                if box is None:
+                    box = self._outboxes[addr] = DataOutbox(
+                        addr, send_buffer=self.settings.send_buffer)
+        return box
 
     def _result_loop(self) -> None:
         assert self._inbox is not None
@@ -592,8 +708,8 @@ class Source:
                 if self._pending.get(p.request_id) is not p:
                     continue  # answered meanwhile
                 self._arm(p, now)
-                self._work.put_nowait((p, p.attempt))
             self._metrics.retried += 1
+            self._dispatch(p, p.attempt)
             self._event("retry", request_id=p.request_id, attempt=p.attempt)
 
     def _poll_loop(self) -> None:
@@ -656,12 +772,30 @@ class Source:
                         self.settings.data_addr)
 
     def _worker_view(self, w: _WorkerState) -> NodeView:
+        """What a worker runs: its own report once polled, its configured range before."""
         last = w.last
-        start, end = (last.start, last.end) if last else (0, 0)
-        stage = (last.compute_ms_ewma + last.send_ms_ewma) if last else None
+        if last is not None:
+            start, end = last.start, last.end
+            stage: float | None = last.compute_ms_ewma + last.send_ms_ewma
+            if last.processed == 0:
+                stage = None
+        else:
+            configure = self._configures.get(w.ref.name)
+            start, end = (configure.start, configure.end) if configure else (0, 0)
+            stage = None
+        if stage is None and self.allocation is not None and start < end:
+            index = self._route_index(w.ref.name)
+            stage = self.allocation.stage_ms[index] if index is not None else None
         return NodeView(w.ref.name, "worker", start, end, w.state, stage,
-                        last.queue_depth if last else 0, last.queue_capacity if last else 0,
-                        last.processed if last else 0, w.ref.data_addr)
+                        last.queue_depth if last else 0,
+                        last.queue_capacity if last else 0,
+                        last.processed if last else 0, w.ref.data_addr, w.reason)
+
+    def _route_index(self, name: str) -> int | None:
+        """The worker's index in the allocation (0 is the source), or None if not live."""
+        assert self.allocation is not None
+        names = [self.settings.name, *self._allocated]
+        return names.index(name) if name in names else None
 
     def _event(self, kind: str, **data: Any) -> None:
         event = {"type": kind, "time": time.time(), **data}

@@ -1,0 +1,1 @@
+"""The data plane: the worker node's receive-compute-send loop and the source."""

@@ -1,0 +1,577 @@
+"""Activation frames: the self-describing unit of data that flows along the chain.
+
+A frame says where it is (``start_block``, the first block not yet computed), whose it is
+(request id, attempt, model fingerprint) and how it got there (the trace), so boundaries can
+move while frames are in flight. On the wire (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"ARMD"
+    4       1     format version (2)
+    5       1     kind            1 ACTIVATION, 2 RESULT, 3 ERROR
+    6       2     flags           bit 0: an HMAC tag follows the payload
+    8       8     request id
+    16      2     attempt
+    18      2     start block
+    20      1     dtype code      1 float32, 2 float16, 3 uint8, 4 int64
+    21      1     ndim            <= 8
+    22      2     trace bytes     length of the trace section
+    24      2     error bytes     length of the error message (ERROR frames only)
+    26      2     extension bytes length of the extension section
+    28      4     reserved        zero
+    32      32    model fingerprint (raw sha256; the manifest stores it as hex)
+    64      4*n   shape, u32 each
+    ..            trace section   <= 64 entries, each: name length u8, name utf-8 (<= 64 bytes),
+                                  start u16, end u16, milliseconds float32
+    ..            error message   utf-8
+    ..            extension       opaque bytes carried hop to hop (fields later versions add)
+    ..      0-7   zero padding    so the payload starts 8-byte aligned within the frame
+    ..      8     payload length  must equal prod(shape) * itemsize
+    ..      n     payload         C order, little-endian
+    ..      32    HMAC-SHA256 over every byte before it, when flag bit 0 is set
+
+Everything of fixed size sits in one 64-byte header read by a single precompiled ``struct``;
+the variable parts are length-prefixed, so a worker forwards the trace as the bytes it
+received plus its own entry, without parsing it (the source parses it once, at the end).
+
+Errors::
+
+    FrameError (ArmdiError)         any frame the decoder will not accept, or a bad Frame value
+    ├── InvalidFrameError           a Frame built with an out-of-range field (sender bug)
+    ├── MalformedFrameError         bad magic, version, kind, dtype, sizes, shape, padding
+    │   └── TruncatedFrameError     fewer bytes than the header or the payload length declares
+    ├── OversizeFrameError          the frame is, or declares itself, larger than max_bytes
+    └── FrameAuthError              tag missing, wrong, or present with no cluster key
+
+Each class carries ``reason``, a short label for drop counters.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.errors import ArmdiError
+
+MAGIC: Final = b"ARMD"
+FORMAT_VERSION: Final = 2
+FLAG_TAGGED: Final = 0x0001
+KNOWN_FLAGS: Final = FLAG_TAGGED
+
+MAX_NDIM: Final = 8
+MAX_TRACE: Final = 64
+MAX_NODE_NAME_BYTES: Final = 64
+MAX_ERROR_BYTES: Final = 4096
+MAX_EXT_BYTES: Final = 4096
+TAG_BYTES: Final = 32
+FINGERPRINT_BYTES: Final = 32
+PAYLOAD_ALIGN: Final = 8
+HEADER_BYTES: Final = 64
+
+_U16_MAX: Final = 0xFFFF
+_U32_MAX: Final = 0xFFFF_FFFF
+_U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+# magic, version, kind, flags, request id, attempt, start block, dtype, ndim, trace bytes,
+# error bytes, extension bytes, reserved, fingerprint
+_FIXED: Final = struct.Struct("<4sBBHQHHBBHHHI32s")
+assert _FIXED.size == HEADER_BYTES
+_U64: Final = struct.Struct("<Q")
+_TRACE_TAIL: Final = struct.Struct("<HHf")  # start, end, ms
+_ZEROS: Final = bytes(PAYLOAD_ALIGN)
+
+WireDtype = Literal["float32", "float16"]
+Tensor = npt.NDArray[Any]
+
+
+# ---------------------------------------------------------------------------- errors
+class FrameError(ArmdiError):
+    """A frame that cannot be built or will not be accepted."""
+
+    reason = "bad_frame"
+
+
+class InvalidFrameError(FrameError):
+    reason = "invalid_frame"
+
+
+class MalformedFrameError(FrameError):
+    reason = "malformed_frame"
+
+
+class TruncatedFrameError(MalformedFrameError):
+    reason = "truncated_frame"
+
+
+class OversizeFrameError(FrameError):
+    reason = "oversize_frame"
+
+
+class FrameAuthError(FrameError):
+    reason = "bad_tag"
+
+
+# ---------------------------------------------------------------------------- values
+class FrameKind(enum.IntEnum):
+    ACTIVATION = 1  # an intermediate activation, to be run from start_block on
+    RESULT = 2  # the model output, on its way back to the source
+    ERROR = 3  # a worker could not process the request; ``error`` says why
+
+
+_KINDS: Final[dict[int, FrameKind]] = {int(k): k for k in FrameKind}
+_DTYPE_BY_CODE: Final[dict[int, np.dtype[Any]]] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f2"),
+    3: np.dtype("u1"),
+    4: np.dtype("<i8"),
+}
+_CODE_BY_NAME: Final[dict[str, int]] = {dt.name: code for code, dt in _DTYPE_BY_CODE.items()}
+# Looked up by dtype first: ``dtype.name`` is a slow Python-level property in numpy, and these
+# lookups sit on every hop's path. Other byte orders fall back to the name.
+_CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {
+    dt: code for code, dt in _DTYPE_BY_CODE.items()}
+_SHAPES: Final = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
+
+
+def _dtype_code(dtype: np.dtype[Any]) -> int | None:
+    """The wire code of ``dtype`` (either byte order), None when it has none."""
+    code = _CODE_BY_DTYPE.get(dtype)
+    return code if code is not None else _CODE_BY_NAME.get(dtype.name)
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One hop of a frame's path: ``node`` ran blocks ``[start, end)`` in ``ms``."""
+
+    node: str
+    start: int
+    end: int
+    ms: float
+
+    def __post_init__(self) -> None:
+        name = self.node.encode("utf-8", errors="replace")
+        if not name or len(name) > MAX_NODE_NAME_BYTES:
+            raise InvalidFrameError(
+                f"trace node name must be 1..{MAX_NODE_NAME_BYTES} utf-8 bytes, "
+                f"got {len(name)} ({self.node[:80]!r})")
+        if not 0 <= self.start <= self.end <= _U16_MAX:
+            raise InvalidFrameError(
+                f"trace blocks [{self.start}, {self.end}) of {self.node!r} are not a range "
+                f"within 0..{_U16_MAX}")
+
+    def wire(self) -> bytes:
+        """This entry as the trace section holds it."""
+        return hop_wire(node_prefix(self.node), self.start, self.end, self.ms)
+
+
+def node_prefix(node: str) -> bytes:
+    """A node name as a trace entry starts: length byte, utf-8 bytes (compute it once)."""
+    name = node.encode("utf-8", errors="replace")
+    if not name or len(name) > MAX_NODE_NAME_BYTES:
+        raise InvalidFrameError(f"trace node name must be 1..{MAX_NODE_NAME_BYTES} utf-8 "
+                                f"bytes, got {len(name)} ({node[:80]!r})")
+    return bytes((len(name),)) + name
+
+
+def hop_wire(prefix: bytes, start: int, end: int, ms: float) -> bytes:
+    """One trace entry on the wire, from ``node_prefix``; ``[start, end)`` must be a range."""
+    if not 0 <= start <= end <= _U16_MAX:
+        raise InvalidFrameError(f"trace blocks [{start}, {end}) are not a range within "
+                                f"0..{_U16_MAX}")
+    return prefix + _TRACE_TAIL.pack(start, end, ms)
+
+
+_SLOTS: Final = ("kind", "request_id", "attempt", "fingerprint", "start_block", "tensor",
+                 "error", "ext", "_trace", "_trace_wire", "_trace_count")
+
+
+class Frame:
+    """One frame. ``tensor`` is the payload; a decoded frame's tensor is a view of the
+    received buffer (read it, copy it if it must outlive the frame's use).
+
+    Immutable. Built by the constructor, every field is checked (a sender's bug is an
+    ``InvalidFrameError``); ``decode_frame`` and ``forward`` build frames from checked parts
+    without checking again. ``trace`` is parsed from the wire only when someone reads it.
+    """
+
+    __slots__ = _SLOTS
+    kind: FrameKind
+    request_id: int
+    attempt: int
+    fingerprint: bytes
+    start_block: int
+    tensor: Tensor
+    error: str
+    ext: bytes
+    _trace: tuple[TraceEntry, ...] | None
+    _trace_wire: bytes | None
+    _trace_count: int
+
+    def __init__(self, kind: FrameKind, request_id: int, attempt: int, fingerprint: bytes,
+                 start_block: int, tensor: Tensor, trace: Iterable[TraceEntry] = (),
+                 error: str = "", ext: bytes = b"") -> None:
+        if not isinstance(kind, FrameKind):
+            raise InvalidFrameError(f"kind must be a FrameKind, got {kind!r}")
+        _check_range("request_id", request_id, _U64_MAX)
+        _check_range("attempt", attempt, _U16_MAX)
+        _check_range("start_block", start_block, _U16_MAX)
+        if not isinstance(fingerprint, bytes) or len(fingerprint) != FINGERPRINT_BYTES:
+            raise InvalidFrameError(
+                f"fingerprint must be {FINGERPRINT_BYTES} raw bytes (use "
+                f"fingerprint_from_hex for the manifest's hex form), got {fingerprint!r:.80}")
+        if not isinstance(tensor, np.ndarray):
+            raise InvalidFrameError(f"tensor must be a numpy array, got {type(tensor)}")
+        if _dtype_code(tensor.dtype) is None:
+            raise InvalidFrameError(
+                f"tensor dtype {tensor.dtype} is not one of {sorted(_CODE_BY_NAME)}")
+        if tensor.ndim > MAX_NDIM:
+            raise InvalidFrameError(f"tensor has {tensor.ndim} dims, at most {MAX_NDIM}")
+        if tensor.ndim and max(tensor.shape) > _U32_MAX:
+            raise InvalidFrameError(f"tensor shape {tensor.shape} has a dim over 2**32-1")
+        entries = tuple(trace)
+        if len(entries) > MAX_TRACE:
+            raise InvalidFrameError(f"trace has {len(entries)} entries, at most {MAX_TRACE}")
+        if not all(isinstance(e, TraceEntry) for e in entries):
+            raise InvalidFrameError("trace entries must be TraceEntry values")
+        if error and kind != FrameKind.ERROR:
+            raise InvalidFrameError(f"an error message is only allowed on ERROR frames, "
+                                    f"not {kind.name}")
+        if error and len(error.encode("utf-8", errors="replace")) > MAX_ERROR_BYTES:
+            raise InvalidFrameError(f"error message is over {MAX_ERROR_BYTES} utf-8 bytes")
+        if not isinstance(ext, bytes) or len(ext) > MAX_EXT_BYTES:
+            raise InvalidFrameError(f"ext must be bytes, at most {MAX_EXT_BYTES}")
+        _init(self, kind, int(request_id), int(attempt), fingerprint, int(start_block), tensor,
+              error, ext, entries, None, len(entries))
+
+    # -- reading
+    @property
+    def trace(self) -> tuple[TraceEntry, ...]:
+        """The hops so far (parsed from the wire on first use; ``MalformedFrameError`` if
+        the trace section of a received frame does not parse)."""
+        if self._trace is None:
+            object.__setattr__(self, "_trace", _parse_trace(self._trace_wire or b""))
+        assert self._trace is not None
+        return self._trace
+
+    @property
+    def trace_wire(self) -> bytes:
+        """The trace section as it travels."""
+        if self._trace_wire is None:
+            object.__setattr__(self, "_trace_wire",
+                               b"".join(e.wire() for e in self._trace or ()))
+        assert self._trace_wire is not None
+        return self._trace_wire
+
+    # -- new frames from this one
+    def replace(self, **changes: Any) -> Frame:
+        """A copy with ``changes`` (checked, as the constructor checks)."""
+        fields: dict[str, Any] = {
+            "kind": self.kind, "request_id": self.request_id, "attempt": self.attempt,
+            "fingerprint": self.fingerprint, "start_block": self.start_block,
+            "tensor": self.tensor, "trace": self.trace, "error": self.error, "ext": self.ext}
+        fields.update(changes)
+        return Frame(**fields)
+
+    def forward(self, kind: FrameKind, start_block: int, tensor: Tensor, hop: bytes,
+                error: str = "") -> Frame:
+        """The frame a node sends on after running this one: same request, ``hop`` (from
+        ``hop_wire``) appended to the trace, the extension carried over unchanged.
+
+        The hot path of every hop: nothing already checked is checked again. ``tensor``
+        must have a wire dtype (an engine's float32 output does)."""
+        if self._trace_count >= MAX_TRACE:
+            raise InvalidFrameError(f"trace has {MAX_TRACE} entries already")
+        if error:
+            if kind != FrameKind.ERROR:
+                raise InvalidFrameError("an error message is only allowed on ERROR frames")
+            error = error.encode("utf-8", errors="replace")[:MAX_ERROR_BYTES].decode(
+                "utf-8", errors="ignore")
+        if _dtype_code(tensor.dtype) is None or tensor.ndim > MAX_NDIM:
+            raise InvalidFrameError(f"tensor {tensor.dtype}{tensor.shape} cannot travel")
+        frame = Frame.__new__(Frame)
+        _init(frame, kind, self.request_id, self.attempt, self.fingerprint, start_block, tensor,
+              error, self.ext, None, self.trace_wire + hop, self._trace_count + 1)
+        return frame
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"Frame is immutable (cannot set {name!r}); use replace()")
+
+    def __repr__(self) -> str:
+        return (f"Frame({self.kind.name}, request {self.request_id}, attempt {self.attempt}, "
+                f"start_block {self.start_block}, {self.tensor.dtype}{list(self.tensor.shape)})")
+
+
+def _init(frame: Frame, kind: FrameKind, request_id: int, attempt: int, fingerprint: bytes,
+          start_block: int, tensor: Tensor, error: str, ext: bytes,
+          trace: tuple[TraceEntry, ...] | None, trace_wire: bytes | None, count: int) -> None:
+    set_ = object.__setattr__
+    set_(frame, "kind", kind)
+    set_(frame, "request_id", request_id)
+    set_(frame, "attempt", attempt)
+    set_(frame, "fingerprint", fingerprint)
+    set_(frame, "start_block", start_block)
+    set_(frame, "tensor", tensor)
+    set_(frame, "error", error)
+    set_(frame, "ext", ext)
+    set_(frame, "_trace", trace)
+    set_(frame, "_trace_wire", trace_wire)
+    set_(frame, "_trace_count", count)
+
+
+def _check_range(name: str, value: int, upper: int) -> None:
+    if not isinstance(value, (int, np.integer)) or not 0 <= value <= upper:
+        raise InvalidFrameError(f"{name} must be an integer in 0..{upper}, got {value!r}")
+
+
+def fingerprint_from_hex(text: str) -> bytes:
+    """The raw 32-byte fingerprint of a manifest's hex sha256."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as err:
+        raise InvalidFrameError(f"fingerprint {text[:80]!r} is not hex") from err
+    if len(raw) != FINGERPRINT_BYTES:
+        raise InvalidFrameError(
+            f"fingerprint {text[:80]!r} is {len(raw)} bytes, a sha256 is {FINGERPRINT_BYTES}")
+    return raw
+
+
+def cast_for_wire(array: Tensor, wire_dtype: WireDtype) -> Tensor:
+    """``array`` as it should travel: float32 activations become float16 when the cluster
+    ships float16 (half the bytes; values beyond +-65504 become inf). Other dtypes, and
+    ``wire_dtype="float32"``, pass through uncopied."""
+    if wire_dtype == "float16":
+        if array.dtype == np.float32:
+            return array.astype(np.float16)
+        return array
+    if wire_dtype == "float32":
+        return array
+    raise InvalidFrameError(f"wire dtype must be 'float32' or 'float16', got {wire_dtype!r}")
+
+
+def to_compute_dtype(array: Tensor) -> Tensor:
+    """The receiver's half of ``cast_for_wire``: float16 back to float32, others unchanged."""
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return array
+
+
+# ---------------------------------------------------------------------------- encode
+def encode_frame(frame: Frame, key: bytes | None) -> bytearray:
+    """Serialise ``frame``, tagged with HMAC-SHA256 under ``key`` when one is given.
+
+    The payload is copied exactly once, straight from the tensor into the final buffer
+    (any strides and byte order are converted by that same copy).
+    """
+    size, write = frame_writer(frame, key)
+    out = bytearray(size)
+    write(memoryview(out))
+    return out
+
+
+def frame_writer(frame: Frame, key: bytes | None) -> tuple[int, Callable[[memoryview], None]]:
+    """``(size, write)``: the encoded size of ``frame``, and a function that encodes it into
+    a writable buffer of exactly that size (``encode_frame``'s bytes, byte for byte).
+
+    For senders that own the destination, e.g. an NNG message (``DataOutbox.send_with``):
+    the payload goes straight from the tensor into the message, with no buffer in between.
+    """
+    tensor = frame.tensor
+    code = _dtype_code(tensor.dtype)
+    assert code is not None  # the constructor and forward() refused the others
+    trace = frame.trace_wire
+    error = frame.error.encode("utf-8", errors="replace") if frame.error else b""
+    ext = frame.ext
+    ndim = tensor.ndim
+    variable = HEADER_BYTES + 4 * ndim + len(trace) + len(error) + len(ext)
+    payload_len = tensor.nbytes
+    head = b"".join((
+        _FIXED.pack(MAGIC, FORMAT_VERSION, frame.kind, FLAG_TAGGED if key is not None else 0,
+                    frame.request_id, frame.attempt, frame.start_block, code, ndim, len(trace),
+                    len(error), len(ext), 0, frame.fingerprint),
+        _SHAPES[ndim].pack(*tensor.shape), trace, error, ext,
+        _ZEROS[:_padding(variable)], _U64.pack(payload_len)))
+    start = len(head)
+    total = start + payload_len + (TAG_BYTES if key is not None else 0)
+
+    def write(out: memoryview) -> None:
+        if len(out) != total:
+            raise InvalidFrameError(f"frame buffer of {len(out)} bytes, the frame is {total}")
+        out[:start] = head
+        if payload_len:
+            wire = _DTYPE_BY_CODE[code]
+            if ndim and tensor.dtype == wire and tensor.flags.c_contiguous:
+                out[start : start + payload_len] = tensor.data.cast("B")  # one memcpy
+            else:  # strides or byte order to convert: numpy does it in the same single copy
+                dst = np.frombuffer(out, dtype=wire, count=tensor.size, offset=start)
+                np.copyto(dst.reshape(tensor.shape), tensor, casting="equiv")
+                del dst  # release the export of ``out`` before handing it over
+        if key is not None:
+            body_end = total - TAG_BYTES
+            out[body_end:] = hmac.digest(key, out[:body_end], hashlib.sha256)
+
+    return total, write
+
+
+def _padding(offset: int) -> int:
+    """Zero bytes after ``offset`` so the payload (after the u64 length) starts aligned."""
+    return -(offset + _U64.size) % PAYLOAD_ALIGN
+
+
+# ---------------------------------------------------------------------------- decode
+def _truncated(what: str, need: int, size: int) -> NoReturn:
+    raise TruncatedFrameError(f"truncated frame: {what} needs bytes up to {need}, the frame "
+                              f"has {size}")
+
+
+def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
+                 max_bytes: int) -> Frame:
+    """Parse and check one frame. The tensor is a zero-copy view of ``buf``.
+
+    With ``key`` every frame must carry a valid tag; without one a tagged frame is refused
+    too (a cluster half-configured with a key is a mistake worth hearing about).
+    """
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise InvalidFrameError("decode_frame needs a contiguous buffer")
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    size = len(view)
+    if size > max_bytes:
+        raise OversizeFrameError(f"frame of {size} bytes is over the {max_bytes} limit")
+    if size < HEADER_BYTES:
+        if size >= 4 and bytes(view[:4]) != MAGIC:
+            raise MalformedFrameError(f"bad magic {bytes(view[:4])!r}: not an armdi frame")
+        _truncated("the fixed header", HEADER_BYTES, size)
+    (magic, version, kind_code, flags, request_id, attempt, start_block, dtype_code, ndim,
+     trace_len, error_len, ext_len, reserved, fingerprint) = _FIXED.unpack_from(view)
+    if magic != MAGIC:
+        raise MalformedFrameError(f"bad magic {magic!r}: not an armdi frame")
+    if version != FORMAT_VERSION:
+        raise MalformedFrameError(
+            f"unsupported frame format version {version} (this node speaks {FORMAT_VERSION})")
+    kind = _KINDS.get(kind_code)
+    if kind is None:
+        raise MalformedFrameError(f"unknown frame kind {kind_code}")
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedFrameError(f"unknown flags {flags:#06x}")
+    dtype = _DTYPE_BY_CODE.get(dtype_code)
+    if dtype is None:
+        raise MalformedFrameError(f"unknown dtype code {dtype_code}")
+    if ndim > MAX_NDIM:
+        raise MalformedFrameError(f"frame declares {ndim} dims, at most {MAX_NDIM}")
+    if reserved:
+        raise MalformedFrameError(f"reserved header field is {reserved:#x}, not 0")
+    if error_len > MAX_ERROR_BYTES:
+        raise MalformedFrameError(f"error message of {error_len} bytes, at most {MAX_ERROR_BYTES}")
+    if error_len and kind != FrameKind.ERROR:
+        raise MalformedFrameError("frame fields are invalid: an error message is only allowed "
+                                  f"on ERROR frames, not {kind.name}")
+    if ext_len > MAX_EXT_BYTES:
+        raise MalformedFrameError(f"extension of {ext_len} bytes, at most {MAX_EXT_BYTES}")
+    trace_at = HEADER_BYTES + 4 * ndim
+    error_at = trace_at + trace_len
+    ext_at = error_at + error_len
+    variable_end = ext_at + ext_len
+    length_at = variable_end + _padding(variable_end)
+    payload_at = length_at + _U64.size
+    if payload_at > size:
+        _truncated("the header's variable parts", payload_at, size)
+    shape = _SHAPES[ndim].unpack_from(view, HEADER_BYTES)
+    trace_wire = bytes(view[trace_at:error_at])
+    count = _check_trace(trace_wire)
+    error = _utf8(view[error_at:ext_at], "error message") if error_len else ""
+    ext = bytes(view[ext_at:variable_end]) if ext_len else b""
+    if view[variable_end:length_at] != _ZEROS[: length_at - variable_end]:
+        raise MalformedFrameError("non-zero padding before the payload")
+    (payload_len,) = _U64.unpack_from(view, length_at)
+
+    tagged = flags & FLAG_TAGGED
+    declared = payload_at + payload_len + (TAG_BYTES if tagged else 0)
+    if declared > max_bytes:
+        raise OversizeFrameError(f"frame declares {declared} bytes, over the {max_bytes} limit")
+    if declared > size:
+        raise TruncatedFrameError(
+            f"truncated frame: it declares {declared} bytes ({payload_len} of payload), "
+            f"only {size} arrived")
+    if declared < size:
+        raise MalformedFrameError(f"{size - declared} unexpected bytes after the frame")
+    items = 1
+    for dim in shape:
+        items *= dim
+    if payload_len != dtype.itemsize * items:
+        raise MalformedFrameError(
+            f"payload of {payload_len} bytes does not match shape {shape} of {dtype.name} "
+            f"({dtype.itemsize * items} bytes)")
+    _check_tag(view, tagged=bool(tagged), key=key)
+    tensor = np.frombuffer(view[payload_at : payload_at + payload_len], dtype=dtype)
+    frame = Frame.__new__(Frame)
+    _init(frame, kind, request_id, attempt, fingerprint, start_block, tensor.reshape(shape),
+          error, ext, None, trace_wire, count)
+    return frame
+
+
+def _check_trace(wire: bytes) -> int:
+    """Walk a trace section without building it: its entries' count, or MalformedFrameError.
+    Names must be utf-8 and ranges ranges, so ``Frame.trace`` cannot fail later."""
+    pos, count, size = 0, 0, len(wire)
+    while pos < size:
+        if count == MAX_TRACE:
+            raise MalformedFrameError(f"frame declares over {MAX_TRACE} trace entries, at most "
+                                      f"{MAX_TRACE}")
+        name_len = wire[pos]
+        if not 0 < name_len <= MAX_NODE_NAME_BYTES:
+            raise MalformedFrameError(
+                f"trace entry {count} has a {name_len}-byte node name "
+                f"(1..{MAX_NODE_NAME_BYTES} allowed)")
+        tail = pos + 1 + name_len
+        if tail + _TRACE_TAIL.size > size:
+            raise MalformedFrameError(f"trace entry {count} runs past the trace section")
+        try:
+            wire[pos + 1 : tail].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MalformedFrameError(f"trace entry {count} name is not utf-8") from err
+        start, end, _ms = _TRACE_TAIL.unpack_from(wire, tail)
+        if start > end:
+            raise MalformedFrameError(f"trace entry {count} has blocks [{start}, {end})")
+        pos = tail + _TRACE_TAIL.size
+        count += 1
+    return count
+
+
+def _parse_trace(wire: bytes) -> tuple[TraceEntry, ...]:
+    _check_trace(wire)
+    entries = []
+    pos = 0
+    while pos < len(wire):
+        tail = pos + 1 + wire[pos]
+        start, end, ms = _TRACE_TAIL.unpack_from(wire, tail)
+        entries.append(TraceEntry(wire[pos + 1 : tail].decode("utf-8"), start, end, ms))
+        pos = tail + _TRACE_TAIL.size
+    return tuple(entries)
+
+
+def _utf8(raw: memoryview, what: str) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as err:
+        raise MalformedFrameError(f"{what} is not utf-8") from err
+
+
+def _check_tag(view: memoryview, *, tagged: bool, key: bytes | None) -> None:
+    if key is None:
+        if tagged:
+            raise FrameAuthError("frame is tagged but no cluster key is configured")
+        return
+    if not tagged:
+        raise FrameAuthError("frame has no tag but a cluster key is configured")
+    body_end = len(view) - TAG_BYTES
+    expected = hmac.digest(key, view[:body_end], hashlib.sha256)
+    if not hmac.compare_digest(expected, view[body_end:]):
+        raise FrameAuthError("bad frame tag: wrong cluster key, or the frame was altered")
