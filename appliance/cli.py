@@ -279,6 +279,21 @@ def node(
     worker.run(stop)
 
 
+def _stale_named_model(repository: Any, model: str) -> str | None:
+    """Why a named model's manifest cannot be loaded (e.g. built by an older armdi, before
+    content fingerprints), when ``armdi up`` can simply build it again; else None."""
+    from builder.sources import NAMED_MODELS
+    from engines.errors import ManifestError
+
+    if model not in NAMED_MODELS:
+        return None
+    try:
+        repository.load_manifest(model)
+    except ManifestError as exc:
+        return str(exc).split("; rebuild")[0]
+    return None
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -360,6 +375,9 @@ def up(
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
         typer.echo(f"{model} is not built in {root}; building it first")
+        build(model=model, repo=root)
+    elif (stale := _stale_named_model(ModelRepository(root), model)) is not None:
+        typer.echo(f"{model} in {root} cannot be served as built ({stale}); building it again")
         build(model=model, repo=root)
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
