@@ -147,7 +147,9 @@ def unpack(
         typer.echo(f"{m.model_id} (fingerprint {m.fingerprint[:16]}) is already installed in "
                    f"{repository.root}; unchanged")
     else:
-        was = f" (replaced fingerprint {report.replaced[:16]})" if report.replaced else ""
+        was = "" if report.replaced is None else (
+            " (replaced a model this armdi could not read)" if report.replaced == "unreadable"
+            else f" (replaced fingerprint {report.replaced[:16]})")
         typer.echo(f"unpacked {m.model_id} (fingerprint {m.fingerprint[:16]}): {report.files} "
                    f"files, {report.bytes / 1e6:.1f} MB verified -> {report.path}{was}")
     if profile and (not report.unchanged or _needs_profile(m)):

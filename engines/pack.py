@@ -55,7 +55,7 @@ class UnpackReport:
     path: Path
     files: int
     bytes: int
-    replaced: str | None  # fingerprint of the model this one replaced, if it differed
+    replaced: str | None  # fingerprint of a different model replaced ("unreadable": an old one)
     unchanged: bool  # the same model (fingerprint, intact files) was already there
 
 
