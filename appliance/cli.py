@@ -493,6 +493,50 @@ def bench_pipeline(
         typer.echo(f"wrote {json_file}")
 
 
+@bench_app.command("adaptive")
+def bench_adaptive(
+    model: Annotated[str, typer.Option(help="Model id (build it first).")]
+    = "efficientnet_lite0",
+    workers: Annotated[int, typer.Option(help="Workers in the chain.")] = 3,
+    duration: Annotated[float, typer.Option(help="Seconds per run.")] = 40.0,
+    real: Annotated[bool, typer.Option("--real", help="Real compute instead of emulated "
+                                                      "(workers share this machine's cores)."
+                                       )] = False,
+    time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x this."
+                                              )] = 4.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe,equal.")]
+    = "armdi,edgepipe,equal",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
+                                                                  "(and a PNG plot beside it)."
+                                                   )] = None,
+    repo: RepoOption = None,
+) -> None:
+    """AR-MDI vs EdgePipe vs an equal split through heterogeneity and a slowdown at run time."""
+    from appliance.bench import write_json
+    from appliance.bench_adaptive import (
+        MODES,
+        AdaptiveBenchOptions,
+        format_report,
+        run_adaptive_bench,
+        write_plot,
+    )
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen or any(m not in MODES for m in chosen):
+        _fail(f"--modes {modes!r}: choose from {', '.join(MODES)}")
+    change, back = duration / 4, duration * 5 / 8
+    options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
+                                   duration_s=duration, change_s=change, back_s=back,
+                                   emulate=not real, time_scale=time_scale, modes=chosen)
+    result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        png = json_file.with_suffix(".png")
+        typer.echo(f"wrote {json_file}" + (f" and {png}" if write_plot(result, png) else
+                                           " (no plot: pip install 'armdi[bench]')"))
+
+
 def main() -> None:
     try:
         app()

@@ -51,6 +51,8 @@ class LocalClusterOptions:
     queue_depth: int = 8
     source_runs_blocks: bool = True
     min_workers: int = 0  # the first N workers run at least one block each
+    emulate_compute: bool = False  # benches: wait the profiled time instead of computing
+    emulate_scale: float = 1.0
     log_level: str = "WARNING"  # of the worker processes
 
 
@@ -114,6 +116,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
         "queue_depth": options.queue_depth,
         "min_workers": options.min_workers if options.mode != "local" else 0,
+        "emulate_compute": options.emulate_compute, "emulate_scale": options.emulate_scale,
     }
     if options.key_hex:
         cluster["key"] = options.key_hex

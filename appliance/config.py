@@ -126,6 +126,13 @@ class ClusterSection(_Frozen):
     backend: Literal["auto", "ort", "trt"] = Field(
         "auto", description="engine backend: auto | ort (ONNX Runtime) | trt (TensorRT)"
     )
+    emulate_compute: bool = Field(
+        False, description="benchmarks: nodes wait their segment's profiled time (times "
+                           "emulate_scale and the slowdown) and output zeros instead of "
+                           "computing, so many workers run faithfully on few cores"
+    )
+    emulate_scale: float = Field(1.0, gt=0, description="profiled times are multiplied by this "
+                                                        "under emulate_compute")
     min_workers: int = Field(
         0, ge=0,
         description="the first N workers each run at least one block, even where the optimum "

@@ -26,6 +26,7 @@ def node_settings(config: ClusterConfig, name: str,
         threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
         key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
         parent_pid=parent_pid,
+        emulate=c.emulate_compute, emulate_scale=c.emulate_scale,
     )
 
 

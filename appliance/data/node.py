@@ -77,6 +77,7 @@ class NodeSettings:
     send_timeout_ms: int = 2000
     engine_budget_mb: float = 512.0  # fused segment engines kept loaded (LRU), by memory
     emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
+    emulate_scale: float = 1.0  # ...times this
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
 
@@ -127,10 +128,13 @@ class Node:
         self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         self._segment_ms = dict(profile.segment_ms) if profile else {}
         self._left: LeftBoundary | None = None  # the controller of the boundary on our left
-        self._start_seen: int | None = None  # start_block of the last frame run
+        # Our start: the configured one, then wherever our own moves put it (we own the
+        # boundary on our left; frames in flight may still start earlier, and run from there).
+        self._start_seen: int | None = None
         self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
         self._link_Bps: float | None = None
         self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
+        self._move_lock = threading.Lock()  # moves of our start and of our end, one at a time
         self.swap_ms = 0.0
         self._outboxes: dict[str, DataOutbox] = {}  # used by the data thread only
         self._busy = False  # a frame taken from the inbox and not yet sent
@@ -232,7 +236,9 @@ class Node:
         if m.adaptive and m.predecessor and m.predecessor_control_addr and m.start < m.end:
             left = LeftBoundary(self.settings.name, self.settings.key, self._block_ms,
                                 self.manifest.activation_bytes(), m, self.settings.controller,
-                                prepare=self._prepare)
+                                prepare=self._prepare, lock=self._move_lock,
+                                current_end=lambda: self.assignment.end,
+                                committed=self._start_committed)
         with self._lock:
             old, self._left = self._left, left
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
@@ -246,8 +252,18 @@ class Node:
                  f"; moves the boundary with {m.predecessor}" if left else "")
         return msg.Ack(ok=True, reason="")
 
+    def _start_committed(self, boundary: int) -> None:
+        """Our predecessor now ends at ``boundary``: it is our start from here on."""
+        with self._lock:
+            self._start_seen = boundary
+
     def _move_end(self, m: msg.MoveBoundary) -> msg.Ack:
-        """Our successor moves the boundary between us: end our range at ``m.boundary``."""
+        """Our successor moves the boundary between us: end our range at ``m.boundary``.
+        Never while we move our own start (the same lock): each checks the other's result."""
+        with self._move_lock:
+            return self._move_end_locked(m)
+
+    def _move_end_locked(self, m: msg.MoveBoundary) -> msg.Ack:
         with self._lock:
             a = self.assignment
             start = a.start if self._start_seen is None else self._start_seen
@@ -335,7 +351,6 @@ class Node:
             return
         try:
             out = self.compute(frame, a.end, a.wire_dtype)
-            self._start_seen = frame.start_block
             left = self._left
             if left is not None and not self._last_chained:  # a chain's time misleads
                 left.observe(frame, a.end, self._last_ms)
@@ -382,8 +397,9 @@ class Node:
         t0 = time.perf_counter()
         start = frame.start_block
         profiled = self._profiled_ms(start, end)
-        if self.settings.emulate:  # emulated compute: the profiled time, zeros out
-            self._stop.wait(profiled * self.slowdown / 1000)
+        if self.settings.emulate:  # emulated compute: the blocks' profiled times, zeros out
+            blocks_ms = sum(self._block_ms[start:end])  # as the allocator models a segment
+            self._stop.wait(blocks_ms * self.settings.emulate_scale * self.slowdown / 1000)
             shape = (frame.tensor.shape[0], *self._sample_shapes[end])
             y = np.zeros(shape, np.float32)
         else:

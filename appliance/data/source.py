@@ -52,7 +52,7 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
-from appliance.control.controller import ControllerSettings, should_rebalance
+from appliance.control.controller import should_rebalance
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -74,7 +74,8 @@ from engines.repository import ModelRepository
 log = logging.getLogger("armdi.source")
 
 POLL_S = 0.2
-STALL_S = 10.0  # the pairs get this long to fix an imbalance before the source steps in
+STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
+REBALANCE_GAIN = 0.1  # ...and the source steps in only when the optimum is this much better
 
 
 @dataclass(frozen=True)
@@ -825,16 +826,16 @@ class Source:
         optimum, now = self.optimum, time.monotonic()
         live = self._live_bottleneck_ms()
         if (optimum is None or live is None or optimum.boundaries == self.boundaries()
-                or not should_rebalance(live, optimum.bottleneck_ms, ControllerSettings().big)
+                or not should_rebalance(live, optimum.bottleneck_ms, REBALANCE_GAIN)
                 or now - self._last_worker_move < STALL_S):
             self._stall_since = None  # the pairs are working on it, or nothing to fix
             return
         if self._stall_since is None:
             self._stall_since = now
         target = optimum.boundaries
-        if (now - self._stall_since < STALL_S or now - self._last_rebalance < 60.0
+        if (now - self._stall_since < 0.5 or now - self._last_rebalance < 60.0
                 or target == self._last_target):
-            return
+            return  # (seen on two polls in a row, so not a single noisy reading)
         self._last_rebalance, self._last_target = now, target
         before = list(self.boundaries())
         self.set_boundaries(target)
