@@ -353,6 +353,9 @@ def up(
     min_workers: Annotated[int, typer.Option(
         help="The first N workers run at least one block each, even where the optimum "
              "would leave them out (demos, tests).")] = 0,
+    supervise: Annotated[bool, typer.Option(
+        help="Restart a worker that dies, with back-off (the chain routes around it "
+             "meanwhile).")] = True,
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
@@ -386,6 +389,7 @@ def up(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
+        supervise=supervise,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
     from web.server import listen, serve, url_of
@@ -458,6 +462,22 @@ def slow(
         _fail(f"factor {factor}: use 1 (full speed) up to 1e6")
     result = set_slowdown(node, factor, url=url)
     typer.echo(f"{result['node']}: slowdown {result['slowdown']:g}x (emulated)")
+
+
+@app.command()
+def fault(
+    action: Annotated[str, typer.Argument(help="kill | pause | resume | cut")],
+    node: Annotated[str, typer.Argument(help="The worker's name (w1, w2, ...).")],
+    seconds: Annotated[float, typer.Option(help="How long a pause or a cut lasts.")] = 3.0,
+    url: Annotated[str, typer.Option(help="The armdi server.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Inject a fault into a worker (tests and demos): the chain routes around it."""
+    from appliance.client import inject_fault
+
+    if action not in ("kill", "pause", "resume", "cut"):
+        _fail(f"fault {action!r}: use kill, pause, resume or cut")
+    result = inject_fault(node, action, seconds, url=url)
+    typer.echo(result["done"])
 
 
 bench_app = typer.Typer(no_args_is_help=True,
