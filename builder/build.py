@@ -129,6 +129,8 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         model = onnx.load(str(source.onnx_path))
     except Exception as exc:
         raise BuildError(f"{source.onnx_path}: cannot load ONNX ({exc})") from exc
+    if graph_mod.sort_nodes(model):
+        reporter.note("the file's nodes were not in topological order; sorted them")
     if source.source.kind == "onnx":
         _fix_input_size(model, options.input_size, source.onnx_path)
     analysis = graph_mod.analyse(model)
@@ -136,6 +138,16 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
     del model
     onnx.save(light, str(out / FULL_MODEL))
+    probed = seg_mod.resolve_cut_shapes(out / FULL_MODEL, analysis, infos)
+    if probed:
+        reporter.note(f"read the shapes of {len(probed)} cut tensors from a run of the model "
+                      "(shape inference could not fold them)")
+    batchless = seg_mod.batchless_cuts(analysis, infos)
+    if batchless:
+        reporter.note(f"{len(batchless)} cut tensors carry no batch axis "
+                      f"({', '.join(analysis.cuts[k] for k in sorted(batchless))}); their "
+                      "blocks are joined")
+        analysis = graph_mod.drop_cuts(analysis, batchless)
     cuts = seg_mod.cut_points(light, analysis, infos)
     input_shape = cuts[0].shape
     if len(input_shape) != 4:

@@ -148,6 +148,83 @@ def cut_points(model: onnx.ModelProto, analysis: GraphAnalysis,
     return tuple(points)
 
 
+def resolve_cut_shapes(model_path: Path, analysis: GraphAnalysis,
+                       infos: dict[str, onnx.ValueInfoProto]) -> list[str]:
+    """Give every cut tensor a full shape in ``infos``; return the names that needed a run.
+
+    Shape inference cannot fold every constant chain (``Constant -> Identity -> Reshape``
+    leaves the shape unknown). Such shapes are read from one ONNX Runtime run of the full
+    model (``model_path``, weights beside it) with the unresolved cuts as extra outputs. With
+    a dynamic batch the run uses batch 2, and a leading 2 is recorded as the batch axis."""
+    first = infos.get(analysis.cuts[0])
+    dynamic_batch = first is None or (tensor_shape(first) or (0,))[0] < 0
+    missing = [name for name in analysis.cuts
+               if _needs_shape(infos.get(name), dynamic_batch)]
+    if not missing:
+        return []
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    for name in missing:
+        if name not in known:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe = model_path.with_name(f".shapes-{model_path.name}")
+    onnx.save(model, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        dynamic_batch = not isinstance(inp.shape[0], int)
+        shape = [2 if dynamic_batch else inp.shape[0],
+                 *(d if isinstance(d, int) else -1 for d in inp.shape[1:])]
+        if any(d < 0 for d in shape):
+            raise BuildError(f"the model input has a dynamic non-batch dimension {inp.shape}; "
+                             "export the model with fixed input height and width")
+        vi = infos[analysis.cuts[0]]
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        try:
+            values = session.run(missing, {inp.name: x})
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BuildError(f"could not run the model to read its cut shapes: {exc}") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+    for name, value in zip(missing, values, strict=True):
+        array = np.asarray(value)
+        dims: list[int | str] = list(array.shape)
+        if dynamic_batch and dims and dims[0] == 2:
+            dims[0] = "N"
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        infos[name] = helper.make_tensor_value_info(name, elem, dims)
+    return missing
+
+
+def _needs_shape(vi: onnx.ValueInfoProto | None, dynamic_batch: bool) -> bool:
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return True
+    shape = tensor_shape(vi)
+    return any(d < 0 for d in (shape[1:] if dynamic_batch else shape))
+
+
+def batchless_cuts(analysis: GraphAnalysis,
+                   infos: dict[str, onnx.ValueInfoProto]) -> set[int]:
+    """Indices of inner cut tensors whose leading axis is not the model's batch axis.
+
+    Every activation is a batch of samples along its first axis: engines take a batch,
+    verification and the runtime split and join along it. A tensor that the exporter
+    flattened away from the batch (ConvNeXt's and Swin's global pooling: ``ReduceMean`` then
+    ``Reshape`` to ``(768,)`` then ``Gather`` back to ``(1, 768, 1, 1)``) may still be the only
+    live tensor between two parts of the graph, but it cannot be an activation on the wire:
+    the blocks on either side of it are joined instead."""
+    batch = tensor_shape(infos[analysis.cuts[0]])[0]
+    drop = set()
+    for index in range(1, analysis.blocks):
+        shape = tensor_shape(infos[analysis.cuts[index]])
+        if not shape or shape[0] != batch:
+            drop.add(index)
+    return drop
+
+
 def extract(model: onnx.ModelProto, analysis: GraphAnalysis,
             infos: dict[str, onnx.ValueInfoProto], start: int, end: int) -> onnx.ModelProto:
     """The segment ``[start, end)`` of an externalized model as its own ONNX model."""
