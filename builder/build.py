@@ -15,6 +15,15 @@ import onnx
 
 from builder import graph as graph_mod
 from builder import segments as seg_mod
+from builder.memory import (
+    MB,
+    MemoryBudget,
+    children_peak_rss_bytes,
+    fmt,
+    peak_rss_bytes,
+    reset_peak,
+    session_estimate,
+)
 from builder.profile import median_ms, profile, sample_segments
 from builder.progress import Reporter, SilentReporter
 from builder.sources import OPSET, SourceModel, resolve
@@ -45,6 +54,7 @@ class BuildOptions:
     profile_segments: int = 24  # fused segments to time, spread over all lengths
     fp16: bool = False
     opset: int | None = None  # None: 18 (dynamo exporter); 17: the TorchScript exporter
+    max_memory: int | None = None  # bytes of resident memory the build may use after export
 
 
 @dataclass
@@ -52,6 +62,9 @@ class BuildReport:
     manifest: Manifest
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    # peak resident memory (MB): "export" (torch, when a named model is exported) and
+    # "build" (everything after it); empty where /proc/self/status is not available
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare_repo(root: Path) -> Path:
@@ -93,6 +106,7 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         # TensorRT 8.x parses ONNX opset 17 at most (JetPack 6.0); 10.x takes 18.
         if require_tensorrt() < 10 and opset is None:
             opset = 17
+    budget = MemoryBudget(options.max_memory)
     repo = ModelRepository(options.repo)
     staging_root = _prepare_repo(repo.root)
     _clean_stale(staging_root)
@@ -104,9 +118,17 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         source = resolve(options.model, work, weights=options.weights, name=options.name,
                          input_size=options.input_size, opset=opset, on_progress=reporter.note)
         timings["export_s"] = time.perf_counter() - t0
+        peaks: dict[str, float] = {}
+        export_peak = max(peak_rss_bytes() or 0, children_peak_rss_bytes())
+        if export_peak and reset_peak():
+            peaks["export"] = export_peak / MB
+        budget.check("exporting")
         out_dir = work / source.model_id
         out_dir.mkdir()
-        manifest = _build_into(out_dir, source, options, reporter, timings)
+        manifest = _build_into(out_dir, source, options, reporter, timings, budget)
+        build_peak = peak_rss_bytes()
+        if "export" in peaks and build_peak is not None:
+            peaks["build"] = build_peak / MB
         final = repo.model_dir(manifest.model_id)
         if final.exists():
             trash = staging_root / f"old-{manifest.model_id}-{os.getpid()}"
@@ -115,13 +137,13 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
             shutil.rmtree(trash, ignore_errors=True)
         else:
             out_dir.rename(final)
-        return BuildReport(manifest, final, timings)
+        return BuildReport(manifest, final, timings, peaks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
-                timings: dict[str, float]) -> Manifest:
+                timings: dict[str, float], budget: MemoryBudget) -> Manifest:
     t0 = time.perf_counter()
     fingerprint = sha256_file(source.onnx_path)
     reporter.note(f"loading {source.onnx_path.name}")
@@ -134,9 +156,9 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     if source.source.kind == "onnx":
         _fix_input_size(model, options.input_size, source.onnx_path)
     analysis = graph_mod.analyse(model)
-    infos = seg_mod.value_infos(model)
     light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
-    del model
+    del model  # from here on the weights live in weights.bin only
+    infos = seg_mod.value_infos(light)
     onnx.save(light, str(out / FULL_MODEL))
     probed = seg_mod.resolve_cut_shapes(out / FULL_MODEL, analysis, infos)
     if probed:
@@ -171,6 +193,11 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
                          threads=options.threads, providers=["CPUExecutionProvider"])
 
+    def open_full() -> Engine:
+        return OrtEngine(out / FULL_MODEL, 0, analysis.blocks, threads=options.threads,
+                         providers=["CPUExecutionProvider"])
+
+
     inputs = sample_inputs(input_shape, source.preprocessing)
     if options.max_blocks is not None and analysis.blocks > options.max_blocks:
         t0 = time.perf_counter()
@@ -198,11 +225,16 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     timings["extract_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    full = OrtEngine(out / FULL_MODEL, 0, K, threads=options.threads,
-                     providers=["CPUExecutionProvider"])
-    blocks = [open_segment(k, k + 1) for k in range(K)]
     fused = [r for r in ranges if r[1] - r[0] >= 2]
-    verification, activations = verify(full, blocks, fused, open_segment, inputs, reporter)
+    weight_bytes = seg_mod.weights_bytes(light)
+    kept = sum(c.bytes_per_sample for c in cuts) + (len(inputs) - 1) * (
+        cuts[0].bytes_per_sample + cuts[-1].bytes_per_sample)
+    largest_activation = len(inputs) * max(c.bytes_per_sample for c in cuts)
+    budget.require(session_estimate(weight_bytes, largest_activation) + kept,
+                   f"verifying {source.model_id} (the full model: {fmt(weight_bytes)} of "
+                   f"weights; one sample's activations at every cut: {fmt(kept)})")
+    verification, activations = verify(open_full, open_segment, K, fused, inputs, reporter,
+                                       budget=budget)
     timings["verify_s"] = time.perf_counter() - t0
 
     segments = {"ort": tuple(entries)}
@@ -230,11 +262,11 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         timings["trt_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    device_profile = profile(full, blocks, sample_segments(fused, options.profile_segments),
-                             open_segment, activations, reporter, backend="ort",
-                             threads=options.threads, repeats=options.profile_repeats)
-    for engine in (full, *blocks):
-        engine.close()
+    device_profile = profile(open_full, open_segment, K,
+                             sample_segments(fused, options.profile_segments), activations,
+                             reporter, backend="ort", threads=options.threads,
+                             repeats=options.profile_repeats)
+    budget.check("profiling")
     timings["profile_s"] = time.perf_counter() - t0
 
     all_files = sorted(p for p in out.rglob("*") if p.is_file())

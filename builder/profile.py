@@ -53,10 +53,10 @@ def sample_segments(candidates: Sequence[tuple[int, int]], limit: int) -> list[t
 
 
 def profile(
-    full: Engine,
-    blocks: Sequence[Engine],
-    fused: Sequence[tuple[int, int]],
+    open_full: Callable[[], Engine],
     open_segment: Callable[[int, int], Engine],
+    blocks: int,
+    fused: Sequence[tuple[int, int]],
     activations: Sequence[np.ndarray],
     reporter: Reporter,
     *,
@@ -64,22 +64,22 @@ def profile(
     threads: int,
     repeats: int = 20,
 ) -> DeviceProfile:
-    """Median batch-1 latency of the full model, every block and the given fused segments."""
+    """Median batch-1 latency of the full model, every block and the given fused segments.
+
+    One engine is open at a time, so the memory held is that of the largest one."""
     activations = [a[:1] for a in activations]
-    full_ms = median_ms(lambda: full.infer(activations[0]), repeats)
-    block_ms = tuple(
-        median_ms(lambda e=engine: e.infer(activations[e.start]), repeats)  # type: ignore[misc]
-        for engine in reporter.track(blocks, "profile blocks")
-    )
-    segment_ms: dict[str, float] = {}
-    for start, end in reporter.track(fused, "profile fused segments"):
-        engine = open_segment(start, end)
+
+    def timed(engine: Engine, x: np.ndarray) -> float:
         try:
-            segment_ms[f"{start}:{end}"] = median_ms(
-                lambda e=engine, x=activations[start]: e.infer(x), repeats  # type: ignore[misc]
-            )
+            return median_ms(lambda: engine.infer(x), repeats)
         finally:
             engine.close()
+
+    full_ms = timed(open_full(), activations[0])
+    block_ms = tuple(timed(open_segment(k, k + 1), activations[k])
+                     for k in reporter.track(range(blocks), "profile blocks"))
+    segment_ms = {f"{start}:{end}": timed(open_segment(start, end), activations[start])
+                  for start, end in reporter.track(fused, "profile fused segments")}
     return DeviceProfile(
         device=device_signature(), backend=backend, threads=threads, repeats=repeats,
         full_model_ms=full_ms, block_ms=block_ms, segment_ms=segment_ms,

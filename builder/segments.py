@@ -63,6 +63,17 @@ def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
     return out
 
 
+def weights_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of all initializers of ``model``, external or inline."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            total += int(next((e.value for e in init.external_data if e.key == "length"), 0))
+        else:
+            total += init.ByteSize()
+    return total
+
+
 def _shorten_initializer_names(graph: onnx.GraphProto) -> None:
     """Rename initializers to ``w0, w1, ...``: their names are repeated in every segment file
     and were a third of the repository's size. Skipped for graphs with subgraphs, whose
@@ -120,7 +131,12 @@ def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
                                   for i in _topological_order(list(graph.node), available))
         inferred = onnx.shape_inference.infer_shapes(ordered, data_prop=True)
         known.update({vi.name: vi for vi in inferred.graph.value_info if vi.name not in known})
-    return known
+    # Copies: a reference to a sub-message would keep the whole model (weights and all) alive.
+    copies = {}
+    for name, vi in known.items():
+        copies[name] = onnx.ValueInfoProto()
+        copies[name].CopyFrom(vi)
+    return copies
 
 
 def tensor_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...]:

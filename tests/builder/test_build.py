@@ -63,6 +63,8 @@ def test_build_writes_a_complete_manifest(built_tiny: BuiltModel) -> None:
         (i, j) for i in range(K) for j in range(i + 1, K + 1)}
     v = m.verification
     assert v.passed and v.max_abs_error <= 1e-5 and v.tolerance == 1e-4
+    assert v.max_relative_error is not None and v.max_relative_error <= 1e-5
+    assert v.min_cosine is not None and v.min_cosine > 0.9999
     assert v.top1_agreement == 1.0 and v.segments_checked == K * (K + 1) // 2
     (profile,) = m.profiles.values()
     assert profile.backend == "ort" and profile.threads == 1
@@ -274,7 +276,8 @@ def test_verification_failure_leaves_no_model(tiny_onnx: Path, tmp_path: Path,
     monkeypatch.setattr(build_mod, "OrtEngine", _NoisyEngine)
     repo = tmp_path / "repo"
     with pytest.raises(VerificationError,
-                       match=r"verification failed: max abs error .* in .*\(tolerance 0.0001\)"):
+                       match=r"verification failed: relative error .* in .*\(tolerance 0.0001 "
+                             r"of the output's scale"):
         build_tiny(tiny_onnx, repo, segments="window:2")
     assert not (repo / "tiny").exists()
     assert _staging_entries(repo) == []
