@@ -193,9 +193,16 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
                          threads=options.threads, providers=["CPUExecutionProvider"])
 
-    def open_full() -> Engine:
+    def open_full(prepacking: bool = True) -> Engine:
         return OrtEngine(out / FULL_MODEL, 0, analysis.blocks, threads=options.threads,
-                         providers=["CPUExecutionProvider"])
+                         providers=["CPUExecutionProvider"], prepacking=prepacking)
+
+    def open_once(start: int, end: int) -> Engine:
+        """For engines run once (verification): no pre-packed copy of the weights, so a
+        session opens in milliseconds and maps the weights file instead of copying it."""
+        return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
+                         threads=options.threads, providers=["CPUExecutionProvider"],
+                         prepacking=False)
 
 
     inputs = sample_inputs(input_shape, source.preprocessing)
@@ -233,8 +240,8 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     budget.require(session_estimate(weight_bytes, largest_activation) + kept,
                    f"verifying {source.model_id} (the full model: {fmt(weight_bytes)} of "
                    f"weights; one sample's activations at every cut: {fmt(kept)})")
-    verification, activations = verify(open_full, open_segment, K, fused, inputs, reporter,
-                                       budget=budget)
+    verification, activations = verify(lambda: open_full(prepacking=False), open_once, K,
+                                       fused, inputs, reporter, budget=budget)
     timings["verify_s"] = time.perf_counter() - t0
 
     segments = {"ort": tuple(entries)}
