@@ -122,7 +122,7 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         export_peak = max(peak_rss_bytes() or 0, children_peak_rss_bytes())
         if export_peak and reset_peak():
             peaks["export"] = export_peak / MB
-        budget.check("exporting")
+        budget.check("exporting or reading the model source")
         out_dir = work / source.model_id
         out_dir.mkdir()
         manifest = _build_into(out_dir, source, options, reporter, timings, budget)
