@@ -162,11 +162,11 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     onnx.save(light, str(out / FULL_MODEL))
     probed = seg_mod.resolve_cut_shapes(out / FULL_MODEL, analysis, infos)
     if probed:
-        reporter.note(f"read the shapes of {len(probed)} cut tensors from a run of the model "
-                      "(shape inference could not fold them)")
+        reporter.note(f"read the shapes of {len(probed)} cut tensor(s) from a run of the "
+                      "model (shape inference could not fold them)")
     batchless = seg_mod.batchless_cuts(analysis, infos)
     if batchless:
-        reporter.note(f"{len(batchless)} cut tensors carry no batch axis "
+        reporter.note(f"{len(batchless)} cut tensor(s) without a batch axis "
                       f"({', '.join(analysis.cuts[k] for k in sorted(batchless))}); their "
                       "blocks are joined")
         analysis = graph_mod.drop_cuts(analysis, batchless)
@@ -203,7 +203,6 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
                          threads=options.threads, providers=["CPUExecutionProvider"],
                          prepacking=False)
-
 
     inputs = sample_inputs(input_shape, source.preprocessing)
     if options.max_blocks is not None and analysis.blocks > options.max_blocks:

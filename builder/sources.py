@@ -45,11 +45,34 @@ def valid_model_id(name: str) -> str:
 
 
 def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet category names, from torchvision's weight metadata (offline)."""
+    """The 1000 ImageNet category names, from torchvision's weight metadata (offline).
+
+    Read from the source of ``torchvision.models._meta`` without importing torchvision:
+    importing it loads torch (about 700 MB resident) into a build that, from an ONNX file,
+    needs nothing else of it."""
+    import ast
+    import importlib.util
+
     try:
-        from torchvision.models import ResNet18_Weights
-    except ImportError:
+        spec = importlib.util.find_spec("torchvision")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         return tuple(f"class_{i}" for i in range(1000))
+    meta = Path(next(iter(spec.submodule_search_locations))) / "models" / "_meta.py"
+    try:
+        tree = ast.parse(meta.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "_IMAGENET_CATEGORIES"
+                    for t in node.targets):
+                labels = tuple(str(name) for name in ast.literal_eval(node.value))
+                if len(labels) == 1000:
+                    return labels
+    except (OSError, SyntaxError, ValueError):
+        pass
+    from torchvision.models import ResNet18_Weights  # another layout: import it after all
+
     return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 

@@ -57,3 +57,22 @@ def test_build_over_budget_stops_cleanly(tiny_onnx: Path, tmp_path: Path) -> Non
         build_tiny(tiny_onnx, repo, max_memory=16 * MB)  # below this process's own size
     assert ModelRepository(repo).list_models() == []
     assert list((repo / ".staging").iterdir()) == []
+
+
+def test_imagenet_labels_do_not_load_torch() -> None:
+    """A build from an ONNX file takes ImageNet's labels from torchvision's source without
+    importing torch (about 700 MB resident)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torchvision")
+    code = ("import sys; from builder.sources import imagenet_labels; labels = imagenet_labels();"
+            "print(len(labels), labels[281], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["1000", "tabby", "False"]
+    from torchvision.models import ResNet18_Weights
+
+    from builder.sources import imagenet_labels
+
+    assert imagenet_labels() == tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
