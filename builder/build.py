@@ -21,6 +21,7 @@ from builder.memory import (
     children_peak_rss_bytes,
     fmt,
     peak_rss_bytes,
+    release_freed,
     reset_peak,
     session_estimate,
 )
@@ -158,6 +159,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     analysis = graph_mod.analyse(model)
     light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
     del model  # from here on the weights live in weights.bin only
+    release_freed()
     infos = seg_mod.value_infos(light)
     onnx.save(light, str(out / FULL_MODEL))
     probed = seg_mod.resolve_cut_shapes(out / FULL_MODEL, analysis, infos)
@@ -238,7 +240,9 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     largest_activation = len(inputs) * max(c.bytes_per_sample for c in cuts)
     budget.require(session_estimate(weight_bytes, largest_activation) + kept,
                    f"verifying {source.model_id} (the full model: {fmt(weight_bytes)} of "
-                   f"weights; one sample's activations at every cut: {fmt(kept)})")
+                   f"weights; one sample's activations at every cut: {fmt(kept)})",
+                   "every build runs the full model once, whatever --segments says; raise "
+                   "--max-memory, or build on a bigger machine and copy the model folder")
     verification, activations = verify(lambda: open_full(prepacking=False), open_once, K,
                                        fused, inputs, reporter, budget=budget)
     timings["verify_s"] = time.perf_counter() - t0

@@ -77,6 +77,22 @@ def reset_peak() -> bool:
     return True
 
 
+def release_freed() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op),
+    so that resident memory measures what the build holds, not what it once held."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def session_estimate(weight_bytes: int, activation_bytes: int) -> int:
     """What one ONNX Runtime session with these weights and activations adds to RSS."""
     return int(weight_bytes * SESSION_WEIGHT_FACTOR) + 4 * activation_bytes + SESSION_OVERHEAD
@@ -95,7 +111,7 @@ class MemoryBudget:
                    "window:W, --max-blocks N), or build on a bigger machine and copy the "
                    "model folder")
 
-    def require(self, needed: int, what: str) -> None:
+    def require(self, needed: int, what: str, advice: str | None = None) -> None:
         """Refuse, before the work starts, a step estimated to need more than the budget."""
         if self.limit is None:
             return
@@ -103,7 +119,8 @@ class MemoryBudget:
         if now + needed > self.limit:
             raise BuildError(
                 f"{what} needs about {fmt(needed)} on top of the {fmt(now)} the build "
-                f"already holds; --max-memory {fmt(self.limit)} is not enough: {self.advice}")
+                f"already holds; --max-memory {fmt(self.limit)} is not enough: "
+                f"{advice or self.advice}")
 
     def check(self, where: str) -> None:
         """Stop the build if it has grown past the budget (measured, not estimated)."""

@@ -60,7 +60,11 @@ def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
                 entry = init.external_data.add()
                 entry.key, entry.value = key, value
             offset += len(raw)
-    return out
+    # Cleared fields keep their bytes in the message's arena until the message dies: a fresh
+    # parse holds only the small graph (vgg16: 590 MB -> 60 MB resident).
+    compact = onnx.ModelProto()
+    compact.ParseFromString(out.SerializeToString())
+    return compact
 
 
 def weights_bytes(model: onnx.ModelProto) -> int:
