@@ -63,8 +63,9 @@ class BuildReport:
     manifest: Manifest
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
-    # peak resident memory (MB): "export" (torch, when a named model is exported) and
-    # "build" (everything after it); empty where /proc/self/status is not available
+    # peak resident memory (MB): "export" (the torch export's child process, or reading an
+    # ONNX file), each later phase ("analyse", "extract", "verify", "profile", ...) and
+    # "build" (the largest after the export); empty where /proc/self/status is not available
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,10 +127,9 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         budget.check("exporting or reading the model source")
         out_dir = work / source.model_id
         out_dir.mkdir()
-        manifest = _build_into(out_dir, source, options, reporter, timings, budget)
-        build_peak = peak_rss_bytes()
-        if "export" in peaks and build_peak is not None:
-            peaks["build"] = build_peak / MB
+        manifest = _build_into(out_dir, source, options, reporter, timings, budget, peaks)
+        if "export" in peaks:
+            peaks["build"] = max(v for k, v in peaks.items() if k != "export")
         final = repo.model_dir(manifest.model_id)
         if final.exists():
             trash = staging_root / f"old-{manifest.model_id}-{os.getpid()}"
@@ -144,7 +144,16 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
 
 
 def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
-                timings: dict[str, float], budget: MemoryBudget) -> Manifest:
+                timings: dict[str, float], budget: MemoryBudget,
+                peaks: dict[str, float]) -> Manifest:
+    def done(phase: str, since: float) -> None:
+        """Record a phase's seconds and, where it can be reset per phase, its peak RSS."""
+        timings[f"{phase}_s"] = time.perf_counter() - since
+        peak = peak_rss_bytes()
+        if "export" in peaks and peak is not None:
+            peaks[phase] = peak / MB
+            reset_peak()
+
     t0 = time.perf_counter()
     fingerprint = sha256_file(source.onnx_path)
     reporter.note(f"loading {source.onnx_path.name}")
@@ -184,7 +193,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         source = replace(source, preprocessing=source.preprocessing.model_copy(
             update={"crop": size, "resize": round(size * 256 / 224)}))
     reporter.note(f"{analysis.blocks} blocks between {len(cuts)} cut points")
-    timings["analyse_s"] = time.perf_counter() - t0
+    done("analyse", t0)
 
     def save_segment(start: int, end: int) -> str:
         name = seg_mod.segment_filename(start, end)
@@ -222,7 +231,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         cuts = tuple(c for c in cuts if c.name in set(analysis.cuts))
         cuts = tuple(c.model_copy(update={"index": i}) for i, c in enumerate(cuts))
         reporter.note(f"merged to {analysis.blocks} blocks (--max-blocks {options.max_blocks})")
-        timings["merge_s"] = time.perf_counter() - t0
+        done("merge", t0)
 
     K = analysis.blocks
     ranges = sorted(set(seg_mod.segment_ranges(K, options.segments))
@@ -230,7 +239,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     t0 = time.perf_counter()
     entries = [SegmentEntry(start=i, end=j, path=save_segment(i, j))
                for i, j in reporter.track(ranges, "extract segments")]
-    timings["extract_s"] = time.perf_counter() - t0
+    done("extract", t0)
 
     t0 = time.perf_counter()
     fused = [r for r in ranges if r[1] - r[0] >= 2]
@@ -245,7 +254,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
                    "--max-memory, or build on a bigger machine and copy the model folder")
     verification, activations = verify(lambda: open_full(prepacking=False), open_once, K,
                                        fused, inputs, reporter, budget=budget)
-    timings["verify_s"] = time.perf_counter() - t0
+    done("verify", t0)
 
     segments = {"ort": tuple(entries)}
     backend_verification: dict[str, Verification] = {}
@@ -269,7 +278,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
                    + (" (fp16: top-1 of the final segment must agree)" if options.fp16 else ""))
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
                       f"{trt_error:.2g}")
-        timings["trt_s"] = time.perf_counter() - t0
+        done("trt", t0)
 
     t0 = time.perf_counter()
     device_profile = profile(open_full, open_segment, K,
@@ -277,7 +286,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
                              reporter, backend="ort", threads=options.threads,
                              repeats=options.profile_repeats)
     budget.check("profiling")
-    timings["profile_s"] = time.perf_counter() - t0
+    done("profile", t0)
 
     all_files = sorted(p for p in out.rglob("*") if p.is_file())
     files = {p.relative_to(out).as_posix(): FileEntry(sha256=sha256_file(p),
@@ -307,6 +316,9 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         profiles={f"{device_profile.device}/ort/t{options.threads}": device_profile},
     )
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
+    peak = peak_rss_bytes()
+    if "export" in peaks and peak is not None:
+        peaks["manifest"] = peak / MB  # hashing and writing; not timed (see build_figures)
     return manifest
 
 

@@ -76,3 +76,17 @@ def test_imagenet_labels_do_not_load_torch() -> None:
     from builder.sources import imagenet_labels
 
     assert imagenet_labels() == tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+@linux_only
+def test_build_reports_the_peak_of_each_phase(tiny_onnx: Path, tmp_path: Path) -> None:
+    from builder.build import BuildOptions, build
+
+    report = build(BuildOptions(model=str(tiny_onnx), repo=tmp_path / "repo", backend="ort",
+                                segments="window:2", profile_repeats=2))
+    peaks = report.peak_rss_mb
+    if "export" not in peaks:
+        pytest.skip("this kernel cannot reset the peak (/proc/self/clear_refs)")
+    assert {"analyse", "extract", "verify", "profile", "manifest", "build"} <= set(peaks)
+    after = [v for k, v in peaks.items() if k not in ("export", "build")]
+    assert peaks["build"] == max(after) and all(v > 0 for v in peaks.values())
