@@ -77,11 +77,15 @@ def build(
              "(chosen automatically with --backend trt).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the model is already "
                                                   "built.")] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Resident memory the build may use after the export (e.g. 2G, 1500M); it "
+             "refuses what would not fit.")] = None,
     repo: RepoOption = None,
 ) -> None:
     """Build a model into verified, profiled segment engines in the model repository."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
+    from builder.memory import parse_size
     from builder.progress import RichReporter
     from engines.repository import ModelRepository
 
@@ -98,14 +102,16 @@ def build(
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
                            input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset)
+                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           max_memory=parse_size(max_memory) if max_memory else None)
     report = run_build(options, RichReporter())
     m = report.manifest
     total = sum(len(v) for v in m.segments.values())
     typer.echo(
         f"built {m.model_id}: {m.blocks} blocks, {total} segment engines "
         f"({', '.join(f'{k}: {len(v)}' for k, v in m.segments.items())}), verified "
-        f"(max abs error {m.verification.max_abs_error:.2g}) in "
+        f"(max abs error {m.verification.max_abs_error:.2g}, relative "
+        f"{m.verification.max_relative_error or 0:.2g}) in "
         f"{sum(report.seconds.values()):.1f} s -> {report.path}"
     )
 
@@ -232,8 +238,10 @@ def inspect(
                   f"weights {manifest.source.weights}) fingerprint {manifest.fingerprint[:16]}")
     console.print(f"{manifest.blocks} blocks; segments: {data['segments']} "
                   f"({manifest.segment_mode}); verification: "
-                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g} "
-                  f"(tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
+                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g}"
+                  + (f", relative {v.max_relative_error:.2g}" if v.max_relative_error is not None
+                     else "")
+                  + f" (tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
     block_ms = data["block_ms"] or []
     table = Table("boundary", "tensor", "shape", "KiB/sample", "next block ms")
     for cut in manifest.cut_points:
