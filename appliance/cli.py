@@ -77,15 +77,41 @@ def build(
              "(chosen automatically with --backend trt).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the model is already "
                                                   "built.")] = False,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="TensorRT: print what the build would make and cost (engines, disk "
+                       "with stripped and full plans, time, free disk); build nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --plan: print JSON.")] = False,
+    max_disk: Annotated[str | None, typer.Option(
+        help="TensorRT: refuse a build that adds more than this to the disk (e.g. 2G).")]
+    = None,
+    prebuild_ratio: Annotated[float, typer.Option(
+        help="TensorRT: build block engines, then fused segments most likely first until the "
+             "repository is this many times the ONNX model; the rest on demand (0: all).")]
+    = 1.5,
     repo: RepoOption = None,
 ) -> None:
     """Build a model into verified, profiled segment engines in the model repository."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
     from builder.progress import RichReporter
+    from builder.trt_plan import TrtPlanOptions, parse_size
     from engines.repository import ModelRepository
 
     root = _repo_path(repo)
+    try:
+        trt_options = TrtPlanOptions(
+            max_disk=parse_size(max_disk) if max_disk is not None else None,
+            prebuild_ratio=prebuild_ratio, plan_only=plan)
+    except ValueError as exc:
+        _fail(str(exc))
+    if plan:
+        if backend != "trt":
+            _fail("--plan is for TensorRT builds: add --backend trt")
+        _print_plan(BuildOptions(model=model, repo=root, weights=weights, name=name,
+                                 input_size=input_size, backend=backend, segments=segments,
+                                 max_blocks=max_blocks, fp16=fp16, opset=opset,
+                                 trt=trt_options), as_json)
+        return
     if if_missing:
         model_id = name or (Path(model).stem if model.endswith(".onnx") else model)
         repository = ModelRepository(root)
@@ -98,7 +124,8 @@ def build(
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
                            input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset)
+                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           trt=trt_options)
     report = run_build(options, RichReporter())
     m = report.manifest
     total = sum(len(v) for v in m.segments.values())
@@ -108,6 +135,16 @@ def build(
         f"(max abs error {m.verification.max_abs_error:.2g}) in "
         f"{sum(report.seconds.values()):.1f} s -> {report.path}"
     )
+
+
+def _print_plan(options: Any, as_json: bool) -> None:
+    """``armdi build --backend trt --plan``: the plan, exit status 1 when it is refused."""
+    from builder.trt_plan import plan_build
+
+    result = plan_build(options)
+    typer.echo(json.dumps(result.to_json(), indent=1) if as_json else result.render())
+    if result.refused:
+        raise typer.Exit(1)
 
 
 @app.command()

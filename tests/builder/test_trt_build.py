@@ -416,7 +416,8 @@ def test_builder_reuses_and_rebuilds_engines(fake: Any, tmp_path: Path) -> None:
     rebuilt = builder.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1,
                                     note=notes.append)
     assert rebuilt.built and len(trt.builds) == 2 and "rebuilding" in notes[0]
-    engine = TrtEngine.load(rebuilt.path, start=0, end=1, session=session)
+    engine = TrtEngine.load(rebuilt.path, start=0, end=1, session=session,
+                            refit_from=onnx_path)
     x = np.ones((2, 3, 16, 16), np.float32)
     np.testing.assert_allclose(engine.infer(x), 3 * x)
     engine.close()
