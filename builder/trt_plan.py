@@ -42,8 +42,8 @@ PLAN_BYTES_PER_ENGINE = 32 * 1024  # serialised engine header, bindings, profile
 PLAN_BYTES_PER_NODE = 1024  # per ONNX node of the segment: layer and kernel records
 ASSUMED_SECONDS_PER_ENGINE = 15.0  # Jetson Orin, TensorRT 10, warm timing cache
 ASSUMPTION_NOTE = (
-    f"assumed {ASSUMED_SECONDS_PER_ENGINE:g} s per engine (a Jetson Orin with TensorRT 10 and "
-    "a warm timing cache); measured on this device once it has built engines"
+    "assumed for a Jetson Orin with TensorRT 10 and a warm timing cache; measured on this "
+    "device once it has built engines"
 )
 PLAN_SIZE_NOTE = (
     f"plan size assumed {PLAN_BYTES_PER_ENGINE // 1024} KiB per engine + "
@@ -90,6 +90,8 @@ class BlockStats:
     inline_bytes: int
     nodes: int
     graph_bytes: int
+    frame_bytes: int = 0  # of graph_bytes: the model header and the input/output records,
+    #                       written once per segment file however many blocks it holds
 
 
 def block_stats(model: onnx.ModelProto, graph_bytes: int | None = None) -> BlockStats:
@@ -103,7 +105,12 @@ def block_stats(model: onnx.ModelProto, graph_bytes: int | None = None) -> Block
         else:
             inline += len(init.raw_data) or init.ByteSize()
     size = graph_bytes if graph_bytes is not None else model.ByteSize()
-    return BlockStats(frozenset(refs), inline, len(model.graph.node), size)
+    frame = onnx.ModelProto()
+    frame.CopyFrom(model)
+    del frame.graph.node[:]
+    del frame.graph.initializer[:]
+    return BlockStats(frozenset(refs), inline, len(model.graph.node), size,
+                      min(size, frame.ByteSize()))
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,12 @@ class ModelStats:
 
     def segment_graph(self, start: int, end: int) -> int:
         known = self.segment_graph_bytes.get((start, end))
-        return known if known is not None else sum(b.graph_bytes for b in self.blocks[start:end])
+        if known is not None:
+            return known
+        parts = self.blocks[start:end]
+        # The blocks' nodes and initializer records, plus one frame (header, input, output).
+        frame = (parts[0].frame_bytes + parts[-1].frame_bytes) // 2
+        return frame + sum(b.graph_bytes - b.frame_bytes for b in parts)
 
 
 def stats_from_model_dir(model_dir: Path, model_id: str, blocks: int) -> ModelStats:
@@ -154,9 +166,11 @@ def stats_from_model_dir(model_dir: Path, model_id: str, blocks: int) -> ModelSt
                       (model_dir / "model.onnx").stat().st_size, graphs, onnx_built=True)
 
 
-def stats_from_onnx(onnx_path: Path, model_id: str, workdir: Path) -> ModelStats:
-    """Stats of a model not built yet: cut it into blocks in ``workdir`` (no segments on
-    disk, no verification), the way ``armdi build`` would."""
+def stats_from_onnx(onnx_path: Path, model_id: str, workdir: Path,
+                    segments: str = "blocks") -> ModelStats:
+    """Stats of a model not built yet: cut it into blocks in ``workdir`` the way
+    ``armdi build`` would, and measure the graph of every segment ``segments`` asks for in
+    memory (nothing but the weights file is written, nothing is verified)."""
     from builder import graph as graph_mod
     from builder import segments as seg_mod
 
@@ -167,8 +181,10 @@ def stats_from_onnx(onnx_path: Path, model_id: str, workdir: Path) -> ModelStats
     del model
     stats = [block_stats(seg_mod.extract(light, analysis, infos, k, k + 1))
              for k in range(analysis.blocks)]
+    graphs = {(i, j): seg_mod.extract(light, analysis, infos, i, j).ByteSize()
+              for i, j in seg_mod.segment_ranges(analysis.blocks, segments) if j - i > 1}
     return ModelStats(model_id, tuple(stats), (workdir / seg_mod.WEIGHTS_FILE).stat().st_size,
-                      light.ByteSize(), {}, onnx_built=False)
+                      light.ByteSize(), graphs, onnx_built=False)
 
 
 # --- the most likely segments first ----------------------------------------------------------
@@ -520,8 +536,9 @@ def plan_build(options: BuildOptions) -> TrtPlan:
         source = resolve(options.model, work, weights=options.weights, name=options.name,
                          input_size=options.input_size, opset=options.opset)
         (work / "cut").mkdir()
-        stats = stats_from_onnx(source.onnx_path, source.model_id, work / "cut")
-    segment_ranges(len(stats.blocks), options.segments)  # validate
+        segment_ranges(2, options.segments)  # validate the option before the work
+        stats = stats_from_onnx(source.onnx_path, source.model_id, work / "cut",
+                                options.segments)
     return _plan(stats, options, kind, device_slug, [1.0] * len(stats.blocks))
 
 
