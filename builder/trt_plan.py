@@ -489,7 +489,8 @@ def parse_size(text: str) -> int:
     """``"2G"``, ``"500M"``, ``"1.5GB"``, ``"123456"`` -> bytes (powers of 1000)."""
     units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
     cleaned = text.strip().upper().removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units else (cleaned, "")
+    number, unit = ((cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in "KMGT"
+                    else (cleaned, ""))
     try:
         value = float(number)
     except ValueError:
