@@ -247,6 +247,11 @@ def test_build_missing_segment_adds_it_to_the_manifest(
         repository.check_file(manifest, entry.path)
         assert len(trt.builds) == 1 and trt.refits == [str(built_tiny.model_dir /
                                                            segment_filename(2, 6))]
+        # The repository refits the stripped plan from the segment's own ONNX file.
+        engine = repository.open_engine(manifest, 2, 6, backend="trt", trt_session=session)
+        assert np.all(np.isfinite(engine.infer(_activations(built_tiny)[2])))
+        engine.close()
+        assert trt.refits[-1].endswith(segment_filename(2, 6))
         again = build_missing_segment(built_tiny.repo, "tiny", 2, 6, session=session)
         assert again == entry and len(trt.builds) == 1
         journal = next((built_tiny.repo / ".trt-cache").glob("journal-*.json"))
