@@ -88,6 +88,9 @@ def build(
         help="TensorRT: build block engines, then fused segments most likely first until the "
              "repository is this many times the ONNX model; the rest on demand (0: all).")]
     = 1.5,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TensorRT: build fused segments first around the allocator's "
+                         "optimum for this cluster (cluster.toml).")] = None,
     repo: RepoOption = None,
 ) -> None:
     """Build a model into verified, profiled segment engines in the model repository."""
@@ -104,6 +107,8 @@ def build(
             prebuild_ratio=prebuild_ratio, plan_only=plan)
     except ValueError as exc:
         _fail(str(exc))
+    if config is not None:
+        trt_options = _likely_boundaries(trt_options, config, root, name or model)
     if plan:
         if backend != "trt":
             _fail("--plan is for TensorRT builds: add --backend trt")
@@ -135,6 +140,35 @@ def build(
         f"(max abs error {m.verification.max_abs_error:.2g}) in "
         f"{sum(report.seconds.values()):.1f} s -> {report.path}"
     )
+
+
+def _likely_boundaries(options: Any, config_path: Path, root: Path, model_id: str) -> Any:
+    """``options`` with the allocator's optimum for the cluster of ``config_path``: exact
+    where the model is built (its profile and activation sizes), else its device count."""
+    import dataclasses
+
+    from appliance.config import load_config
+    from appliance.control.allocator import snapshot_from_profile, solve
+    from engines.device import device_signature
+    from engines.repository import ModelRepository
+
+    cluster = load_config(config_path)
+    source, workers = cluster.source, cluster.workers
+    devices = (1 if source.run_blocks else 0) + len(workers)
+    repository = ModelRepository(root)
+    if not repository.has_model(model_id):
+        return dataclasses.replace(options, workers=max(1, devices))
+    manifest = repository.load_manifest(model_id)
+    profile = manifest.profile_for(device_signature(), "trt")
+    base = list(profile.block_ms) if profile else [1.0] * manifest.blocks
+    nodes = [source, *workers]
+    snapshot = snapshot_from_profile(
+        [base] * len(nodes), manifest.activation_bytes(),
+        bandwidth_Bps=[n.bandwidth_Bps for n in nodes],
+        latency_ms=[n.latency_ms for n in nodes], slowdown=[n.slowdown for n in nodes],
+        max_blocks=[source.max_blocks if source.run_blocks else 0]
+        + [w.max_blocks for w in workers])
+    return dataclasses.replace(options, boundaries=tuple(solve(snapshot).boundaries))
 
 
 def _print_plan(options: Any, as_json: bool) -> None:

@@ -63,7 +63,8 @@ class TrtPlanOptions:
 
     max_disk: int | None = None  # refuse a build that adds more bytes than this
     prebuild_ratio: float | None = PREBUILD_RATIO  # None or 0: prebuild every segment
-    boundaries: tuple[int, ...] | None = None  # None: LIKELY_WORKERS identical devices
+    boundaries: tuple[int, ...] | None = None  # the optimum of the configured cluster
+    workers: int = LIKELY_WORKERS  # without boundaries: this many identical devices
     plan_only: bool = False  # --plan: print the plan, build nothing
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class TrtPlanOptions:
     def build_kwargs(self, segments: str) -> dict[str, Any]:
         """The keyword arguments of ``trt_stage.build_trt``."""
         return {"max_disk": self.max_disk, "prebuild_ratio": self.prebuild_ratio or None,
-                "boundaries": self.boundaries, "segments": segments}
+                "boundaries": self.boundaries, "workers": self.workers, "segments": segments}
 
 
 # --- what the segments hold -----------------------------------------------------------------
@@ -331,7 +332,8 @@ class TrtPlan:
             return {"engines": len(p.ranges), "plans_bytes": p.plans_bytes,
                     "repository_bytes": p.repository_bytes,
                     "repository_ratio": self.ratio(p.repository_bytes),
-                    "first": [list(r) for r in p.ranges[:6]]}
+                    "first": [list(r) for r in p.ranges[:6]],
+                    "first_fused": [list(r) for r in p.ranges if r[1] - r[0] > 1][:6]}
 
         return {
             "model_id": self.model_id, "blocks": self.blocks, "segments": self.segments,
@@ -429,7 +431,7 @@ def make_plan(stats: ModelStats, ranges: Sequence[tuple[int, int]], *, segments:
               max_disk_bytes: int | None = None, boundaries: Sequence[int] | None = None,
               seconds_per_engine: float | None = None,
               prebuild_ratio: float | None = PREBUILD_RATIO,
-              done: Iterable[tuple[int, int]] = ()) -> TrtPlan:
+              done: Iterable[tuple[int, int]] = (), workers: int = LIKELY_WORKERS) -> TrtPlan:
     """The plan for ``ranges`` (block engines are always added).
 
     A build makes the block engines, then fused segments most likely first while the
@@ -439,8 +441,8 @@ def make_plan(stats: ModelStats, ranges: Sequence[tuple[int, int]], *, segments:
     """
     blocks = len(stats.blocks)
     wanted = set(ranges) | {(k, k + 1) for k in range(blocks)}
-    if boundaries is None:
-        boundaries = balanced_boundaries([1.0] * blocks, LIKELY_WORKERS)
+    if boundaries is None or boundaries[-1] != blocks:
+        boundaries = balanced_boundaries([1.0] * blocks, workers)
     order = likely_order(wanted, boundaries)
     already = set(done)
     stripped_sizes = {r: plan_bytes(stats, *r, stripped=True, fp16=fp16) for r in order}
@@ -552,7 +554,7 @@ def _plan(stats: ModelStats, options: BuildOptions, kind: PlanKind, device_slug:
     cache = Path(options.repo) / ".trt-cache"
     measured = (measured_seconds_per_engine(cache, device_slug)
                 if device_slug is not None else None)
-    boundaries = options.trt.boundaries or balanced_boundaries(block_ms, LIKELY_WORKERS)
+    boundaries = options.trt.boundaries or balanced_boundaries(block_ms, options.trt.workers)
     return make_plan(stats, segment_ranges(blocks, options.segments), segments=options.segments,
                      kind=kind, fp16=options.fp16, free_disk_bytes=free_disk(options.repo),
                      max_disk_bytes=options.trt.max_disk, boundaries=boundaries,

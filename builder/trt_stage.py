@@ -44,6 +44,7 @@ def build_trt(
     max_disk: int | None = None,
     prebuild_ratio: float | None = PREBUILD_RATIO,
     boundaries: Sequence[int] | None = None,
+    workers: int = 3,
     segments: str = "all",
 ) -> tuple[list[SegmentEntry], float]:
     """Build, link and verify TensorRT engines, block engines first and then fused segments
@@ -94,7 +95,7 @@ def build_trt(
                          fp16=fp16, free_disk_bytes=free_disk(repo_root),
                          max_disk_bytes=max_disk, boundaries=boundaries,
                          seconds_per_engine=measured, prebuild_ratio=prebuild_ratio,
-                         done=journal.done)
+                         done=journal.done, workers=workers)
         if plan.refused:
             raise BuildError(f"refusing the TensorRT build:\n{plan.render()}")
         reporter.note(f"TensorRT: {len(plan.prebuild)} of {plan.engines} engines now, most "

@@ -4,6 +4,7 @@ plan sizes, the most-likely-first order, the prebuild budget and the refusals, a
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -217,3 +218,54 @@ def test_plan_refused_by_max_disk_exits_1(built_tiny: BuiltModel) -> None:
 def test_plan_needs_the_trt_backend(built_tiny: BuiltModel) -> None:
     code, out = _cli("build", "tiny", "--plan", "--repo", str(built_tiny.repo))
     assert code == 1 and "--backend trt" in out
+
+
+CLUSTER = """\
+[cluster]
+model = "tiny"
+
+[source]
+data_addr = "tcp://127.0.0.1:5600"
+control_addr = "tcp://127.0.0.1:5601"
+run_blocks = false
+
+[[workers]]
+name = "w1"
+data_addr = "tcp://127.0.0.1:5610"
+control_addr = "tcp://127.0.0.1:5611"
+
+[[workers]]
+name = "w2"
+data_addr = "tcp://127.0.0.1:5620"
+control_addr = "tcp://127.0.0.1:5621"
+slowdown = {slowdown}
+"""
+
+
+@pytest.mark.parametrize("slowdown", [1.0, 8.0])
+def test_plan_starts_around_the_configured_clusters_optimum(
+    built_tiny: BuiltModel, tmp_path: Path, slowdown: float
+) -> None:
+    from appliance.config import load_config
+    from appliance.control.allocator import snapshot_from_profile, solve
+    from engines.device import device_signature
+
+    config = tmp_path / "cluster.toml"
+    config.write_text(CLUSTER.format(slowdown=slowdown))
+    code, out = _cli("build", "tiny", "--backend", "trt", "--plan", "--json",
+                     "--prebuild-ratio", "0", "--config", str(config),
+                     "--repo", str(built_tiny.repo))
+    assert code == 0, out
+    prebuild = json.loads(out)["prebuild_stripped"]
+    manifest = built_tiny.manifest
+    profile = manifest.profile_for(device_signature(), "trt")
+    assert profile is not None and load_config(config).workers[1].slowdown == slowdown
+    optimum = solve(snapshot_from_profile([profile.block_ms] * 3, manifest.activation_bytes(),
+                                          slowdown=[1.0, 1.0, slowdown],
+                                          max_blocks=[0, None, None])).boundaries
+    blocks = manifest.blocks
+    assert prebuild["first"][0] == [0, 1]  # block engines first
+    expected = likely_order(segment_ranges(blocks, "all"), optimum)[blocks:blocks + 6]
+    assert [tuple(r) for r in prebuild["first_fused"]] == expected
+    mine = {(a, b) for a, b in itertools.pairwise(optimum) if b - a > 1}
+    assert mine <= set(expected[:len(mine)])  # the optimum's own ranges come first
