@@ -28,6 +28,7 @@ from builder.memory import (
 from builder.profile import median_ms, profile, sample_segments
 from builder.progress import Reporter, SilentReporter
 from builder.sources import OPSET, SourceModel, resolve
+from builder.trt_plan import TrtPlanOptions
 from builder.verify import sample_inputs, verify
 from engines.base import Engine
 from engines.errors import BuildError
@@ -63,6 +64,7 @@ class BuildOptions:
     fp16: bool = False
     opset: int | None = None  # None: 18 (dynamo exporter); 17: the TorchScript exporter
     max_memory: int | None = None  # bytes of resident memory the build may use after export
+    trt: TrtPlanOptions = field(default_factory=TrtPlanOptions)  # disk budget, likely order
 
 
 @dataclass
@@ -288,7 +290,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
                           "seconds to minutes (--segments window:W builds fewer)")
         trt_entries, trt_error = build_trt(
             out, Path(options.repo), ranges, fingerprint, activations, open_segment,
-            reporter, fp16=options.fp16, blocks=K)
+            reporter, fp16=options.fp16, blocks=K, **options.trt.build_kwargs(options.segments))
         segments["trt"] = tuple(trt_entries)
         backend_verification["trt"] = trt_verification(trt_entries, trt_error, fp16=options.fp16)
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
