@@ -637,6 +637,33 @@ def bench_adaptive(
                                            " (no plot: pip install 'armdi[bench]')"))
 
 
+@bench_app.command("faults")
+def bench_faults(
+    model: Annotated[str, typer.Option(help="Model id (build it first).")]
+    = "efficientnet_lite0",
+    duration: Annotated[float, typer.Option(help="Seconds per run (the fault at 4 s).")] = 14.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe.")]
+    = "armdi,edgepipe",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON.")] = None,
+    repo: RepoOption = None,
+) -> None:
+    """Kill, pause and restart workers of a 4-worker cluster under load; count every request."""
+    from appliance.bench import write_json
+    from appliance.bench_faults import FaultBenchOptions, format_report, run_fault_bench
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen or any(m not in ("armdi", "edgepipe") for m in chosen):
+        _fail(f"--modes {modes!r}: choose from armdi, edgepipe")
+    options = FaultBenchOptions(repo=_repo_path(repo), model=model, duration_s=duration,
+                                modes=chosen)
+    result = run_fault_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        typer.echo(f"wrote {json_file}")
+
+
 def main() -> None:
     try:
         app()

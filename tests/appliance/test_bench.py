@@ -98,3 +98,35 @@ def test_frame_writer_matches_encode_frame_and_send_with_delivers_it(key: bytes 
             assert bytes(fr.encode_frame(got, key)) == bytes(fr.encode_frame(frame, key))
             assert got.request_id == i and got.trace == frame.trace
             np.testing.assert_array_equal(got.tensor, tensor)
+
+
+def test_bench_adaptive_runs_and_summarises(built_tiny: BuiltModel) -> None:
+    from appliance.bench_adaptive import AdaptiveBenchOptions, format_report, run_adaptive_bench
+
+    options = AdaptiveBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=4.0,
+                                   change_s=1.0, back_s=3.0, modes=("armdi", "equal"),
+                                   scenarios=("a",), time_scale=20.0)
+    result = json.loads(json.dumps(run_adaptive_bench(options)))
+    assert set(result["runs"]) == {"a/armdi", "a/equal"}
+    for run in result["runs"].values():
+        assert len(run["throughput_per_s"]) == 4 and sum(run["throughput_per_s"]) > 0
+        assert run["failed_requests"] == 0 and all(o > 0 for o in run["optimum_ips"])
+    summary = result["summary"]
+    assert _positive(summary["steady_ratio_to_optimum"])
+    assert summary["failed_requests"] == {"a/armdi": 0, "a/equal": 0}
+    assert "emulated compute" in result["emulation"]
+    assert "a/armdi" in format_report(result)
+
+
+def test_bench_faults_counts_every_request(built_tiny: BuiltModel) -> None:
+    from appliance.bench_faults import FaultBenchOptions, format_report, run_fault_bench
+
+    options = FaultBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=5.0,
+                                fault_s=2.0, modes=("armdi",), faults=("kill_middle",))
+    result = json.loads(json.dumps(run_fault_bench(options)))
+    (run,) = result["runs"]
+    assert run["sent"] == run["returned"] + run["lost"] and run["returned"] > 0
+    assert (run["lost"], run["duplicated"], run["wrong"]) == (0, 0, 0)
+    assert run["time_to_next_completion_s"] is not None and run["reroutes"] >= 1
+    assert result["summary"]["lost"] == 0
+    assert "armdi/kill_middle" in format_report(result)
