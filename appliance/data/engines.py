@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,8 @@ class EngineCache:
         self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._loader: threading.Thread | None = None
         self._current: tuple[int, int] | None = None  # the range in use: never evicted
+        # called with a multi-block range that has no fused engine in the manifest
+        self.on_missing: Callable[[int, int], None] | None = None
         self.last_load_ms = 0.0
         self.loads = 0
 
@@ -88,9 +90,15 @@ class EngineCache:
             chain = self._chains.get(key)
         if self._has_fused(key):
             self._request(key)
+        elif end - start > 1 and self.on_missing is not None:
+            self.on_missing(start, end)  # no fused engine built: ask for one (TensorRT)
         if chain is None:
             chain = self._chain(start, end)
         return chain
+
+    def reload(self, manifest: Manifest) -> None:
+        """A fused engine was built meanwhile: take the manifest that lists it."""
+        self.manifest = manifest
 
     def load_now(self, start: int, end: int) -> Engine:
         """Load ``[start, end)`` before returning (a node does this before taking traffic);

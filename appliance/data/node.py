@@ -30,6 +30,7 @@ import numpy as np
 from appliance.control.controller import ControllerSettings
 from appliance.data.adaptive import LeftBoundary
 from appliance.data.engines import EngineCache
+from appliance.data.fused_builds import FusedBuilds
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.transport import (
@@ -127,6 +128,12 @@ class Node:
         self.slowdown = settings.slowdown  # SetSlowdown changes it while the node runs
         self.engines = EngineCache(self.repository, self.manifest, self.backend,
                                    settings.threads, settings.engine_budget_mb)
+        self._fused_builds: FusedBuilds | None = None
+        if self.backend == "trt" and not settings.emulate:
+            # TensorRT builds only the likely fused segments up front; a range served
+            # chained asks for its own, built at low priority and paused while we are busy
+            self._fused_builds = FusedBuilds(settings.repo, settings.model_id)
+            self.engines.on_missing = self._fused_builds.request
         profile = self.manifest.profile_for(device_signature(), self.backend)
         self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         self._segment_ms = dict(profile.segment_ms) if profile else {}
@@ -191,6 +198,8 @@ class Node:
                 box.close()
             if self._left is not None:
                 self._left.close()
+            if self._fused_builds is not None:
+                self._fused_builds.close()
             self.engines.close()
             self.repository.close()
 
@@ -291,6 +300,7 @@ class Node:
         period = self.settings.heartbeat_ms / 1000
         try:
             while not stop.wait(period):
+                self._poll_fused_builds()
                 target = self.assignment.result_addr
                 now = time.monotonic()
                 if target is None or now < self._paused_until or now < self._cut_until:
@@ -310,6 +320,17 @@ class Node:
         finally:
             if box is not None:
                 box.close()
+
+    def _poll_fused_builds(self) -> None:
+        builds = self._fused_builds
+        if builds is None:
+            return
+        builds.set_busy(self._busy)
+        try:
+            if builds.poll():
+                self.engines.reload(self.repository.load_manifest(self.settings.model_id))
+        except Exception as exc:  # a failed background build: the range stays chained
+            log.warning("%s: background engine build: %s", self.settings.name, exc)
 
     def _start_committed(self, boundary: int) -> None:
         """Our predecessor now ends at ``boundary``: it is our start from here on."""
