@@ -124,7 +124,10 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
         move = Move(k, left_k, right_k, before)
         if best is None or _rank(move, b) < _rank(best, b):
             best = move
-    if best is None or best.boundary == b or not best.after_ms < before * (1.0 - hysteresis):
+    # 1e-9: sums of the same times in another order differ in the last bits; without it, equal
+    # splits would look better than each other and a boundary could hop between them forever
+    if best is None or best.boundary == b or not best.after_ms < before * (1.0 - hysteresis
+                                                                          - 1e-9):
         return None
     return best
 

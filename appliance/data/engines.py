@@ -201,7 +201,7 @@ class EngineCache:
         rss0, t0 = _rss_bytes(), time.perf_counter()
         engine = self.repository.open_engine(self.manifest, *key, backend=self.backend,
                                              threads=self.threads)
-        cost = max(0, _rss_bytes() - rss0)
+        cost = max(1, _rss_bytes() - rss0)  # never free: memory may be reused from the heap
         self.last_load_ms = (time.perf_counter() - t0) * 1000
         self.loads += 1
         evicted = []

@@ -697,8 +697,9 @@ class Source:
         """The first worker moves the boundary between us: the source now runs [0, b)."""
         with self._config_lock:
             route = list(self._route)
+            # (the first worker, which decides, keeps a block of its own: it checked its end)
             if (len(route) < 2 or route[0][0] != self.settings.name
-                    or route[1][0] != m.node or not 0 < m.boundary < route[1][3]):
+                    or route[1][0] != m.node or not 0 < m.boundary < self.blocks):
                 return msg.Ack(ok=False, reason=f"the source cannot end at block {m.boundary}")
             name, addr, start, _old = route[0]
             self.engines.load_now(start, m.boundary)  # before the switch: the old range serves

@@ -54,6 +54,14 @@ def _frame(built: BuiltModel, request_id: int, tensor: np.ndarray, start: int = 
         tensor=tensor), None))
 
 
+def _result(inbox: DataInbox) -> fr.Frame:
+    """The next RESULT (or ERROR) frame, past the node's heartbeats."""
+    while True:
+        frame = fr.decode_frame(inbox.recv(timeout_ms=20_000), key=None, max_bytes=1 << 24)
+        if frame.kind != fr.FrameKind.HEARTBEAT:
+            return frame
+
+
 def _input(built: BuiltModel, seed: int) -> np.ndarray:
     shape = (1, *built.manifest.input.shape[1:])
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -68,8 +76,7 @@ def test_frames_sent_during_a_compute_are_buffered_in_order_none_lost(slow_node)
         inputs = [_input(built, i) for i in range(6)]
         for i, x in enumerate(inputs):  # back to back: more than the node's buffer holds
             out.send(_frame(built, i, x), timeout_ms=10_000)
-        got = [fr.decode_frame(results.recv(timeout_ms=20_000), key=None, max_bytes=1 << 24)
-               for _ in inputs]
+        got = [_result(results) for _ in inputs]
     assert [g.request_id for g in got] == list(range(6))
     expected = run_onnx(built.model_dir / "model.onnx", np.concatenate(inputs))[0]
     np.testing.assert_allclose(np.concatenate([g.tensor for g in got]), expected, atol=1e-5)
@@ -98,9 +105,7 @@ def test_a_successor_that_stops_reading_pushes_back_to_the_sender(slow_node) -> 
         assert 2 * DEPTH <= accepted < 60, accepted  # buffered, then bounded
         received = []
         while len(received) < accepted:
-            frame = fr.decode_frame(results.recv(timeout_ms=20_000), key=None,
-                                    max_bytes=1 << 24)
-            received.append(frame.request_id)
+            received.append(_result(results).request_id)
     assert received == list(range(accepted))
 
 
@@ -115,8 +120,7 @@ def test_uint8_pixels_are_normalised_by_the_node_running_block_0(slow_node) -> N
         inner = rng.integers(0, 256, (1, *built.manifest.cut_points[1].shape[1:]), np.uint8)
         out.send(_frame(built, 2, inner, start=1), timeout_ms=10_000)  # pixels past block 0
         out.send(_frame(built, 3, _input(built, 0)), timeout_ms=10_000)
-        got = [fr.decode_frame(results.recv(timeout_ms=20_000), key=None, max_bytes=1 << 24)
-               for _ in range(2)]
+        got = [_result(results) for _ in range(2)]
         with ControlClient(f"ipc://{tmp}/w1.ctl", key=None) as ctl:
             status = ctl.request(msg.StatusRequest(), timeout_ms=5000)
     assert [g.request_id for g in got] == [1, 3]

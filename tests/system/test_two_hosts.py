@@ -227,7 +227,8 @@ def test_built_once_shipped_served_over_tcp(built_tiny: BuiltModel, tmp_path: Pa
     expected = run_onnx(a / "repo" / "tiny" / "model.onnx", x)[0]
     assert np.max(np.abs(got - expected)) <= 1e-5
     states = {n["name"]: n["state"] for n in pipeline["nodes"]}
-    assert states["w1"] == states["w2"] == "up" and states["w3"] == "refused", states
+    alive = ("up", "slow")  # slow: alive, measured slower than the others on a busy machine
+    assert states["w1"] in alive and states["w2"] in alive and states["w3"] == "refused", states
     worked = {n["name"]: n["processed"] for n in pipeline["nodes"] if n["role"] == "worker"}
     assert worked["w1"] > 0 and worked["w2"] > 0 and worked["w3"] == 0, worked
     # armdi serve named the refused worker, why, and the commands that fix it.
