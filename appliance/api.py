@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +91,10 @@ class NodeView:
     processed: int = 0
     address: str = ""
     reason: str = ""  # why a worker is idle (e.g. the optimum leaves it out), or refused/down
+    # Optional: shown by the status page when the runtime reports them, left out otherwise.
+    optimum_stage_ms: float | None = None  # its stage time under the optimal allocation
+    link_Bps: float | None = None  # measured (or emulated) rate of its outgoing link, bytes/s
+    slowdown: float | None = None  # the emulated slowdown factor it runs under (1.0: none)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,38 @@ class Pipeline(Protocol):
 
     def status(self) -> PipelineStatus: ...
 
+    def prepare_image(self, image: bytes) -> np.ndarray:
+        """Decode and preprocess an encoded image into the model input (1, C, H, W) float32,
+        as ``classify`` does; ``InputSpecError`` when it is not a readable image."""
+        ...
+
     def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Live events (boundary moves, failures, rejoins) as JSON-able dicts."""
+        """Live events as JSON-able dicts, each with ``type`` and ``time`` (Unix seconds).
+
+        Types the status page renders readably (other types are shown as they come):
+        ``ready`` (``boundaries``, ``route``), ``boundary_moved`` (``boundaries``,
+        ``previous``, ``route``; optional ``node``, ``factor``, ``reason``), ``slow``
+        (``node``, ``factor``), ``node_down`` (``node``, ``reason``), ``node_up``,
+        ``rejoined`` (``node``, ``blocks``), ``refused`` (``node``, ``reason``), ``retry``
+        (``request_id``, ``attempt``), ``slowdown`` (``node``, ``factor``) and ``fault``
+        (``node``, ``action``)."""
+        ...
+
+
+FAULT_ACTIONS = ("kill", "pause", "resume", "cut")
+
+
+@runtime_checkable
+class NodeControls(Protocol):
+    """Experiment and demo controls. A pipeline that offers them implements this protocol as
+    well; the web front end then serves ``PUT /v1/nodes/{name}/slowdown`` and
+    ``POST /v1/nodes/{name}/fault`` and the status page shows the buttons."""
+
+    async def set_slowdown(self, node: str, factor: float) -> None:
+        """Emulate a node ``factor`` times slower (1.0: its own speed). ``KeyError``: no
+        such node."""
+        ...
+
+    async def inject_fault(self, node: str, action: str) -> None:
+        """One of ``FAULT_ACTIONS`` on ``node``. ``KeyError``: no such node."""
         ...

@@ -8,6 +8,7 @@ readable line on stderr and exit status 1.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -226,24 +227,73 @@ def _idle_lines(source: Any) -> list[str]:
             for n in source.status().nodes if n.role == "worker" and n.start == n.end]
 
 
+TOKEN_ENV = "ARMDI_API_TOKEN"
+
+TokenFileOption = Annotated[Path | None, typer.Option(
+    "--api-token-file",
+    help=f"File holding the API token that every request must then send as 'Authorization: "
+         f"Bearer TOKEN' (health probes and the page's files excepted). Or set {TOKEN_ENV}. "
+         "Without either the API has no authentication.")]
+
+
+def api_token(token_file: Path | None, environ: Any = os.environ) -> str | None:
+    """The API token, read once here: ``--api-token-file`` first, else ``ARMDI_API_TOKEN``,
+    else None (no authentication)."""
+    if token_file is not None:
+        try:
+            token = token_file.expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArmdiError(f"cannot read --api-token-file {token_file} ({exc})") from exc
+        if not token:
+            raise ArmdiError(f"--api-token-file {token_file} is empty; put the token in it")
+        return token
+    if TOKEN_ENV not in environ:
+        return None
+    token = str(environ[TOKEN_ENV]).strip()
+    if not token:
+        raise ArmdiError(f"{TOKEN_ENV} is set but empty; unset it to run without "
+                         "authentication, or give it the token")
+    return token
+
+
+def _web_settings(token: str | None) -> Any:
+    from web.app import WebSettings
+
+    return WebSettings(api_token=token)
+
+
+def _announce(sock: Any, token: str | None) -> None:
+    """The front end's URL, whether it needs a token, and a warning when it is reachable from
+    other machines without one."""
+    from web.server import exposure_warning, url_of
+
+    typer.echo(f"web front end: {url_of(sock)}"
+               + ("  (API token required)" if token is not None else ""))
+    warning = exposure_warning(sock, token)
+    if warning is not None:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
 @app.command()
-def serve(config: ConfigOption) -> None:
+def serve(config: ConfigOption, api_token_file: TokenFileOption = None) -> None:
     """Run the source and the web front end of a cluster."""
     from appliance.config import load_config
     from appliance.data.source import Source
     from appliance.settings import source_settings
-    from web.server import listen, serve, url_of
+    from web.server import listen, serve
 
+    token = api_token(api_token_file)
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = listen(cfg.source.http_host, cfg.source.http_port)
     source = Source(source_settings(cfg))
     try:
         source.start()
-        typer.echo(f"armdi serving {cfg.cluster.model} at {url_of(sock)}")
+        typer.echo(f"armdi serving {cfg.cluster.model}")
+        _announce(sock, token)
         for line in _idle_lines(source):
             typer.echo(line)
-        serve(source, sock)
+        serve(source, sock, settings=_web_settings(token))
     except KeyboardInterrupt:
         pass
     finally:
@@ -271,6 +321,7 @@ def up(
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
+    api_token_file: TokenFileOption = None,
     repo: RepoOption = None,
 ) -> None:
     """Start a whole cluster on this machine: workers, source and web front end."""
@@ -289,6 +340,7 @@ def up(
         _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
     if wire_dtype not in ("float32", "float16"):
         _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
+    token = api_token(api_token_file)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
@@ -300,7 +352,7 @@ def up(
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
-    from web.server import listen, serve, url_of
+    from web.server import listen, serve
 
     sock = listen(host, port)  # before any worker starts: a port in use fails cleanly
     try:
@@ -313,8 +365,9 @@ def up(
                            f"boundaries {list(b)}")
                 for line in _idle_lines(source):
                     typer.echo(line)
-                typer.echo(f"web front end: {url_of(sock)}  (Ctrl-C stops everything)")
-                serve(source, sock)
+                _announce(sock, token)
+                typer.echo("Ctrl-C stops everything")
+                serve(source, sock, settings=_web_settings(token))
             except KeyboardInterrupt:
                 pass
             finally:

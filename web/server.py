@@ -10,13 +10,14 @@ client's delayed ACK: 40 ms on every request after the first.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
 from typing import Any
 
 from engines.errors import ArmdiError
 
-__all__ = ["listen", "serve", "url_of"]
+__all__ = ["exposure_warning", "listen", "serve", "url_of"]
 
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -46,6 +47,22 @@ def url_of(sock: socket.socket) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/"
+
+
+def exposure_warning(sock: socket.socket, token: str | None) -> str | None:
+    """A warning when ``sock`` accepts connections from other machines and the API has no
+    token; None when it is bound to loopback or a token is set."""
+    if token is not None:
+        return None
+    host = sock.getsockname()[0]
+    try:
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"the API at {url_of(sock)} is reachable from other machines and has no token: "
+            "anyone who reaches it can send requests and read the pipeline. Set "
+            "ARMDI_API_TOKEN (or --api-token-file), or bind to 127.0.0.1.")
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
