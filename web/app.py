@@ -64,6 +64,7 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
                    metrics.router, auth.router):
         app.include_router(router)
     app.add_api_route("/", index, include_in_schema=False)
+    app.add_api_route("/favicon.ico", no_icon, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_exception_handler(ArmdiError, _armdi_error)  # type: ignore[arg-type]
@@ -84,6 +85,11 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
 async def index() -> FileResponse:
     """The status page."""
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+async def no_icon() -> Response:
+    """No icon (and no 404 in the browser's console)."""
+    return Response(status_code=204)
 
 
 # --- errors ----------------------------------------------------------------------------------

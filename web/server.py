@@ -19,6 +19,8 @@ from engines.errors import ArmdiError
 
 __all__ = ["exposure_warning", "listen", "serve", "url_of"]
 
+GRACEFUL_SHUTDOWN_S = 2
+
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket on ``host:port`` whose accepted connections get TCP_NODELAY."""
@@ -79,7 +81,10 @@ def serve(pipeline: Any, sock: socket.socket, **app_options: Any) -> None:
 
     from web.app import create_app
 
+    # An open status page holds an event stream that never ends by itself: after Ctrl-C, give
+    # the requests in flight a moment, then stop (rather than wait for a second Ctrl-C).
     server = uvicorn.Server(uvicorn.Config(create_app(pipeline, **app_options),
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     server.run(sockets=[sock])
