@@ -760,7 +760,8 @@ class Source:
         return NodeView(self.settings.name, "source", start, end,
                         "up" if self.ready() else "starting", stage, self._work.qsize(),
                         self.settings.max_in_flight, self._metrics.completed,
-                        self.settings.data_addr)
+                        self.settings.data_addr, optimum_stage_ms=stage,
+                        slowdown=self.settings.slowdown)
 
     def _worker_view(self, w: _WorkerState) -> NodeView:
         """What a worker runs: its own report once polled, its configured range before."""
@@ -774,13 +775,17 @@ class Source:
             configure = self._configures.get(w.ref.name)
             start, end = (configure.start, configure.end) if configure else (0, 0)
             stage = None
-        if stage is None and self.allocation is not None and start < end:
+        optimum = None  # its stage time in the allocation the source solved
+        if self.allocation is not None and start < end:
             index = self._route_index(w.ref.name)
-            stage = self.allocation.stage_ms[index] if index is not None else None
+            optimum = self.allocation.stage_ms[index] if index is not None else None
+        if stage is None:
+            stage = optimum
         return NodeView(w.ref.name, "worker", start, end, w.state, stage,
                         last.queue_depth if last else 0,
                         last.queue_capacity if last else 0,
-                        last.processed if last else 0, w.ref.data_addr, w.reason)
+                        last.processed if last else 0, w.ref.data_addr, w.reason,
+                        optimum_stage_ms=optimum, slowdown=w.ref.slowdown)
 
     def _route_index(self, name: str) -> int | None:
         """The worker's index in the allocation (0 is the source), or None if not live."""
