@@ -443,6 +443,73 @@ def bench_pipeline(
         typer.echo(f"wrote {json_file}")
 
 
+@bench_app.command("rest")
+def bench_rest(
+    model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
+    = "efficientnet_lite0",
+    nodes: Annotated[int, typer.Option(help="Worker processes besides the source.")] = 2,
+    mode: Annotated[str, typer.Option(help="edgepipe | armdi | local")] = "edgepipe",
+    requests: Annotated[int, typer.Option(help="Requests of each kind for the overhead "
+                                               "figures.")] = 300,
+    clients: Annotated[str, typer.Option(help="Concurrent clients for the throughput "
+                                              "figures.")] = "1,4,16",
+    duration: Annotated[float, typer.Option(help="Seconds per throughput "
+                                                 "measurement.")] = 5.0,
+    repeats: Annotated[int, typer.Option(help="Repetitions of every throughput measurement; "
+                                              "figures are their median.")] = 2,
+    image: Annotated[Path | None, typer.Option(help="The JPEG to send (default: a 224x224 "
+                                                    "photo).")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON to this file.")]
+    = None,
+    repo: RepoOption = None,
+) -> None:
+    """REST end-to-end latency minus the pipeline's (p50, p99), and throughput with 1, 4 and 16
+    HTTP clients against the pipeline's own, on a local cluster; JPEG decoding reported apart."""
+    import logging
+
+    from appliance.bench import machine_info
+    from appliance.cluster import LocalClusterOptions, running
+    from appliance.settings import source_settings
+    from appliance.source import Source
+    from engines.repository import ModelRepository
+    from web.bench import RestBenchOptions, format_report, run_rest_bench
+
+    try:
+        counts = tuple(int(c) for c in clients.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        _fail(f"--clients {clients!r}: give positive counts, e.g. 1,4,16")
+    if mode not in ("armdi", "edgepipe", "local"):
+        _fail(f"--mode {mode!r}: use edgepipe, armdi or local")
+    root = _repo_path(repo)
+    if not ModelRepository(root).has_model(model):
+        typer.echo(f"{model} is not built in {root}; building it first")
+        build(model=model, repo=root)
+    options = LocalClusterOptions(
+        model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode, port=0,
+        log_level=logging.getLevelName(logging.getLogger().level))
+    bench_options = RestBenchOptions(requests=requests, clients=counts, duration_s=duration,
+                                     repeats=repeats, image=image)
+    with running(options) as (_cluster, cfg):
+        source = Source(source_settings(cfg))
+        try:
+            source.start()
+            result = run_rest_bench(source, bench_options,
+                                    progress=lambda m: typer.echo(f"... {m}", err=True))
+            boundaries = source.allocation.boundaries if source.allocation else ()
+        finally:
+            source.close()
+    result["cluster"] = {"nodes": nodes, "mode": options.mode, "boundaries": list(boundaries)}
+    result["machine"] = machine_info()
+    typer.echo(format_report(result))
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        typer.echo(f"wrote {json_file}")
+
+
 def main() -> None:
     try:
         app()

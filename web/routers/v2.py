@@ -22,9 +22,9 @@ import binascii
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -37,6 +37,7 @@ from engines.manifest import Manifest, TensorInfo
 from web.routers import PipelineDep, SettingsDep, server_version
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+T = TypeVar("T")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL_VERSION = "1"
@@ -145,14 +146,32 @@ async def infer(model: str, request: Request, pipeline: PipelineDep, settings: S
         batch = await run_in_threadpool(_prepare_images, pipeline, images.images)
         parsed = InferRequest(id=images.id, batch=batch, outputs=images.outputs)
     else:
-        parsed = await run_in_threadpool(parse_infer_request, body, header_length, manifest)
+        parsed = await _maybe_in_thread(_json_bytes(body, header_length),
+                                        parse_infer_request, body, header_length, manifest)
     outputs = await _run_batch(pipeline, parsed.batch)
-    content, header_length = await run_in_threadpool(encode_infer_response, parsed, outputs,
-                                                     manifest, model)
+    as_json = sum(not binary for _, binary in parsed.outputs) * outputs.size * 12
+    content, header_length = await _maybe_in_thread(as_json, encode_infer_response, parsed,
+                                                    outputs, manifest, model)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(header_length)})
+
+
+# JSON text up to this size is parsed or written on the event loop: a hop to a worker thread
+# costs more than that (and, on a busy machine, waits for a core). Larger JSON goes to a thread
+# so it does not hold up other requests; binary tensor data is never parsed, only viewed.
+INLINE_JSON_BYTES = 64 * 1024
+
+
+def _json_bytes(body: bytes, header_length: int | None) -> int:
+    return len(body) if header_length is None else header_length
+
+
+async def _maybe_in_thread(json_bytes: int, function: Callable[..., T], *args: Any) -> T:
+    if json_bytes <= INLINE_JSON_BYTES:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
 
 
 async def _run_batch(pipeline: Pipeline, batch: np.ndarray) -> np.ndarray:
