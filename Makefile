@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check bench clean
+.PHONY: install up test lint typecheck check bench screenshot clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ check: lint typecheck test
 
 bench: install
 	$(ARMDI) bench pipeline --json bench-results/pipeline.json
+
+# The README's picture of the status page under load (armdi up + Debian's chromium).
+screenshot: install
+	$(PY) tools/screenshot.py --out docs/status-page.png --model $(MODEL) --nodes $(NODES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -454,9 +454,9 @@ def bench_rest(
     clients: Annotated[str, typer.Option(help="Concurrent clients for the throughput "
                                               "figures.")] = "1,4,16",
     duration: Annotated[float, typer.Option(help="Seconds per throughput "
-                                                 "measurement.")] = 5.0,
+                                                 "measurement.")] = 3.0,
     repeats: Annotated[int, typer.Option(help="Repetitions of every throughput measurement; "
-                                              "figures are their median.")] = 2,
+                                              "figures are their median.")] = 3,
     image: Annotated[Path | None, typer.Option(help="The JPEG to send (default: a 224x224 "
                                                     "photo).")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "

@@ -67,9 +67,9 @@ class RestBenchOptions:
     requests: int = 300
     """Requests of each kind in the overhead measurement."""
     clients: tuple[int, ...] = (1, 4, 16)
-    duration_s: float = 5.0
+    duration_s: float = 3.0
     """Seconds per throughput measurement."""
-    repeats: int = 2
+    repeats: int = 3
     """Repetitions of every throughput measurement; figures are the median."""
     warmup: int = 30
     image: Path | None = None

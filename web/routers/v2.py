@@ -176,6 +176,9 @@ async def _maybe_in_thread(json_bytes: int, function: Callable[..., T], *args: A
 
 async def _run_batch(pipeline: Pipeline, batch: np.ndarray) -> np.ndarray:
     """Run each sample of ``batch`` through the pipeline; their outputs stacked in order."""
+    if len(batch) == 1:  # the common case, without a task per sample
+        result = await pipeline.infer(batch)
+        return np.asarray(result.output, dtype=np.float32)
     slots = asyncio.Semaphore(SAMPLES_IN_FLIGHT)
 
     async def one(sample: np.ndarray) -> np.ndarray:
