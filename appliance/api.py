@@ -125,7 +125,8 @@ class Pipeline(Protocol):
     def ready(self) -> bool: ...
 
     async def infer(self, tensor: np.ndarray, timeout_s: float | None = None) -> InferenceResult:
-        """Run a preprocessed input (1, C, H, W) float32 through the pipeline."""
+        """Run a preprocessed input (1, C, H, W) float32, or what ``prepare_image`` made of an
+        image, through the pipeline."""
         ...
 
     async def classify(self, image: bytes, top_k: int = 5,
@@ -136,8 +137,9 @@ class Pipeline(Protocol):
     def status(self) -> PipelineStatus: ...
 
     def prepare_image(self, image: bytes) -> np.ndarray:
-        """Decode and preprocess an encoded image into the model input (1, C, H, W) float32,
-        as ``classify`` does; ``InputSpecError`` when it is not a readable image."""
+        """An encoded image as ``infer`` takes it, prepared as ``classify`` prepares it: the
+        float32 model input, or (``Source``) its uint8 pixels, resized and cropped, that the
+        node running block 0 normalises. ``InputSpecError`` when it is not a readable image."""
         ...
 
     def events(self) -> AsyncIterator[dict[str, Any]]:

@@ -11,9 +11,9 @@ clients do. Measured:
    preprocessed tensor to ``POST /v2/models/{model}/infer`` (binary tensor extension),
    alternating. For each, the client's end-to-end time minus the pipeline's own latency for
    that very request (the source's ``latency_ms``, recorded as the app calls the pipeline);
-   p50 and p99. The JPEG figure includes decoding and preprocessing the image, which the
-   pipeline's latency does not; **decode** reports that cost alone (in this process, the
-   function the front end calls).
+   p50 and p99. The JPEG figure includes decoding, resizing and cropping the image
+   (``Pipeline.prepare_image``), which the pipeline's latency does not; **decode** reports
+   that cost alone (in this process, the function the front end calls).
 2. **throughput** with 1, 4 and 16 concurrent clients for v2 binary tensors and JPEGs, and the
    pipeline's own throughput with the same number of requests in flight (``Pipeline.infer``
    called in this process, no HTTP), in turn, ``repeats`` times in a rotating order; each
@@ -264,11 +264,13 @@ def _decode_ms(pipeline: Pipeline, jpeg: bytes, n: int) -> list[float]:
 def run_rest_bench(pipeline: Pipeline, options: RestBenchOptions,
                    progress: Progress = lambda _m: None) -> dict[str, Any]:
     """Measure ``pipeline`` (started, ready) with and without the HTTP front end."""
+    from engines.preprocess import decode_image, preprocess
     from web.app import create_app
 
     manifest = pipeline.manifest
     jpeg = sample_jpeg(options.image)
-    tensor = pipeline.prepare_image(jpeg)
+    # the float32 model input, as a v2 client sends it (and as the pipeline alone is run)
+    tensor = preprocess(decode_image(jpeg), manifest.preprocessing)
     body, header_length = v2_binary_request(tensor, manifest)
     recorder = RecordingPipeline(pipeline)
     with tempfile.TemporaryDirectory(prefix="armdi-bench-rest-") as tmp, \

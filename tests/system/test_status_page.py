@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
 from tests.conftest import BuiltModel
 from tests.system.browser import CHROMIUM, chromium, serving
 from tests.system.conftest import cluster

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from engines.manifest import Preprocessing
-from engines.preprocess import preprocess
+from engines.preprocess import decode_image, preprocess
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster
 from web.app import create_app
@@ -68,12 +68,13 @@ def test_image_model_agrees_with_classify_on_photos(lite_repo: BuiltModel,
         assert as_json.status_code == 200, as_json.text
         json_scores = np.asarray(as_json.json()["outputs"][0]["data"])
 
-        # a client that preprocesses by the published parameters sends the same tensor
+        # a client that preprocesses by the published parameters sends the model's input
         params = client.get(f"/v2/models/{MODEL}").json()["parameters"]
-        tensor = preprocess(Image.open(io.BytesIO(images[0])).convert("RGB"), Preprocessing(
-            resize=params["resize"], crop=params["crop"], layout=params["layout"],
-            mean=tuple(params["mean"]), std=tuple(params["std"])))
-        np.testing.assert_array_equal(tensor, source.prepare_image(images[0]))
+    tensor = preprocess(Image.open(io.BytesIO(images[0])).convert("RGB"), Preprocessing(
+        resize=params["resize"], crop=params["crop"], layout=params["layout"],
+        mean=tuple(params["mean"]), std=tuple(params["std"])))
+    np.testing.assert_array_equal(
+        tensor, preprocess(decode_image(images[0]), lite_repo.manifest.preprocessing))
 
     assert scores.shape == (len(PHOTOS), 1000)
     assert list(scores.argmax(axis=1)) == classify_top1
