@@ -470,8 +470,8 @@ def bench_rest(
 
     from appliance.bench import machine_info
     from appliance.cluster import LocalClusterOptions, running
+    from appliance.data.source import Source
     from appliance.settings import source_settings
-    from appliance.source import Source
     from engines.repository import ModelRepository
     from web.bench import RestBenchOptions, format_report, run_rest_bench
 

@@ -4,8 +4,14 @@ asserted: benchmarks report, tests check behaviour."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+from typer.testing import CliRunner
+
+from appliance.cli import app
+from tests.conftest import BuiltModel
 from tests.web import FakePipeline
 from web.bench import RestBenchOptions, format_report, run_rest_bench
 
@@ -26,3 +32,16 @@ def test_rest_bench_runs_and_reports() -> None:
     report = format_report(result)
     assert "REST overhead" in report and "v2_ratio_4_clients" in report
     assert any("throughput" in step for step in steps)
+
+
+def test_armdi_bench_rest_on_a_real_cluster(built_tiny: BuiltModel, tmp_path: Path) -> None:
+    out = tmp_path / "rest.json"
+    result = CliRunner().invoke(app, [
+        "--log-level", "WARNING", "bench", "rest", "--repo", str(built_tiny.repo),
+        "--model", "tiny", "--nodes", "1", "--requests", "5", "--clients", "1,2",
+        "--duration", "0.3", "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "REST overhead" in result.output
+    written = json.loads(out.read_text())
+    assert written["cluster"]["nodes"] == 1 and set(written["throughput"]) == {"1", "2"}
+    assert written["overhead"]["v2"]["n"] == 5
