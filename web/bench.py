@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,7 @@ def _own_throughput(pipeline: Pipeline, tensor: np.ndarray, in_flight: int,
         return completed, rejected, time.perf_counter() - t0
 
     completed, rejected, seconds = asyncio.run(run())
-    return {"per_s": completed / seconds, "rejected": rejected}
+    return {"per_s": completed / seconds, "rejected": rejected, "completed": completed}
 
 
 def _own_latency(pipeline: Pipeline, tensor: np.ndarray, n: int) -> list[float]:
@@ -335,6 +336,10 @@ def run_rest_bench(pipeline: Pipeline, options: RestBenchOptions,
     return result
 
 
+def _median_or_nan(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
 def _met(value: float, op: str, target: float) -> bool:
     if not math.isfinite(value):
         return False
@@ -346,28 +351,42 @@ def _throughputs(pipeline: Pipeline, clients: _Clients, url: str, tensor: np.nda
     kinds = ("own", "v2", "jpeg")
     runs: dict[tuple[int, str], list[float]] = {}
     rejected: dict[tuple[int, str], int] = {}
+    cpu_ms: dict[tuple[int, str], list[float]] = defaultdict(list)
+    client_ms: dict[tuple[int, str], list[float]] = defaultdict(list)
     for repeat in range(options.repeats):
         for count in options.clients:
             order = kinds[repeat % 3:] + kinds[:repeat % 3]  # rotate: no kind always first
             for kind in order:
                 progress(f"throughput {repeat + 1}/{options.repeats}: {count} "
                          f"{'in flight' if kind == 'own' else kind + ' clients'}")
+                cpu0 = time.process_time()  # this process: the source and the front end
                 if kind == "own":
                     own = _own_throughput(pipeline, tensor, count, options.duration_s)
                     per_s, refused = own["per_s"], int(own["rejected"])
+                    done, client_cpu_s = own["completed"], 0.0
                 else:
                     answer = clients.ask(op="throughput", url=url, kind=kind, clients=count,
                                          duration_s=options.duration_s)
                     per_s = answer["completed"] / answer["seconds"]
                     refused = int(answer["rejected"])
+                    done, client_cpu_s = answer["completed"], answer["cpu_s"]
+                server_cpu_s = time.process_time() - cpu0
                 runs.setdefault((count, kind), []).append(per_s)
                 rejected[(count, kind)] = rejected.get((count, kind), 0) + refused
+                if done:
+                    cpu_ms[(count, kind)].append(1000 * server_cpu_s / done)
+                    client_ms[(count, kind)].append(1000 * client_cpu_s / done)
     table: dict[str, Any] = {}
     for count in options.clients:
         row: dict[str, Any] = {}
         for kind in kinds:
             row[f"{kind}_per_s"] = round(statistics.median(runs[(count, kind)]), 2)
             row[f"{kind}_rejected"] = rejected[(count, kind)]
+            # CPU per request of this process (source + front end), and of the clients
+            row[f"{kind}_server_cpu_ms"] = round(_median_or_nan(cpu_ms[(count, kind)]), 3)
+            if kind != "own":
+                row[f"{kind}_client_cpu_ms"] = round(_median_or_nan(client_ms[(count, kind)]),
+                                                     3)
         for kind in ("v2", "jpeg"):
             own = row["own_per_s"]
             row[f"{kind}_ratio"] = round(row[f"{kind}_per_s"] / own, 3) if own else math.nan
@@ -401,6 +420,12 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"  {count:>7}   {row['own_per_s']:8.1f}   {row['v2_per_s']:7.1f} "
                      f"({row['v2_ratio']:.2f})   {row['jpeg_per_s']:7.1f} "
                      f"({row['jpeg_ratio']:.2f})")
+    lines.append("CPU ms per request: source process (source + front end) / clients")
+    lines.append("  clients   pipeline      v2                JPEG")
+    for count, row in result["throughput"].items():
+        lines.append(f"  {count:>7}   {row['own_server_cpu_ms']:8.2f}   "
+                     f"{row['v2_server_cpu_ms']:5.2f} / {row['v2_client_cpu_ms']:4.2f}     "
+                     f"{row['jpeg_server_cpu_ms']:5.2f} / {row['jpeg_client_cpu_ms']:4.2f}")
     lines.append("")
     for name, goal in result["goals"].items():
         lines.append(f"  {name:24} {goal['value']:8.3f}  goal {goal['goal']:8}  "

@@ -8,7 +8,7 @@ command per line on stdin and answers one JSON line on stdout:
         answers {"ms": [...], "kinds": [...]}
     {"op": "throughput", "url": ..., "kind": "v2", "clients": 4, "duration_s": 5}
         ``clients`` threads, each with its own kept-alive connection, sending back to back;
-        answers {"completed": n, "rejected": n, "seconds": s}
+        answers {"completed": n, "rejected": n, "seconds": s, "cpu_s": this process's CPU}
     {"op": "quit"}
 
 The request bodies come from the files named on the command line:
@@ -112,14 +112,15 @@ def throughput(requests: Requests, url: str, kind: str, clients: int,
     stop_at[0] = time.perf_counter() + 3600.0
     with contextlib.suppress(threading.BrokenBarrierError):
         start.wait()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     stop_at[0] = t0 + duration_s
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - t0
     if errors:
         raise RuntimeError(errors[0])
-    return {"completed": sum(completed), "rejected": sum(rejected), "seconds": seconds}
+    return {"completed": sum(completed), "rejected": sum(rejected), "seconds": seconds,
+            "cpu_s": time.process_time() - cpu0}
 
 
 def main(argv: list[str]) -> int:

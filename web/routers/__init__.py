@@ -38,12 +38,14 @@ class WebSettings:
             raise ValueError("the API token is empty")
 
 
-def get_pipeline(request: Request) -> Pipeline:
+# Dependencies are ``async``: FastAPI runs a plain ``def`` dependency in a worker thread, two
+# thread hops per request for nothing.
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline = request.app.state.pipeline
     return pipeline
 
 
-def get_settings(request: Request) -> WebSettings:
+async def get_settings(request: Request) -> WebSettings:
     settings: WebSettings = request.app.state.settings
     return settings
 

@@ -425,7 +425,8 @@ def _decode_input(tensor: dict[str, Any], info: TensorInfo,
         if size > len(binary):
             raise _bad_request(f"input '{info.name}': binary_data_size is {size} but only "
                                f"{len(binary)} bytes follow the JSON header")
-        array = np.frombuffer(binary[:size], dtype="<f4").astype(np.float32)
+        # a read-only view of the request body, no copy (on big-endian hosts, a copy)
+        array = np.frombuffer(binary[:size], dtype="<f4").astype(np.float32, copy=False)
         return array.reshape(shape), size
     if "data" not in tensor:
         raise _bad_request(f"input '{info.name}' has neither \"data\" nor a "
