@@ -91,10 +91,12 @@ class NodeView:
     processed: int = 0
     address: str = ""
     reason: str = ""  # why a worker is idle (e.g. the optimum leaves it out), or refused/down
-    # Optional: shown by the status page when the runtime reports them, left out otherwise.
-    optimum_stage_ms: float | None = None  # its stage time under the optimal allocation
-    link_Bps: float | None = None  # measured (or emulated) rate of its outgoing link, bytes/s
-    slowdown: float | None = None  # the emulated slowdown factor it runs under (1.0: none)
+    slowdown: float = 1.0  # emulated slowdown factor
+    speed: float | None = None  # measured / profiled time of its segment
+    link_Bps: float | None = None  # its output's bytes / send time
+    moves: int = 0  # boundary moves it decided
+    # its stage time in the exact optimum at the measured speeds (None: not known)
+    optimum_stage_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class PipelineStatus:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     counters: dict[str, int] = field(default_factory=dict)
+    optimum: tuple[int, ...] = ()  # the exact optimum at the measured speeds (the reference)
+    optimum_bottleneck_ms: float | None = None
 
 
 class Pipeline(Protocol):
@@ -136,6 +140,10 @@ class Pipeline(Protocol):
 
     def status(self) -> PipelineStatus: ...
 
+    def set_slowdown(self, node: str, factor: float) -> None:
+        """Change a node's emulated slowdown while it runs (blocking; call off the loop)."""
+        ...
+
     def prepare_image(self, image: bytes) -> np.ndarray:
         """An encoded image as ``infer`` takes it, prepared as ``classify`` prepares it: the
         float32 model input, or (``Source``) its uint8 pixels, resized and cropped, that the
@@ -145,13 +153,14 @@ class Pipeline(Protocol):
     def events(self) -> AsyncIterator[dict[str, Any]]:
         """Live events as JSON-able dicts, each with ``type`` and ``time`` (Unix seconds).
 
-        Types the status page renders readably (other types are shown as they come):
-        ``ready`` (``boundaries``, ``route``), ``boundary_moved`` (``boundaries``,
-        ``previous``, ``route``; optional ``node``, ``factor``, ``reason``), ``slow``
-        (``node``, ``factor``), ``node_down`` (``node``, ``reason``), ``node_up``,
-        ``rejoined`` (``node``, ``blocks``), ``refused`` (``node``, ``reason``), ``retry``
-        (``request_id``, ``attempt``), ``slowdown`` (``node``, ``factor``) and ``fault``
-        (``node``, ``action``)."""
+        The status page renders these readably (any other type as it comes): ``ready``
+        (``boundaries``, ``route``), ``boundary_moved`` (``node``; optional ``detail``,
+        ``reason``, ``boundaries``, ``previous``, ``route``), ``rebalanced`` (``boundaries``,
+        ``before``, ``detail``), ``boundaries_set``, ``slowdown`` (``node``, ``factor``),
+        ``slow`` (``node``, ``factor``), ``node_down`` (``node``, ``reason``), ``node_up``,
+        ``unreachable``, ``rejoined`` (``node``, ``blocks``), ``refused`` (``node``,
+        ``reason``), ``retry`` (``request_id``, ``attempt``) and ``fault`` (``node``,
+        ``action``)."""
         ...
 
 
@@ -159,16 +168,12 @@ FAULT_ACTIONS = ("kill", "pause", "resume", "cut")
 
 
 @runtime_checkable
-class NodeControls(Protocol):
-    """Experiment and demo controls. A pipeline that offers them implements this protocol as
-    well; the web front end then serves ``PUT /v1/nodes/{name}/slowdown`` and
-    ``POST /v1/nodes/{name}/fault`` and the status page shows the buttons."""
+class FaultInjection(Protocol):
+    """Fault injection for experiments and demos. A pipeline that offers it implements this
+    protocol as well; the web front end then serves ``POST /v1/nodes/{name}/fault`` and the
+    status page shows the buttons."""
 
-    async def set_slowdown(self, node: str, factor: float) -> None:
-        """Emulate a node ``factor`` times slower (1.0: its own speed). ``KeyError``: no
-        such node."""
-        ...
-
-    async def inject_fault(self, node: str, action: str) -> None:
-        """One of ``FAULT_ACTIONS`` on ``node``. ``KeyError``: no such node."""
+    def inject_fault(self, node: str, action: str) -> None:
+        """One of ``FAULT_ACTIONS`` on ``node`` (blocking; call off the loop). ``KeyError``:
+        no such node."""
         ...

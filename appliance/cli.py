@@ -306,7 +306,8 @@ def up(
     nodes: Annotated[int, typer.Option(help="Worker processes besides the source.")] = 3,
     model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
     = "efficientnet_lite0",
-    mode: Annotated[str, typer.Option(help="armdi | edgepipe | local")] = "edgepipe",
+    mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
+                                          "edgepipe (the static optimum) | local")] = "armdi",
     slowdown: Annotated[str | None, typer.Option(
         help="Per-worker emulated slowdown factors, e.g. 1,2,4.")] = None,
     cpus: Annotated[str | None, typer.Option(
@@ -408,6 +409,21 @@ def classify(
                    f"{result['latency_ms']:.1f} ms  via {hops}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def slow(
+    node: Annotated[str, typer.Argument(help="The node's name (w1, w2, ..., or source).")],
+    factor: Annotated[float, typer.Argument(help="1 = full speed, 4 = four times slower.")],
+    url: Annotated[str, typer.Option(help="The armdi server.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Change a node's emulated slowdown while it runs (it computes, then waits)."""
+    from appliance.client import set_slowdown
+
+    if not 1.0 <= factor <= 1e6:
+        _fail(f"factor {factor}: use 1 (full speed) up to 1e6")
+    result = set_slowdown(node, factor, url=url)
+    typer.echo(f"{result['node']}: slowdown {result['slowdown']:g}x (emulated)")
 
 
 bench_app = typer.Typer(no_args_is_help=True,

@@ -107,3 +107,24 @@ def _describe(response: httpx.Response) -> str:
     if detail is None:
         detail = response.text.strip()[:200] or "(no detail)"
     return f"server answered {response.status_code} {response.reason_phrase}: {detail}"
+
+
+def set_slowdown(node: str, factor: float, url: str = DEFAULT_URL,
+                 timeout: float = 10.0) -> dict[str, Any]:
+    """``PUT /v1/nodes/{node}/slowdown``: change a node's emulated slowdown while it runs."""
+    base = normalize_url(url)
+    try:
+        response = httpx.put(f"{base}/v1/nodes/{node}/slowdown", json={"factor": factor},
+                             timeout=timeout)
+    except httpx.TransportError as exc:
+        raise ClassifyError(f"no armdi server at {base} ({exc}); start one with armdi up") \
+            from exc
+    if response.status_code != 200:
+        try:
+            detail = response.json()
+            detail = detail.get("error") or detail.get("detail") or detail
+        except ValueError:
+            detail = response.text[:200]
+        raise ClassifyError(f"{node}: HTTP {response.status_code}: {detail}")
+    result: dict[str, Any] = response.json()
+    return result

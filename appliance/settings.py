@@ -42,7 +42,7 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         mode=c.mode, backend=resolve_backend(c.backend), threads=s.threads,
         slowdown=s.slowdown, bandwidth_Bps=s.bandwidth_Bps, latency_ms=s.latency_ms,
         cpus=s.cpus, run_blocks=s.run_blocks, max_blocks=s.max_blocks, key=c.hmac_key(),
-        wire_dtype=c.wire_dtype, min_workers=c.min_workers,
+        wire_dtype=c.wire_dtype, min_workers=c.min_workers, control_addr=s.control_addr,
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
     )

@@ -157,6 +157,9 @@ class RecordingPipeline:
     def status(self) -> PipelineStatus:
         return self.inner.status()
 
+    def set_slowdown(self, node: str, factor: float) -> None:
+        self.inner.set_slowdown(node, factor)
+
     def events(self) -> AsyncIterator[dict[str, Any]]:
         return self.inner.events()
 

@@ -20,12 +20,15 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from appliance.control.controller import ControllerSettings
+from appliance.data.adaptive import LeftBoundary
+from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.transport import (
@@ -36,7 +39,6 @@ from appliance.wire.transport import (
     TransportError,
     TransportTimeout,
 )
-from engines.base import Engine
 from engines.errors import ArmdiError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser
@@ -72,7 +74,9 @@ class NodeSettings:
     max_frame_bytes: int = 64 << 20
     queue_depth: int = 8  # frames NNG buffers on receive, and again on send
     send_timeout_ms: int = 2000
-    engine_cache: int = 8
+    engine_budget_mb: float = 512.0  # fused segment engines kept loaded (LRU), by memory
+    emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
 
 
@@ -89,6 +93,7 @@ class Assignment:
 @dataclass
 class Stats:
     processed: int = 0
+    passed: int = 0  # frames forwarded untouched (a boundary moved while they travelled)
     dropped: Counter[str] = field(default_factory=Counter)
     compute_ms: float | None = None
     send_ms: float | None = None
@@ -99,6 +104,8 @@ class Stats:
 
 
 class Node:
+    """One worker; ``run`` serves until stopped. See the module docstring."""
+
     def __init__(self, settings: NodeSettings, repository: ModelRepository | None = None):
         self.settings = settings
         self.repository = repository or ModelRepository(settings.repo)
@@ -111,11 +118,23 @@ class Node:
         self.stats = Stats()
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._engine_lock = threading.Lock()  # the control and data threads open engines
         self._stop = threading.Event()
-        self._engines: OrderedDict[tuple[int, int], Engine] = OrderedDict()
+        self.slowdown = settings.slowdown  # SetSlowdown changes it while the node runs
+        self.engines = EngineCache(self.repository, self.manifest, self.backend,
+                                   settings.threads, settings.engine_budget_mb)
+        profile = next(iter(self.manifest.profiles.values()), None)
+        self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
+        self._segment_ms = dict(profile.segment_ms) if profile else {}
+        self._left: LeftBoundary | None = None  # the controller of the boundary on our left
+        self._start_seen: int | None = None  # start_block of the last frame run
+        self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
+        self._link_Bps: float | None = None
+        self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
+        self.swap_ms = 0.0
         self._outboxes: dict[str, DataOutbox] = {}  # used by the data thread only
         self._busy = False  # a frame taken from the inbox and not yet sent
+        self._last_ms = 0.0  # the compute time of the last frame run
+        self._last_chained = False  # ...and whether it ran on chained block engines
         self._sample_shapes = [tuple(c.shape[1:]) for c in self.manifest.cut_points]
         self._normalise = Normaliser(self.manifest.preprocessing)
         self._prefix = fr.node_prefix(settings.name)
@@ -157,10 +176,9 @@ class Node:
             control.close()
             for box in self._outboxes.values():
                 box.close()
-            with self._engine_lock:
-                for engine in self._engines.values():
-                    engine.close()
-                self._engines.clear()
+            if self._left is not None:
+                self._left.close()
+            self.engines.close()
             self.repository.close()
 
     # ----------------------------------------------------------------- control
@@ -184,6 +202,13 @@ class Node:
                                   ok=ok, reason=reason)
         if isinstance(message, msg.Configure):
             return self._configure(message)
+        if isinstance(message, msg.MoveBoundary):
+            return self._move_end(message)
+        if isinstance(message, msg.SetSlowdown):
+            log.info("%s: slowdown %.3g -> %.3g", self.settings.name, self.slowdown,
+                     message.factor)
+            self.slowdown = message.factor
+            return msg.Ack(ok=True, reason="")
         if isinstance(message, msg.StatusRequest):
             return self.status()
         if isinstance(message, msg.Shutdown):
@@ -197,27 +222,74 @@ class Node:
             return msg.Ack(ok=False, reason=f"bad range [{m.start}, {m.end}) for "
                                             f"{self.blocks} blocks")
         try:
-            if m.start < m.end:
-                self._engine(m.start, m.end)  # load (and verify) before taking traffic
+            if m.start < m.end and not self.settings.emulate:
+                self.engines.load_now(m.start, m.end)  # load (and verify) before traffic
+        except ArmdiError as exc:
+            return msg.Ack(ok=False, reason=str(exc))
+        left = None
+        if m.adaptive and m.predecessor and m.predecessor_control_addr and m.start < m.end:
+            left = LeftBoundary(self.settings.name, self.settings.key, self._block_ms,
+                                self.manifest.activation_bytes(), m, self.settings.controller,
+                                prepare=self._prepare)
+        with self._lock:
+            old, self._left = self._left, left
+            self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
+                                         m.result_addr or None, m.wire_dtype, tuple(m.chain))
+            self._start_seen = None
+        if old is not None:
+            old.close()
+        self._preload(m.start, m.end)
+        log.info("%s: runs blocks [%d, %d), forwards to %s%s", self.settings.name, m.start,
+                 m.end, m.successor_addr or m.result_addr,
+                 f"; moves the boundary with {m.predecessor}" if left else "")
+        return msg.Ack(ok=True, reason="")
+
+    def _move_end(self, m: msg.MoveBoundary) -> msg.Ack:
+        """Our successor moves the boundary between us: end our range at ``m.boundary``."""
+        with self._lock:
+            a = self.assignment
+            start = a.start if self._start_seen is None else self._start_seen
+            if a.successor is None or not start < m.boundary < self.blocks:
+                return msg.Ack(ok=False, reason=f"{self.settings.name} runs [{start}, {a.end}) "
+                               f"and cannot end at {m.boundary}")
+        received = time.perf_counter()
+        try:  # the fused engine of the new range first: the old range serves meanwhile
+            self._prepare(start, m.boundary)
         except ArmdiError as exc:
             return msg.Ack(ok=False, reason=str(exc))
         with self._lock:
-            self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
-                                         m.result_addr or None, m.wire_dtype, tuple(m.chain))
-        log.info("%s: runs blocks [%d, %d), forwards to %s", self.settings.name, m.start, m.end,
-                 m.successor_addr or m.result_addr)
+            self.assignment = replace(self.assignment, end=m.boundary)
+            self._move_at = (m.boundary, received)
+        log.info("%s: now ends at block %d (was %d), asked by %s", self.settings.name,
+                 m.boundary, a.end, m.node)
+        self._preload(start, m.boundary)
         return msg.Ack(ok=True, reason="")
+
+    def _prepare(self, start: int, end: int) -> None:
+        if start < end and not self.settings.emulate:
+            self.engines.load_now(start, end)
+
+    def _preload(self, start: int, end: int) -> None:
+        """Load the fused engines of the ranges a boundary move is likely to give next."""
+        if start < end and not self.settings.emulate:
+            self.engines.preload([(start, end), (start, end - 1), (start, end + 1),
+                                  (start - 1, end), (start + 1, end)])
 
     def status(self) -> msg.NodeStatus:
         with self._lock:
             a = self.assignment
+            start = a.start if self._start_seen is None else self._start_seen
+            left = self._left
         return msg.NodeStatus(
-            node=self.settings.name, start=a.start, end=a.end,
+            node=self.settings.name, start=min(start, a.end), end=a.end,
             queue_depth=int(self._busy), queue_capacity=self.settings.queue_depth,
             processed=self.stats.processed, dropped=dict(self.stats.dropped),
             compute_ms_ewma=self.stats.compute_ms or 0.0,
             send_ms_ewma=self.stats.send_ms or 0.0,
-            uptime_s=time.monotonic() - self.started,
+            uptime_s=time.monotonic() - self.started, slowdown=self.slowdown,
+            speed=self._speed or 0.0, link_Bps=self._link_Bps or 0.0,
+            moves=left.moves if left else 0, last_move=left.last_move if left else "",
+            swap_ms=self.swap_ms, fused_load_ms=self.engines.last_load_ms,
         )
 
     # ----------------------------------------------------------------- data path
@@ -255,8 +327,16 @@ class Node:
             return
         self._busy = True
         a = self.assignment  # replaced whole by Configure: one consistent read
+        if frame.start_block >= a.end:  # our range moved past it: it needs none of ours
+            self.stats.passed += 1
+            self._send_one(frame, a)
+            return
         try:
             out = self.compute(frame, a.end, a.wire_dtype)
+            self._start_seen = frame.start_block
+            left = self._left
+            if left is not None and not self._last_chained:  # a chain's time misleads
+                left.observe(frame, a.end, self._last_ms)
         except Exception as exc:  # tell the source at once: a re-send would fail again
             self._drop("engine_error", str(exc))
             hop = fr.hop_wire(self._prefix, frame.start_block, max(a.end, frame.start_block),
@@ -274,11 +354,11 @@ class Node:
                 "wrong_fingerprint",
                 f"frame for model fingerprint {frame.fingerprint.hex()[:12]}, this node serves "
                 f"{self.manifest.fingerprint[:12]}")
-        with self._lock:
-            end = self.assignment.end
-        if not 0 <= frame.start_block < end:
+        a = self.assignment
+        if not 0 <= frame.start_block < self.blocks or (
+                frame.start_block >= a.end and a.successor is None):
             raise FrameRejected("wrong_blocks", f"frame starts at block {frame.start_block}; "
-                                f"this node runs blocks up to {end} of {self.blocks}")
+                                f"this node runs blocks up to {a.end} of {self.blocks}")
         expected = self._sample_shapes[frame.start_block]
         if tuple(frame.tensor.shape[1:]) != expected or frame.tensor.ndim != len(expected) + 1:
             raise FrameRejected("wrong_shape", f"activation shape {tuple(frame.tensor.shape)} "
@@ -290,23 +370,6 @@ class Node:
             raise FrameRejected("wrong_dtype", f"activation dtype {dtype} is not float32/"
                                 "float16 (or uint8 pixels, for block 0)")
 
-    def _engine(self, start: int, end: int) -> Engine:
-        """The engine of ``[start, end)``, from a small LRU cache (evicted engines are closed:
-        a swapped-out TensorRT engine releases its GPU memory)."""
-        key = (start, end)
-        with self._engine_lock:
-            engine = self._engines.get(key)
-            if engine is None:
-                engine = self.repository.open_engine(self.manifest, start, end,
-                                                     backend=self.backend,
-                                                     threads=self.settings.threads)
-                self._engines[key] = engine
-                while len(self._engines) > self.settings.engine_cache:
-                    _, old = self._engines.popitem(last=False)
-                    old.close()
-            self._engines.move_to_end(key)
-            return engine
-
     def compute(self, frame: fr.Frame, end: int,
                 wire_dtype: fr.WireDtype = "float32") -> fr.Frame:
         """Run ``[frame.start_block, end)`` on the frame's activation (slowdown included);
@@ -315,20 +378,40 @@ class Node:
         uint8 pixels (an image request at block 0) are normalised here, on the node that
         runs the first block: a quarter of float32's bytes crossed the link."""
         t0 = time.perf_counter()
-        x = frame.tensor
-        x = self._normalise(x) if x.dtype == np.uint8 else fr.to_compute_dtype(x)
-        y = self._engine(frame.start_block, end).infer(x)
-        compute_s = time.perf_counter() - t0
-        if self.settings.slowdown > 1.0:  # emulation: really compute, then wait the rest
-            self._stop.wait(compute_s * (self.settings.slowdown - 1.0))
-        ms = (time.perf_counter() - t0) * 1000
+        start = frame.start_block
+        profiled = self._profiled_ms(start, end)
+        if self.settings.emulate:  # emulated compute: the profiled time, zeros out
+            self._stop.wait(profiled * self.slowdown / 1000)
+            shape = (frame.tensor.shape[0], *self._sample_shapes[end])
+            y = np.zeros(shape, np.float32)
+        else:
+            x = frame.tensor
+            x = self._normalise(x) if x.dtype == np.uint8 else fr.to_compute_dtype(x)
+            engine = self.engines.get(start, end)
+            self._last_chained = self.engines.is_chain(engine)
+            y = engine.infer(x)
+            if self.slowdown > 1.0:  # emulation: really compute, then wait the rest
+                self._stop.wait((time.perf_counter() - t0) * (self.slowdown - 1.0))
+        now = time.perf_counter()
+        ms = self._last_ms = (now - t0) * 1000
         self.stats.observe("compute_ms", ms)
         self.stats.processed += 1
+        if profiled > 0:
+            speed = ms / profiled
+            self._speed = speed if self._speed is None else self._speed + 0.2 * (
+                speed - self._speed)
+        if self._move_at is not None and self._move_at[0] == end:  # first frame after a move
+            self.swap_ms = (now - self._move_at[1]) * 1000
+            self._move_at = None
         if end == self.blocks:
             kind = fr.FrameKind.RESULT
         else:
             kind, y = fr.FrameKind.ACTIVATION, fr.cast_for_wire(y, wire_dtype)
         return frame.forward(kind, end, y, fr.hop_wire(self._prefix, frame.start_block, end, ms))
+
+    def _profiled_ms(self, start: int, end: int) -> float:
+        fused = self._segment_ms.get(f"{start}:{end}")
+        return fused if fused is not None else sum(self._block_ms[start:end])
 
     def _outbox(self, addr: str) -> DataOutbox:
         box = self._outboxes.get(addr)
@@ -354,4 +437,9 @@ class Node:
             # The source re-sends overdue requests; this node only reports and moves on.
             self._drop("send_failed", f"to {addr}: {exc}")
             return
-        self.stats.observe("send_ms", (time.perf_counter() - t0) * 1000)
+        send_s = time.perf_counter() - t0
+        self.stats.observe("send_ms", send_s * 1000)
+        if send_s > 0:
+            rate = size / send_s
+            self._link_Bps = rate if self._link_Bps is None else self._link_Bps + 0.2 * (
+                rate - self._link_Bps)

@@ -14,6 +14,7 @@ request that cannot finish before its deadline fails with a clear error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -51,17 +52,18 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
+from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.messages import MessageError
 from appliance.wire.transport import (
     ControlClient,
+    ControlServer,
     DataInbox,
     DataOutbox,
     TransportError,
     TransportTimeout,
 )
-from engines.base import Engine
 from engines.errors import ArmdiError, EngineError, InputSpecError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser, decode_image, pixels
@@ -105,6 +107,7 @@ class SourceSettings:
     wire_dtype: fr.WireDtype = "float32"
     min_workers: int = 0  # the first N live workers run at least one block each
     boundaries: tuple[int, ...] | None = None  # forced at start (benchmarks), else the optimum
+    control_addr: str | None = None  # where workers reach the source (boundary moves)
     max_frame_bytes: int = 64 << 20
     request_timeout_s: float = 10.0
     max_attempts: int = 3
@@ -158,7 +161,6 @@ class Source:
         self.workers = [_WorkerState(ref) for ref in settings.workers]
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
-        self._engine: Engine | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -168,7 +170,11 @@ class Source:
         self._configures: dict[str, msg.Configure] = {}
         self._allocated: list[str] = []  # the live workers the allocation was solved over
         self._snapshot: Snapshot | None = None  # what the allocation was solved from
-        self._engines: dict[tuple[int, int], Engine] = {}  # the source's own, by range
+        self.engines = EngineCache(self.repository, self._manifest, self.backend,
+                                   settings.threads)
+        self.slowdown = settings.slowdown  # set_slowdown changes it while it runs
+        self.optimum: Allocation | None = None  # over the measured speeds (the reference)
+        self._control: ControlServer | None = None
         self._config_lock = threading.Lock()  # one reconfiguration at a time
         self._measured_bottleneck_ms = 0.0
         self._metrics = _Metrics()
@@ -216,7 +222,9 @@ class Source:
         return PipelineStatus(
             model_id=self._manifest.model_id, fingerprint=self._manifest.fingerprint,
             mode=self.settings.mode, blocks=self.blocks, ready=self.ready(), nodes=tuple(views),
-            boundaries=self.allocation.boundaries if self.allocation else (),
+            boundaries=self.boundaries(),
+            optimum=self.optimum.boundaries if self.optimum else (),
+            optimum_bottleneck_ms=self.optimum.bottleneck_ms if self.optimum else None,
             in_flight=in_flight, completed=m.completed, failed=m.failed, retried=m.retried,
             throughput_per_s=len(recent) / span if span > 0 else 0.0,
             latency_p50_ms=_quantile(lat, 0.5), latency_p99_ms=_quantile(lat, 0.99),
@@ -342,12 +350,17 @@ class Source:
         if s.cpus:
             os.sched_setaffinity(0, set(s.cpus))
         self._started = time.monotonic()
-        self._inbox = DataInbox(s.data_addr, max_bytes=s.max_frame_bytes)
+        self._inbox = DataInbox(s.data_addr, max_bytes=s.max_frame_bytes,
+                                recv_buffer=s.send_buffer)
+        if s.control_addr and s.mode == "armdi":
+            self._control = ControlServer(s.control_addr, key=s.key)
         live = self._handshake() if s.mode != "local" else []
         self.allocation = self._allocate(live)
         self._configure(live)
-        for target in (self._source_loop, self._result_loop, self._watchdog_loop,
-                       self._poll_loop):
+        loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
+        if self._control is not None:
+            loops.append(self._control_loop)
+        for target in loops:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -372,8 +385,9 @@ class Source:
             box.close()
         for client in self._clients.values():
             client.close()
-        for engine in self._engines.values():
-            engine.close()
+        if self._control is not None:
+            self._control.close()
+        self.engines.close()
         self.repository.close()
 
     def _client(self, w: _WorkerState) -> ControlClient:
@@ -475,9 +489,19 @@ class Source:
                 continue
             nxt = route[i + 1][1] if i + 1 < len(route) else None
             worker = next(w for w in live if w.ref.name == name)
-            configure = msg.Configure(node=name, start=start, end=end, successor_addr=nxt or None,
-                                      result_addr=self.settings.data_addr,
-                                      wire_dtype=self.settings.wire_dtype, chain=tuple(chain))
+            prev = route[i - 1][0] if i > 0 else None
+            up = self._link_of(prev) if prev else (None, 0.0)
+            down = self._link_of(name)
+            prev_ctl = (self.settings.control_addr if prev == self.settings.name
+                        else next((w.ref.control_addr for w in live if w.ref.name == prev),
+                                  None))
+            configure = msg.Configure(
+                node=name, start=start, end=end, successor_addr=nxt or None,
+                result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
+                chain=tuple(chain), adaptive=self.settings.mode == "armdi" and prev is not None
+                and prev_ctl is not None, predecessor=prev, predecessor_control_addr=prev_ctl,
+                upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
+                downstream_latency_ms=down[1])
             self._configures[name] = configure
             reply = self._client(worker).request(configure, timeout_ms=30_000)
             if not (isinstance(reply, msg.Ack) and reply.ok):
@@ -494,16 +518,19 @@ class Source:
                     node=w.ref.name, start=0, end=0, successor_addr=None,
                     result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
                     chain=tuple(chain)), timeout_ms=30_000)
-        engine = None
         if route and route[0][0] == self.settings.name:
-            key = (route[0][2], route[0][3])
-            engine = self._engines.get(key)
-            if engine is None:
-                engine = self._engines[key] = self.repository.open_engine(
-                    self._manifest, *key, backend=self.backend, threads=self.settings.threads)
-        self._engine = engine
+            self.engines.load_now(route[0][2], route[0][3])
         self._route = route
         log.info("allocation %s over %s", list(b), chain)
+
+    def _link_of(self, name: str) -> tuple[float | None, float]:
+        """A node's outgoing link as the config gives it: (bytes/s or None if free, ms)."""
+        if name == self.settings.name:
+            rate, latency = self.settings.bandwidth_Bps, self.settings.latency_ms
+        else:
+            ref = next(w.ref for w in self.workers if w.ref.name == name)
+            rate, latency = ref.bandwidth_Bps, ref.latency_ms
+        return (None if math.isinf(rate) else rate), latency
 
     def set_boundaries(self, boundaries: tuple[int, ...] | list[int]) -> Allocation:
         """Place the boundaries by hand over the live workers (benchmarks sweep them): the
@@ -567,14 +594,14 @@ class Source:
         end, nxt = self._first_hop()
         x = pending.tensor
         trace: tuple[fr.TraceEntry, ...] = ()
-        if end > 0 and self._engine is not None:
+        if end > 0:
             t0 = time.perf_counter()
             if x.dtype == np.uint8:
                 x = self._normalise(x)
-            x = self._engine.infer(x)
+            x = self.engines.get(0, end).infer(x)
             compute_s = time.perf_counter() - t0
-            if self.settings.slowdown > 1.0:  # emulation: computed, now wait the rest
-                self._stop.wait(compute_s * (self.settings.slowdown - 1.0))
+            if self.slowdown > 1.0:  # emulation: computed, now wait the rest
+                self._stop.wait(compute_s * (self.slowdown - 1.0))
             trace = (fr.TraceEntry(node=self.settings.name, start=0, end=end,
                                    ms=(time.perf_counter() - t0) * 1000),)
         if end == self.blocks or nxt is None:
@@ -607,6 +634,56 @@ class Source:
                     box = self._outboxes[addr] = DataOutbox(
                         addr, send_buffer=self.settings.send_buffer)
         return box
+
+    def _control_loop(self) -> None:
+        """Boundary moves from the first worker (it owns the boundary on its left)."""
+        assert self._control is not None
+        while not self._stop.is_set():
+            try:
+                self._control.serve_once(self._handle_control, timeout_ms=int(POLL_S * 1000))
+            except Exception as exc:  # the requester got an Ack(ok=False); keep serving
+                if not self._stop.is_set():
+                    log.warning("control message failed: %s", exc)
+
+    def _handle_control(self, message: msg.ControlMessage) -> msg.ControlMessage:
+        if isinstance(message, msg.MoveBoundary):
+            return self._move_end(message)
+        if isinstance(message, msg.StatusRequest):
+            return msg.Ack(ok=True, reason="source")
+        return msg.Ack(ok=False, reason=f"the source does not take {type(message).__name__}")
+
+    def _move_end(self, m: msg.MoveBoundary) -> msg.Ack:
+        """The first worker moves the boundary between us: the source now runs [0, b)."""
+        with self._config_lock:
+            route = list(self._route)
+            if (len(route) < 2 or route[0][0] != self.settings.name
+                    or route[1][0] != m.node or not 0 < m.boundary < route[1][3]):
+                return msg.Ack(ok=False, reason=f"the source cannot end at block {m.boundary}")
+            name, addr, start, _old = route[0]
+            self.engines.load_now(start, m.boundary)  # before the switch: the old range serves
+            self.engines.preload([(start, m.boundary - 1), (start, m.boundary + 1)])
+            route[0] = (name, addr, start, m.boundary)
+            nxt = route[1]
+            route[1] = (nxt[0], nxt[1], m.boundary, nxt[3])
+            self._route = route
+        return msg.Ack(ok=True, reason="")
+
+    def set_slowdown(self, node: str, factor: float) -> None:
+        """Change a node's emulated slowdown while it runs (experiments and demos)."""
+        if not (math.isfinite(factor) and 1.0 <= factor <= 1e6):
+            raise ValueError(f"slowdown factor must be in 1..1e6, got {factor}")
+        if node == self.settings.name:
+            self.slowdown = factor
+        else:
+            w = next((w for w in self.workers if w.ref.name == node), None)
+            if w is None:
+                raise KeyError(node)
+            reply = self._client(w).request(msg.SetSlowdown(factor=factor), timeout_ms=2000)
+            if not (isinstance(reply, msg.Ack) and reply.ok):
+                raise PipelineError(f"{node} refused the slowdown: "
+                                    f"{getattr(reply, 'reason', reply)}")
+        self._metrics.counters["slowdowns_set"] += 1
+        self._event("slowdown", node=node, factor=factor)
 
     def _result_loop(self) -> None:
         assert self._inbox is not None
@@ -712,6 +789,28 @@ class Source:
             used = [w.last.compute_ms_ewma + w.last.send_ms_ewma for w in self.workers
                     if w.last is not None and w.state == "up" and w.last.processed > 0]
             self._measured_bottleneck_ms = max(used, default=0.0)
+            try:
+                self.optimum = self._measured_optimum()
+            except Exception as exc:
+                self._loop_error("optimum", exc)
+
+    def _measured_optimum(self) -> Allocation | None:
+        """The exact optimum over the live workers at their measured speeds (profiled block
+        times scaled by measured / profiled): the reference the controller is judged by."""
+        snap = self._snapshot
+        if snap is None or snap.workers != len(self._allocated) + 1:
+            return None
+        rows = [list(snap.block_ms[0])]
+        by_name = {w.ref.name: w for w in self.workers}
+        profile = next(iter(self._manifest.profiles.values()), None)
+        base = list(profile.block_ms) if profile else [1.0] * self.blocks
+        for n, name in enumerate(self._allocated, start=1):
+            last = by_name[name].last
+            if last is not None and last.speed > 0:
+                rows.append([t * last.speed for t in base])
+            else:
+                rows.append(list(snap.block_ms[n]))
+        return solve(dataclasses.replace(snap, block_ms=tuple(tuple(r) for r in rows)))
 
     def _poll(self, w: _WorkerState) -> None:
         try:
@@ -725,11 +824,20 @@ class Source:
         if not isinstance(reply, msg.NodeStatus):
             return
         came_back = w.state == "down"
-        w.last, w.failures = reply, 0
+        previous, w.last, w.failures = w.last, reply, 0
+        if previous is not None and reply.moves > previous.moves:
+            self._metrics.counters["boundary_moves"] += reply.moves - previous.moves
+            self._event("boundary_moved", node=w.ref.name, detail=reply.last_move,
+                        boundaries=list(self.boundaries()), swap_ms=round(reply.swap_ms, 2),
+                        fused_load_ms=round(reply.fused_load_ms, 2))
         configure = self._configures.get(w.ref.name)
-        if configure is not None and (reply.start, reply.end) != (configure.start,
-                                                                  configure.end):
-            self._reconfigure(w, configure)  # restarted (or reset): give it its blocks again
+        if configure is not None and reply.end == 0 < configure.end:
+            # restarted (or reset): give it its blocks again, where the chain has them now
+            end = previous.end if previous is not None and previous.end > 0 else configure.end
+            start = previous.start if previous is not None else configure.start
+            configure = configure.model_copy(update={"start": min(start, end), "end": end})
+            self._configures[w.ref.name] = configure
+            self._reconfigure(w, configure)
             if w.state == "refused":
                 return
         if came_back:
@@ -753,6 +861,21 @@ class Source:
             self._event("rejoined", node=w.ref.name, blocks=[configure.start, configure.end])
 
     # ------------------------------------------------------------------ status helpers
+    def boundaries(self) -> tuple[int, ...]:
+        """Where the boundaries are now, over the source and the live workers (a worker's
+        range as it last reported it; the allocation's before that)."""
+        if self.allocation is None:
+            return ()
+        bounds = list(self.allocation.boundaries)
+        if self._route and self._route[0][0] == self.settings.name:
+            bounds[1] = self._route[0][3]
+        by_name = {w.ref.name: w for w in self.workers}
+        for n, name in enumerate(self._allocated, start=1):
+            last = by_name[name].last
+            if last is not None and last.end > 0 and n + 1 < len(bounds):
+                bounds[n + 1] = last.end
+        return tuple(bounds)
+
     def _source_view(self) -> NodeView:
         start, end = (self._route[0][2], self._route[0][3]) if (
             self._route and self._route[0][0] == self.settings.name) else (0, 0)
@@ -760,8 +883,8 @@ class Source:
         return NodeView(self.settings.name, "source", start, end,
                         "up" if self.ready() else "starting", stage, self._work.qsize(),
                         self.settings.max_in_flight, self._metrics.completed,
-                        self.settings.data_addr, optimum_stage_ms=stage,
-                        slowdown=self.settings.slowdown)
+                        self.settings.data_addr, slowdown=self.slowdown,
+                        optimum_stage_ms=self._optimum_stage_ms(self.settings.name))
 
     def _worker_view(self, w: _WorkerState) -> NodeView:
         """What a worker runs: its own report once polled, its configured range before."""
@@ -775,17 +898,28 @@ class Source:
             configure = self._configures.get(w.ref.name)
             start, end = (configure.start, configure.end) if configure else (0, 0)
             stage = None
-        optimum = None  # its stage time in the allocation the source solved
-        if self.allocation is not None and start < end:
+        if stage is None and self.allocation is not None and start < end:
             index = self._route_index(w.ref.name)
-            optimum = self.allocation.stage_ms[index] if index is not None else None
-        if stage is None:
-            stage = optimum
+            stage = self.allocation.stage_ms[index] if index is not None else None
         return NodeView(w.ref.name, "worker", start, end, w.state, stage,
                         last.queue_depth if last else 0,
                         last.queue_capacity if last else 0,
                         last.processed if last else 0, w.ref.data_addr, w.reason,
-                        optimum_stage_ms=optimum, slowdown=w.ref.slowdown)
+                        slowdown=last.slowdown if last else w.ref.slowdown,
+                        speed=(last.speed or None) if last else None,
+                        link_Bps=(last.link_Bps or None) if last else None,
+                        moves=last.moves if last else 0,
+                        optimum_stage_ms=self._optimum_stage_ms(w.ref.name))
+
+    def _optimum_stage_ms(self, name: str) -> float | None:
+        """The node's stage time in the exact optimum at the measured speeds (the status
+        page marks it against the measured one); None while unknown or left out."""
+        if self.optimum is None or self.allocation is None:
+            return None
+        index = self._route_index(name)
+        if index is None or index >= len(self.optimum.stage_ms):
+            return None
+        return self.optimum.stage_ms[index] or None
 
     def _route_index(self, name: str) -> int | None:
         """The worker's index in the allocation (0 is the source), or None if not live."""

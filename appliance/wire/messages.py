@@ -98,6 +98,32 @@ class Configure(_BlockRange):
     result_addr: str
     wire_dtype: WireDtype = "float32"
     chain: tuple[NodeName, ...] = ()  # live workers in order, source first
+    # The adaptive controller (mode armdi): this node moves the boundary on its left, with
+    # its predecessor (whose control address this is), toward equal stage times.
+    adaptive: bool = False
+    predecessor: NodeName | None = None
+    predecessor_control_addr: str | None = None
+    upstream_Bps: float | None = Field(default=None, gt=0)  # the predecessor's link (None: free)
+    upstream_latency_ms: NonNegativeFloat = 0.0
+    downstream_Bps: float | None = Field(default=None, gt=0)  # its own outgoing link (None: free)
+    downstream_latency_ms: NonNegativeFloat = 0.0
+
+
+class MoveBoundary(_Message):
+    """Worker -> its predecessor: end your range at ``boundary`` from now on (the boundary
+    between the two moves; frames in flight stay correct, they say where they are)."""
+
+    type: Literal["move_boundary"] = "move_boundary"
+    node: NodeName  # who decided
+    boundary: NonNegativeInt
+    reason: str = ""
+
+
+class SetSlowdown(_Message):
+    """Change a node's emulated slowdown while it runs (experiments and demos)."""
+
+    type: Literal["set_slowdown"] = "set_slowdown"
+    factor: float = Field(ge=1.0, le=1e6)
 
 
 class Ack(_Message):
@@ -120,6 +146,13 @@ class NodeStatus(_BlockRange):
     compute_ms_ewma: NonNegativeFloat = 0.0
     send_ms_ewma: NonNegativeFloat = 0.0
     uptime_s: NonNegativeFloat = 0.0
+    slowdown: float = Field(1.0, ge=1.0)
+    speed: NonNegativeFloat = 0.0  # measured / profiled time of its segment (EWMA); 0: none yet
+    link_Bps: NonNegativeFloat = 0.0  # bytes / send time of its output (EWMA); 0: none yet
+    moves: NonNegativeInt = 0  # boundary moves this node decided
+    last_move: str = ""  # the latest one, in words
+    swap_ms: NonNegativeFloat = 0.0  # last move: decision -> first frame run with the range
+    fused_load_ms: NonNegativeFloat = 0.0  # last fused segment engine loaded in the background
 
 
 class Heartbeat(_Message):
@@ -145,15 +178,15 @@ class Shutdown(_Message):
 
 
 ControlMessage = Annotated[
-    Hello | HelloReply | Configure | Ack | StatusRequest | NodeStatus | Heartbeat
-    | StageReport | Shutdown,
+    Hello | HelloReply | Configure | MoveBoundary | SetSlowdown | Ack | StatusRequest
+    | NodeStatus | Heartbeat | StageReport | Shutdown,
     Field(discriminator="type"),
 ]
 _ADAPTER: Final[TypeAdapter[ControlMessage]] = TypeAdapter(ControlMessage)
 MESSAGE_TYPES: Final[frozenset[str]] = frozenset(
     cls.model_fields["type"].default
-    for cls in (Hello, HelloReply, Configure, Ack, StatusRequest, NodeStatus, Heartbeat,
-                StageReport, Shutdown)
+    for cls in (Hello, HelloReply, Configure, MoveBoundary, SetSlowdown, Ack, StatusRequest,
+                NodeStatus, Heartbeat, StageReport, Shutdown)
 )
 
 

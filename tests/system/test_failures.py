@@ -144,7 +144,7 @@ def test_an_engine_error_on_a_worker_fails_the_request_at_once(built_tiny: Built
     with one_worker(built_tiny, tmp_path, run_blocks=False,
                     request_timeout_s=30.0) as (node, _stop, source):
         source.start()
-        node._engine = lambda start, end: Broken()  # type: ignore[assignment,method-assign,return-value]
+        node.engines.get = lambda start, end: Broken()  # type: ignore[assignment,method-assign,return-value]
         t0 = time.monotonic()
         with pytest.raises(PipelineError, match="fell off the bus"):
             source.submit(_inputs(1)[:1]).result(timeout=10)

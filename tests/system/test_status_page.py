@@ -19,7 +19,7 @@ from PIL import Image
 from tests.conftest import BuiltModel
 from tests.system.browser import CHROMIUM, chromium, serving
 from tests.system.conftest import cluster
-from tests.web import LABELS, ControllableFakePipeline, FakePipeline
+from tests.web import LABELS, FakePipeline, FaultyFakePipeline
 from web.app import WebSettings, create_app
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -126,6 +126,11 @@ def test_block_bar_follows_moves_and_node_states_without_a_reload(page: Any) -> 
         page.evaluate("window.notReloaded = true")
         _wait_for_stream(fake)
 
+        # the exact optimum, marked over the bar
+        fake.optimum = (0, 3, 4)
+        page.wait_for_selector("#blockbar .opt-mark[data-boundary='3']", timeout=WAIT_MS)
+        wait_text(page, "#optimum-note", "[0, 3, 4], bottleneck 2.5 ms")
+
         # a boundary move, because worker-1 slowed down
         fake.boundaries = (0, 3, 4)
         fake.set_node("source", end=3)
@@ -134,12 +139,26 @@ def test_block_bar_follows_moves_and_node_states_without_a_reload(page: Any) -> 
                      route=["source", "worker-1"], node="worker-1", factor=4.0)
         wait_text(page, "#log", "worker-1 slowed to 4x: blocks [2, 4) → [3, 4); "
                                 "source blocks [0, 2) → [0, 3)")
+        page.wait_for_selector("#blockbar .seg.slow[data-node='worker-1']", timeout=WAIT_MS)
         page.wait_for_function("document.querySelector('#blockbar .seg[data-node=\"worker-1\"]')"
                                ".dataset.start === '3'", timeout=WAIT_MS)
         bar = segments(page)
         assert bar["source"][:2] == (0, 3) and bar["worker-1"][:2] == (3, 4)
         assert "slow" in bar["worker-1"][2].split()
         page.wait_for_selector(".node.slow[data-node='worker-1']", timeout=WAIT_MS)
+
+        # a move as the adaptive runtime reports it: who moved, in words, the new boundaries;
+        # the page takes the ranges from the snapshots before and after
+        fake.publish("boundary_moved", node="worker-1", boundaries=[0, 1, 4],
+                     detail="source | worker-1: boundary 3 -> 1, pair bottleneck 6.00 -> "
+                            "4.00 ms (predicted source 2.00 ms, worker-1 4.00 ms)")
+        fake.boundaries = (0, 1, 4)
+        fake.set_node("source", end=1)
+        fake.set_node("worker-1", start=1)
+        wait_text(page, "#log", "worker-1 moved boundary 3 → 1: blocks [3, 4) → [1, 4); "
+                                "source blocks [0, 3) → [0, 1) (pair bottleneck 6.00 → 4.00 ms)")
+        page.wait_for_function("document.querySelector('#blockbar .seg[data-node=\"worker-1\"]')"
+                               ".dataset.start === '1'", timeout=WAIT_MS)
 
         # a dead node
         fake.set_node("worker-1", state="down")
@@ -217,7 +236,7 @@ def _b64(path: Path) -> str:
 
 def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
                                                                       tmp_path: Path) -> None:
-    fake = ControllableFakePipeline(events=[])
+    fake = FaultyFakePipeline(events=[])
     fake.live = True
     token = "correct horse battery staple"
     with serving(create_app(fake, settings=WebSettings(api_token=token))) as url:
@@ -243,10 +262,13 @@ def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
         fake.publish("node_up", node="worker-1")
         wait_text(page, "#log", "worker-1 is up again")
 
-        # a demo control, which sends the token as a header
+        # demo controls, which send the token as a header
         page.click(".node[data-node='worker-1'] button[data-action=slow]")
-        wait_text(page, "#log", "worker-1 set to a 4x slowdown")
-        assert fake.controlled == [("worker-1", "slowdown", 4.0)]
+        wait_text(page, "#log", "worker-1 slowed to 4x (emulated)")
+        page.click(".node[data-node='worker-1'] button[data-action=kill]")
+        wait_text(page, "#log", "worker-1 killed")
+        page.wait_for_selector(".node.down[data-node='worker-1']", timeout=WAIT_MS)
+        assert fake.slowdowns == [("worker-1", 4.0)] and fake.faults == [("worker-1", "kill")]
 
         # an upload with the token
         page.set_input_files("#file", str(solid(tmp_path / "x.png", (10, 20, 30))))
@@ -258,9 +280,11 @@ def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
         assert page.is_hidden("#token-panel")
 
 
-def test_no_controls_without_a_runtime_that_offers_them(page: Any) -> None:
+def test_no_fault_buttons_without_a_runtime_that_offers_them(page: Any) -> None:
     with serving(create_app(FakePipeline(events=[]))) as url:
         page.goto(url)
         page.wait_for_selector("#blockbar .seg", timeout=WAIT_MS)
-        wait_text(page, "#controls-note", "offers none yet")
-        assert page.eval_on_selector_all(".controls button", "b => b.length") == 0
+        wait_text(page, "#controls-note", "no fault injection yet")
+        actions = page.eval_on_selector_all(".controls button", "bs => bs.map(b => "
+                                                                "b.dataset.action)")
+        assert actions == ["slow", "fast"]  # on worker-1 only: slowdown is always offered

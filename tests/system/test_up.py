@@ -69,7 +69,7 @@ def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: Built
         workers = [p for p in _processes_mentioning(str(run_dir)) if p != proc.pid]
         assert len(workers) == 2, workers
         assert sorted(p.name for p in run_dir.iterdir() if p.is_socket()) == [
-            "source.data", "w1.ctl", "w1.data", "w2.ctl", "w2.data"]
+            "source.ctl", "source.data", "w1.ctl", "w1.data", "w2.ctl", "w2.data"]
         reply = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", _png(), "image/png")},
                            timeout=30)
         assert reply.status_code == 200, reply.text

@@ -8,7 +8,7 @@ to an exception to make every ``infer``/``classify`` raise it (``fail_times`` li
 
 ``nodes`` and ``boundaries`` are what ``status()`` reports; a test may replace them while the
 app runs. ``events()`` yields ``event_list``, then (with ``live`` set) whatever ``publish``
-sends, from any thread. ``ControllableFakePipeline`` adds the demo controls.
+sends, from any thread. ``FaultyFakePipeline`` adds fault injection.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class FakePipeline:
         self.fail: Exception | None = None
         self.fail_times: int | None = None  # None: fail every call while ``fail`` is set
         self.calls = 0
+        self.slowdowns: list[tuple[str, float]] = []
         self.event_list: list[dict[str, Any]] = events if events is not None else [
             {"type": "boundary_moved", "boundaries": [0, 2, 4]},
             {"type": "node_down", "node": "worker-1"},
@@ -88,6 +89,7 @@ class FakePipeline:
         self.live = False  # keep the stream open after event_list, for publish()
         self.nodes: tuple[NodeView, ...] = NODES
         self.boundaries: tuple[int, ...] = (0, 2, 4)
+        self.optimum: tuple[int, ...] = ()
         self._subscribers: list[tuple[asyncio.AbstractEventLoop,
                                       asyncio.Queue[dict[str, Any]]]] = []
         self._lock = threading.Lock()
@@ -135,10 +137,18 @@ class FakePipeline:
     def status(self) -> PipelineStatus:
         return PipelineStatus(
             model_id=MODEL_ID, fingerprint="0" * 64, mode="edgepipe", blocks=4,
-            ready=self.is_ready, nodes=self.nodes, boundaries=self.boundaries, in_flight=1,
+            ready=self.is_ready, nodes=self.nodes, boundaries=self.boundaries,
+            optimum=self.optimum, optimum_bottleneck_ms=2.5 if self.optimum else None,
+            in_flight=1,
             completed=7, failed=1, retried=2, throughput_per_s=12.5, latency_p50_ms=4.0,
             latency_p99_ms=float("nan"), counters={"boundary_moves": 3},
         )
+
+    def set_slowdown(self, node: str, factor: float) -> None:
+        """Recorded in ``slowdowns``; the node's view and an event follow, as in Source."""
+        self.slowdowns.append((node, factor))
+        self.set_node(node, slowdown=factor)
+        self.publish("slowdown", node=node, factor=factor)
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -173,21 +183,16 @@ class FakePipeline:
                            for n in self.nodes)
 
 
-class ControllableFakePipeline(FakePipeline):
-    """A FakePipeline with the demo controls (``appliance.api.NodeControls``): each call is
-    recorded in ``controlled``, changes the node's state and publishes an event."""
+class FaultyFakePipeline(FakePipeline):
+    """A FakePipeline with fault injection (``appliance.api.FaultInjection``): each call is
+    recorded in ``faults``, changes the node's state and publishes an event."""
 
     def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
         super().__init__(events)
-        self.controlled: list[tuple[str, str, float | None]] = []
+        self.faults: list[tuple[str, str]] = []
 
-    async def set_slowdown(self, node: str, factor: float) -> None:
-        self.controlled.append((node, "slowdown", factor))
-        self.set_node(node, state="slow" if factor > 1 else "up", slowdown=factor)
-        self.publish("slowdown", node=node, factor=factor)
-
-    async def inject_fault(self, node: str, action: str) -> None:
-        self.controlled.append((node, action, None))
+    def inject_fault(self, node: str, action: str) -> None:
+        self.faults.append((node, action))
         state = {"kill": "down", "pause": "down", "resume": "up", "cut": "down"}[action]
         self.set_node(node, state=state)
         self.publish("fault", node=node, action=action)

@@ -480,3 +480,25 @@ def test_v2_infer_maps_pipeline_errors(client: TestClient, fake: FakePipeline,
     assert response.status_code == status
     assert response.json() == {"error": str(error)}
     assert (response.headers.get("retry-after") == "1") == isinstance(error, QueueFullError)
+
+
+def test_put_slowdown_reaches_the_pipeline(client: TestClient, fake: FakePipeline) -> None:
+    response = client.put("/v1/nodes/worker-1/slowdown", json={"factor": 4.0})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"node": "worker-1", "slowdown": 4.0}
+    assert fake.slowdowns == [("worker-1", 4.0)]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/v1/nodes/nobody/slowdown", {"factor": 2.0}, 404),
+    ("/v1/nodes/worker-1/slowdown", {"factor": 0.5}, 422),
+    ("/v1/nodes/worker-1/slowdown", {"factor": "fast"}, 422),
+    ("/v1/nodes/worker-1/slowdown", {}, 422),
+])
+def test_bad_slowdowns_are_refused(client: TestClient, fake: FakePipeline, path: str,
+                                   body: dict[str, object], status: int) -> None:
+    response = client.put(path, json=body)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body.get("error") or body.get("detail"), body  # a message says what was wrong
+    assert fake.slowdowns == []

@@ -39,6 +39,15 @@ function fmtRate(bytesPerS) {
 }
 
 const fmtFactor = (f) => (Number.isInteger(f) ? `${f}` : f.toFixed(1));
+const SLOW_SPEED = 1.5;  // measured / profiled time at which a node counts as slow
+
+// up | slow | down | starting | idle | refused: "slow" also when the node runs under an
+// emulated slowdown or measures well above its profile
+function stateOf(n) {
+  if (n.state !== "up") return n.state;
+  const slow = (n.slowdown && n.slowdown > 1) || (n.speed && n.speed >= SLOW_SPEED);
+  return slow ? "slow" : "up";
+}
 const clock = (t) => new Date(t * 1000).toLocaleTimeString([], {hour12: false});
 
 // --- state ---------------------------------------------------------------------------------
@@ -47,7 +56,7 @@ const state = {
   model: null,        // GET /v1/model
   status: null,       // the last GET /v1/pipeline
   colors: new Map(),  // node name -> colour, fixed on first sight
-  history: {t: [], throughput: [], p50: [], p99: [], stage: new Map()},
+  history: {t: [], throughput: [], p50: [], p99: [], optimum: [], stage: new Map()},
   events: [],
   token: sessionStorage.getItem(TOKEN_KEY),
   locked: false,
@@ -141,7 +150,7 @@ function renderBlockBar(s) {
       (Number(seg.dataset.start) !== n.start || Number(seg.dataset.end) !== n.end);
     seg.dataset.start = n.start;
     seg.dataset.end = n.end;
-    seg.className = `seg ${n.state}${n.start === n.end ? " empty" : ""}`;
+    seg.className = `seg ${stateOf(n)}${n.start === n.end ? " empty" : ""}`;
     if (moved) {  // restart the flash animation
       void seg.offsetWidth;
       seg.classList.add("moved");
@@ -151,12 +160,32 @@ function renderBlockBar(s) {
     seg.style.width = `${(100 * (n.end - n.start)) / K}%`;
     const slow = n.slowdown && n.slowdown > 1 ? ` ×${fmtFactor(n.slowdown)}` : "";
     seg.textContent = `${n.name} ${range(n.start, n.end)}${slow}`;
-    seg.title = `${n.name} (${n.state}) runs blocks ${range(n.start, n.end)}`;
+    seg.title = `${n.name} (${stateOf(n)}) runs blocks ${range(n.start, n.end)}`;
   }
   for (const seg of bar.querySelectorAll(".seg")) {
     if (!seen.has(seg.dataset.node)) seg.remove();
   }
+  renderOptimum(s, bar, K);
   renderCuts(s);
+}
+
+// the exact optimum at the measured speeds, as markers over the bar (where the runtime says)
+function renderOptimum(s, bar, K) {
+  for (const old of bar.querySelectorAll(".opt-mark")) old.remove();
+  const optimum = s.optimum || [];
+  const now = (s.boundaries || []).join();
+  optimum.slice(1, -1).forEach((b) => {
+    const mark = el("div", {class: "opt-mark", "data-boundary": b,
+                            title: `optimum boundary ${b}` + (s.optimum_bottleneck_ms
+                              ? ` (bottleneck ${fmtMs(s.optimum_bottleneck_ms)})` : "")});
+    mark.style.left = `${(100 * b) / K}%`;
+    bar.append(mark);
+  });
+  $("optimum-note").textContent = optimum.length
+    ? `▼ the exact optimum at the measured speeds: [${optimum.join(", ")}]` +
+      (s.optimum_bottleneck_ms ? `, bottleneck ${fmtMs(s.optimum_bottleneck_ms)}` : "") +
+      (optimum.join() === now ? " (the chain is there)" : "")
+    : "";
 }
 
 function renderCuts(s) {
@@ -215,26 +244,29 @@ function renderChain(s) {
       ? `stage ${fmtMs(n.stage_ms)} · optimum ${fmtMs(n.optimum_stage_ms)}`
       : `stage ${fmtMs(n.stage_ms)}`;
     const link = fmtRate(n.link_Bps);
-    const card = el("div", {class: `node ${n.state}`, "data-node": n.name,
+    const extras = [link ? `link ${link}` : null,
+                    n.speed ? `speed ${n.speed.toFixed(2)}× profile` : null,
+                    n.moves ? `${n.moves} moves` : null].filter((x) => x);
+    const card = el("div", {class: `node ${stateOf(n)}`, "data-node": n.name,
                             title: n.address || n.name},
       el("div", {class: "name"}, n.name,
          el("span", {class: "muted"}, ` · ${n.role}`)),
-      el("div", {class: "state"}, el("span", {class: "state-dot"}),
-         n.state + (n.slowdown && n.slowdown > 1 ? ` · ×${fmtFactor(n.slowdown)} slowdown` : "")),
+      el("div", {class: "state"}, el("span", {class: "state-dot"}), stateOf(n) +
+         (n.slowdown && n.slowdown > 1 ? ` · ×${fmtFactor(n.slowdown)} (emulated)` : "")),
       el("div", {class: "blocks"}, blocks),
       el("div", {}, stage),
       meter(n.stage_ms, maxStage, n.optimum_stage_ms),
       el("div", {}, `queue ${n.queue_depth}/${n.queue_capacity} · ${n.processed} done`),
       meter(n.queue_depth, n.queue_capacity || 1, null),
-      link ? el("div", {}, `link ${link}`) : null,
+      extras.length ? el("div", {}, extras.join(" · ")) : null,
       n.reason ? el("div", {class: "muted reason"}, n.reason) : null,
       n.role === "worker" && controls.length ? controlButtons(n.name, controls) : null);
     card.style.borderTopColor = colorOf(n.name);
     chain.append(card);
   });
-  $("controls-note").textContent = controls.length ? ""
-    : "Demo controls (slow down, pause, kill, resume a node) appear here when the runtime " +
-      "offers them; this one offers none yet.";
+  $("controls-note").textContent = controls.includes("kill") ? ""
+    : "Pause, kill and resume buttons appear on the nodes when the runtime offers fault " +
+      "injection; this one offers no fault injection yet.";
 }
 
 function controlButtons(name, controls) {
@@ -290,8 +322,9 @@ function makeChart(id, series) {
     width: chartWidth(id), height: 170, legend: {live: false},
     scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(max * 1.15, 1)]}},
     axes: [{}, {size: 46}],
-    series: [{}, ...series.map((s) => ({label: s.label, stroke: s.color, width: 2,
-                                         spanGaps: false, points: {show: false}}))],
+    series: [{}, ...series.map((s) => ({label: s.label, stroke: s.color, width: s.dash ? 1 : 2,
+                                         dash: s.dash, spanGaps: false,
+                                         points: {show: false}}))],
   };
   $(id).replaceChildren();
   return new uPlot(opts, [[], ...series.map(() => [])], $(id));
@@ -303,6 +336,7 @@ function recordHistory(s) {
   h.throughput.push(s.throughput_per_s || 0);
   h.p50.push(s.latency_p50_ms);
   h.p99.push(s.latency_p99_ms);
+  h.optimum.push(s.optimum_bottleneck_ms === undefined ? null : s.optimum_bottleneck_ms);
   const names = new Set(s.nodes.map((n) => n.name));
   for (const n of s.nodes) {
     if (!h.stage.has(n.name)) h.stage.set(n.name, new Array(h.t.length - 1).fill(null));
@@ -312,7 +346,7 @@ function recordHistory(s) {
     values.push(names.has(name) && node.start < node.end ? node.stage_ms : null);
   }
   if (h.t.length > HISTORY) {
-    for (const key of ["t", "throughput", "p50", "p99"]) h[key].shift();
+    for (const key of ["t", "throughput", "p50", "p99", "optimum"]) h[key].shift();
     for (const values of h.stage.values()) values.shift();
   }
 }
@@ -327,12 +361,16 @@ function renderCharts() {
   const stageNames = [...h.stage.keys()];
   if (!charts.stage || charts.stageNames.join() !== stageNames.join()) {
     if (charts.stage) charts.stage.destroy();
-    charts.stage = makeChart("chart-stage", stageNames.map((n) => ({label: n, color: colorOf(n)})));
+    charts.stage = makeChart("chart-stage", [
+      ...stageNames.map((n) => ({label: n, color: colorOf(n)})),
+      {label: "optimum bottleneck", color: "#1d2733", dash: [4, 4]}]);
     charts.stageNames = stageNames;
   }
   if (charts.throughput) charts.throughput.setData([h.t, h.throughput]);
   if (charts.latency) charts.latency.setData([h.t, h.p50, h.p99]);
-  if (charts.stage) charts.stage.setData([h.t, ...stageNames.map((n) => h.stage.get(n))]);
+  if (charts.stage) {
+    charts.stage.setData([h.t, ...stageNames.map((n) => h.stage.get(n)), h.optimum]);
+  }
 }
 
 window.addEventListener("resize", () => {
@@ -356,6 +394,7 @@ async function poll() {
     renderSummary(s);
     renderBlockBar(s);
     renderChain(s);
+    settleMoves(s);
     recordHistory(s);
     renderCharts();
     $("conn").textContent = `updated ${new Date().toLocaleTimeString([], {hour12: false})}`;
@@ -481,11 +520,13 @@ drop.addEventListener("drop", (event) => {
 // --- the event log ---------------------------------------------------------------------------
 
 const CATEGORIES = {
-  ready: "moves", boundary_moved: "moves",
+  ready: "moves", boundary_moved: "moves", rebalanced: "moves", boundaries_set: "moves",
   slow: "health", node_down: "health", node_up: "health", rejoined: "health", refused: "health",
+  unreachable: "health",
   slowdown: "controls", fault: "controls", control_failed: "controls",
   retry: "requests",
 };
+const MOVES = new Set(["boundary_moved", "rebalanced", "boundaries_set"]);
 
 function rangesOf(boundaries, route) {
   const out = new Map();
@@ -496,24 +537,38 @@ function rangesOf(boundaries, route) {
   return out;
 }
 
-function describeMove(e) {
-  const route = e.route || e.nodes || (state.status ? state.status.nodes.map((n) => n.name) : []);
-  const before = rangesOf(e.previous, route);
-  const after = rangesOf(e.boundaries, route);
-  const changes = [];
+function rangesNow(s) {
+  return new Map((s ? s.nodes : []).map((n) => [n.name, [n.start, n.end]]));
+}
+
+// "blocks [23, 36) → [27, 36); w1 blocks [10, 23) → [10, 27)": ``first`` (the node the
+// event is about) first and unnamed, as its line already names it
+function changes(before, after, first) {
+  const out = [];
   for (const [name, [a, b]] of after) {
     const old = before.get(name);
     if (old && (old[0] !== a || old[1] !== b)) {
-      changes.push({name, text: `blocks ${range(old[0], old[1])} → ${range(a, b)}`});
+      const blocks = `blocks ${range(old[0], old[1])} → ${range(a, b)}`;
+      out.push({name, text: name === first ? blocks : `${name} ${blocks}`});
     }
   }
-  let head = e.reason || "";
-  if (!head && e.node && e.factor) head = `${e.node} slowed to ${fmtFactor(e.factor)}x`;
-  if (!head) head = e.node ? `${e.node} moved` : "boundaries moved";
-  if (!changes.length) return `${head}: boundaries now [${(e.boundaries || []).join(", ")}]`;
-  changes.sort((x, y) => (y.name === e.node) - (x.name === e.node));
-  const parts = changes.map((c) => (c.name === e.node ? c.text : `${c.name} ${c.text}`));
-  return `${head}: ${parts.join("; ")}`;
+  out.sort((x, y) => (y.name === first) - (x.name === first));
+  return out.map((c) => c.text).join("; ");
+}
+
+function moveHead(e) {
+  if (e.reason) return e.reason;
+  if (e.type === "rebalanced") return "rebalanced to the optimum";
+  if (e.type === "boundaries_set") return "boundaries set by hand";
+  if (e.node && e.factor) return `${e.node} slowed to ${fmtFactor(e.factor)}x`;
+  const moved = /boundary (\d+) -> (\d+)/.exec(e.detail || "");
+  if (e.node && moved) return `${e.node} moved boundary ${moved[1]} → ${moved[2]}`;
+  return e.node ? `${e.node} moved a boundary` : "boundaries moved";
+}
+
+function moveTail(e) {
+  const pair = /pair bottleneck ([\d.]+) -> ([\d.]+) ms/.exec(e.detail || "");
+  return pair ? ` (pair bottleneck ${pair[1]} → ${pair[2]} ms)` : "";
 }
 
 const FAULT_WORDS = {kill: "killed", pause: "paused", resume: "resumed", cut: "link cut"};
@@ -523,14 +578,14 @@ function describe(e) {
   switch (e.type) {
     case "ready":
       return `ready: ${(e.route || []).join(" → ")}, boundaries [${(e.boundaries || []).join(", ")}]`;
-    case "boundary_moved": return describeMove(e);
     case "slow":
       return e.factor ? `${who} slowed to ${fmtFactor(e.factor)}x` : `${who} is slow`;
     case "slowdown":
-      return e.factor > 1 ? `${who} set to a ${fmtFactor(e.factor)}x slowdown`
-                          : `${who} back to full speed`;
+      return e.factor > 1 ? `${who} slowed to ${fmtFactor(e.factor)}x (emulated)`
+                          : `${who} back to full speed (emulated)`;
     case "node_down": return `${who} is down${e.reason ? `: ${e.reason}` : ""}`;
     case "node_up": return `${who} is up again`;
+    case "unreachable": return `${who} is unreachable${e.address ? ` at ${e.address}` : ""}`;
     case "rejoined":
       return `${who} rejoined` + (e.blocks ? ` with blocks ${range(e.blocks[0], e.blocks[1])}` : "");
     case "refused": return `${who} refused${e.reason ? `: ${e.reason}` : ""}`;
@@ -548,10 +603,42 @@ function describe(e) {
 function addEvent(e) {
   const category = CATEGORIES[e.type] || "other";
   const time = typeof e.time === "number" ? e.time : Date.now() / 1000;
-  state.events.unshift({time, type: e.type, category, text: describe(e),
-                        node: e.node || "", down: e.type === "node_down" || e.action === "kill"});
+  const entry = {time, type: e.type, category, node: e.node || "", title: e.detail || "",
+                 down: e.type === "node_down" || e.action === "kill"};
+  if (MOVES.has(e.type)) {
+    entry.head = moveHead(e);
+    entry.tail = moveTail(e);
+    const previous = e.previous || e.before;
+    if (previous && e.route) {  // the event says which node ran what, before and after
+      const text = changes(rangesOf(previous, e.route), rangesOf(e.boundaries, e.route), e.node);
+      entry.text = `${entry.head}${text ? `: ${text}` : ""}${entry.tail}`;
+    } else {  // compare the ranges the page shows now with the next snapshots
+      entry.before = rangesNow(state.status);
+      entry.text = `${entry.head}${entry.tail}`;
+      entry.pendingSince = Date.now();
+    }
+  } else {
+    entry.text = describe(e);
+  }
+  state.events.unshift(entry);
   if (state.events.length > MAX_EVENTS) state.events.pop();
   renderLog();
+}
+
+// Fill in a move's block ranges once a snapshot shows them (within a few seconds).
+function settleMoves(s) {
+  let changed = false;
+  for (const entry of state.events) {
+    if (entry.pendingSince === undefined) continue;
+    const text = changes(entry.before, rangesNow(s), entry.node);
+    if (text || Date.now() - entry.pendingSince > 5000) {
+      entry.text = `${entry.head}${text ? `: ${text}` : ""}${entry.tail}`;
+      delete entry.pendingSince;
+      delete entry.before;
+      changed = true;
+    }
+  }
+  if (changed) renderLog();
 }
 
 function renderLog() {
@@ -562,7 +649,8 @@ function renderLog() {
     .filter((e) => shown.has(e.category))
     .filter((e) => !needle || e.text.toLowerCase().includes(needle) || e.node === needle)
     .slice(0, 200)
-    .map((e) => el("li", {class: `${e.category}${e.down ? " down" : ""}`, "data-type": e.type},
+    .map((e) => el("li", {class: `${e.category}${e.down ? " down" : ""}`, "data-type": e.type,
+                          title: e.title || null},
                    el("time", {}, clock(e.time)), e.text));
   $("log").replaceChildren(...items);
 }

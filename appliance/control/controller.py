@@ -1,0 +1,213 @@
+"""The AR-MDI controller: neighbours move the boundary between them toward equal stage times.
+
+Decentralised and lightweight: no central profiler runs at run time and the source is not a
+planner every move passes through. Each boundary is owned by the worker on its right: every
+frame it receives carries its predecessor's hop (``[a, b)`` in ``ms``) in the trace, and it
+measures its own (``[b, c)``). From the two it predicts, for every boundary ``b'`` between
+``a`` and ``c``, both stage times (compute plus shipping the activation on), and asks its
+predecessor to end at the ``b'`` that minimises the larger one (one block or several,
+whatever the gap calls for).
+
+The prediction scales the profile (block times measured one by one at build time) by what
+each side measures now: ``compute(a, b') = measured(a, b) * P(a, b') / P(a, b)``. A slowed
+device, another process on it, a thermal limit or a fused segment faster than its blocks'
+sum all show up as that factor; after a move the factor is measured afresh, so repeated
+moves converge even where the profile is wrong.
+
+Against oscillation and noise: each side's time is the median of the last ``samples`` frames
+measured on the current split (no decision before there are that many); a move must lower
+the pair's predicted bottleneck by more than ``hysteresis`` (a fraction); the boundary then
+stays put for ``dwell_s``. A small gain (below ``big``) must be proposed by two windows in a
+row, and a move back the way the last one came doubles the dwell (up to ``max_dwell_s``):
+noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
+device 4x slower: a big gain) moves it at the next window.
+
+``propose`` is the pure decision; ``BoundaryController`` keeps the estimates and the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "transfer_ms"]
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    hysteresis: float = 0.05
+    """Move only when the pair's predicted bottleneck is this fraction below the measured."""
+    dwell_s: float = 2.0
+    """At least this long between two moves of one boundary."""
+    samples: int = 16
+    """Frames measured on a split before it is judged (each side: their median)."""
+    big: float = 0.25
+    """A gain this large (a fraction of the bottleneck) is acted on at once."""
+    max_dwell_s: float = 60.0
+    """The longest the dwell grows to after moves that undo each other."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """A proposed boundary and what it is predicted to give."""
+
+    boundary: int
+    left_ms: float  # predicted stage times after the move
+    right_ms: float
+    before_ms: float  # the pair's bottleneck as measured now
+
+    @property
+    def after_ms(self) -> float:
+        return max(self.left_ms, self.right_ms)
+
+    def describe(self, left: str, right: str, old: int) -> str:
+        return (f"{left} | {right}: boundary {old} -> {self.boundary}, pair bottleneck "
+                f"{self.before_ms:.2f} -> {self.after_ms:.2f} ms (predicted {left} "
+                f"{self.left_ms:.2f} ms, {right} {self.right_ms:.2f} ms)")
+
+
+def _scaled(prefix: Sequence[float], measured_ms: float, start: int, end: int
+            ) -> Callable[[int, int], float]:
+    """``(i, j) -> predicted ms`` of blocks ``[i, j)`` on a device that measured
+    ``measured_ms`` for ``[start, end)``: the profile scaled by measured / profiled."""
+    profiled = prefix[end] - prefix[start]
+    per_block = measured_ms / max(end - start, 1)
+    if profiled <= 0.0:  # a profile of zeros: spread the measured time evenly over blocks
+        return lambda i, j: per_block * (j - i)
+    factor = measured_ms / profiled
+    return lambda i, j: factor * (prefix[j] - prefix[i])
+
+
+def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
+            right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
+            right_transfer_ms: float, hysteresis: float) -> Move | None:
+    """The boundary between two neighbours that minimises their larger stage time, or None
+    when no boundary beats the current one by more than ``hysteresis``.
+
+    ``left = (a, b)`` and ``right = (b, c)`` are the two segments, measured at ``left_ms``
+    and ``right_ms`` of compute; ``left_transfer_ms[k]`` is what shipping the activation at
+    boundary ``k`` costs the left side, ``right_transfer_ms`` what the right side's output
+    costs it (it does not change with ``b``). Both sides keep at least one block. Among equal
+    predictions the boundary nearest the current one wins (fewest blocks moved).
+    """
+    a, b = left
+    b2, c = right
+    if b != b2 or not a < b < c:
+        raise ValueError(f"segments [{a}, {b}) and [{b2}, {c}) are not two non-empty "
+                         "neighbours")
+    if len(left_transfer_ms) < c + 1:
+        raise ValueError(f"left_transfer_ms needs an entry per boundary up to {c}")
+    prefix = [0.0]
+    for t in block_ms:
+        prefix.append(prefix[-1] + max(0.0, t))
+    left_of = _scaled(prefix, left_ms, a, b)
+    right_of = _scaled(prefix, right_ms, b, c)
+    before = max(left_ms + left_transfer_ms[b], right_ms + right_transfer_ms)
+    best: Move | None = None
+    for k in range(a + 1, c):
+        move = Move(k, left_of(a, k) + left_transfer_ms[k], right_of(k, c) + right_transfer_ms,
+                    before)
+        if best is None or (move.after_ms, abs(k - b)) < (best.after_ms, abs(best.boundary - b)):
+            best = move
+    if best is None or best.boundary == b or not best.after_ms < before * (1.0 - hysteresis):
+        return None
+    return best
+
+
+class BoundaryController:
+    """One boundary's controller, on the worker to its right: the last ``samples`` compute
+    times of both sides on the current split, the dwell clock, and ``propose``."""
+
+    def __init__(self, block_ms: Sequence[float], settings: ControllerSettings | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.block_ms = tuple(block_ms)
+        self.settings = settings or ControllerSettings()
+        self.clock = clock
+        self.left: tuple[int, int] | None = None
+        self.right: tuple[int, int] | None = None
+        self._left_ms: deque[float] = deque(maxlen=self.settings.samples)
+        self._right_ms: deque[float] = deque(maxlen=self.settings.samples)
+        self.count = 0
+        self.last_move = -math.inf
+        self.dwell_s = self.settings.dwell_s
+        self._direction = 0  # of the last move: -1 left, +1 right
+        self._seen: int | None = None  # a small move's direction, proposed once already
+        self._proposed: Move | None = None
+
+    @property
+    def left_ms(self) -> float:
+        return statistics.median(self._left_ms) if self._left_ms else 0.0
+
+    @property
+    def right_ms(self) -> float:
+        return statistics.median(self._right_ms) if self._right_ms else 0.0
+
+    def observe(self, left: tuple[int, int], left_ms: float, right: tuple[int, int],
+                right_ms: float) -> None:
+        """One frame's measurements: the predecessor ran ``left`` in ``left_ms``, this node
+        ``right`` in ``right_ms``."""
+        if left != self.left or right != self.right:
+            self.left, self.right = left, right
+            self._left_ms.clear()
+            self._right_ms.clear()
+            self.count = 0
+        self._left_ms.append(left_ms)
+        self._right_ms.append(right_ms)
+        self.count += 1
+
+    def decide(self, left_transfer_ms: Sequence[float], right_transfer_ms: float) -> Move | None:
+        """A move to make now, or None (too soon, too few samples, or nothing pays)."""
+        s = self.settings
+        if (self.left is None or self.right is None or self.count < s.samples
+                or self.clock() - self.last_move < s.dwell_s
+                or not self.left[0] < self.left[1] < self.right[1]):
+            return None
+        move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
+                       left_transfer_ms, right_transfer_ms, s.hysteresis)
+        if move is None:
+            self._seen = None
+            return None
+        direction = 1 if move.boundary > self.left[1] else -1
+        gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+        if gain < s.big:
+            if self._seen != direction:  # a small gain: wait for a second window to agree
+                self._seen = direction
+                self._left_ms.clear()
+                self._right_ms.clear()
+                self.count = 0
+                return None
+            if direction == -self._direction and self.clock() - self.last_move < self.dwell_s:
+                return None  # undoing the last move: only after the (grown) dwell
+        self._proposed = move
+        return move
+
+    def moved(self) -> None:
+        """The proposed move was made (or failed): start the dwell, judge the new split on
+        fresh samples; a move that undoes the last one doubles the dwell."""
+        move, self._proposed = self._proposed, None
+        if move is not None and self.left is not None:
+            direction = 1 if move.boundary > self.left[1] else -1
+            gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+            if gain < self.settings.big and direction == -self._direction:
+                self.dwell_s = min(self.dwell_s * 2, self.settings.max_dwell_s)
+            else:
+                self.dwell_s = self.settings.dwell_s
+            self._direction = direction
+        self.last_move = self.clock()
+        self.left = self.right = None
+        self._left_ms.clear()
+        self._right_ms.clear()
+        self.count = 0
+        self._seen = None
+
+
+def transfer_ms(activation_bytes: Sequence[int], rate_Bps: float | None,
+                latency_ms: float) -> list[float]:
+    """Per boundary, what shipping its activation costs over a link (``None``: free)."""
+    if rate_Bps is None or math.isinf(rate_Bps):
+        return [latency_ms] * len(activation_bytes)
+    return [size / rate_Bps * 1000.0 + latency_ms for size in activation_bytes]
