@@ -1,9 +1,10 @@
 """``make screenshot``: the status page under load, as the README shows it.
 
 Starts ``armdi up`` on the default model, keeps a few clients classifying scikit-image's
-photos through it, opens the page in Debian's chromium (Playwright, headless), drops three
-photos on it, waits for the charts to fill, and writes a full-page PNG (quantised to stay
-small) under docs/. Stops everything it started. The test suite takes no screenshot.
+photos through it, opens the page in Debian's chromium (Playwright, headless), slows one
+worker down a third of the way in (``--slow``, emulated) so the adaptive chain has moves to
+show, drops three photos on the page, and writes a full-page PNG (quantised to stay small)
+under docs/. Stops everything it started. The test suite takes no screenshot.
 
     .venv/bin/python tools/screenshot.py [--out docs/status-page.png] [--nodes 3] [--seconds 40]
 """
@@ -82,6 +83,21 @@ def load(url: str, images: list[Path], stop: threading.Event, index: int) -> Non
     conn.close()
 
 
+def slow(url: str, spec: str) -> None:
+    """PUT /v1/nodes/NODE/slowdown, as ``armdi slow NODE FACTOR`` does."""
+    import json
+
+    node, factor = spec.split(":")
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                      timeout=30)
+    conn.request("PUT", f"/v1/nodes/{node}/slowdown", body=json.dumps({"factor": float(factor)}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    print(f"slowdown {spec}: HTTP {response.status} {response.read().decode()}")
+    conn.close()
+
+
 def shrink(png: bytes, out: Path) -> None:
     from PIL import Image
 
@@ -97,6 +113,9 @@ def main() -> int:
     parser.add_argument("--slowdown", default=None, help="e.g. 1,1,2")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=40.0, help="load before the shot")
+    parser.add_argument("--slow", default="w2:3",
+                        help="NODE:FACTOR slowed down a third of the way in, so the page has "
+                             "moves to show ('' for none)")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -118,7 +137,10 @@ def main() -> int:
                                         device_scale_factor=1)
                 page.goto(url)
                 page.wait_for_selector("#blockbar .seg", timeout=30_000)
-                time.sleep(max(0.0, args.seconds - 5))
+                time.sleep(args.seconds / 3)
+                if args.slow:
+                    slow(url, args.slow)
+                time.sleep(max(0.0, args.seconds * 2 / 3 - 5))
                 page.set_input_files("#file", [str(p) for p in images[:3]])
                 page.wait_for_function(
                     "document.querySelectorAll('.answer[data-label]').length >= 3",

@@ -614,6 +614,7 @@ function addEvent(e) {
       entry.text = `${entry.head}${text ? `: ${text}` : ""}${entry.tail}`;
     } else {  // compare the ranges the page shows now with the next snapshots
       entry.before = rangesNow(state.status);
+      entry.pair = pairOf(e.detail);
       entry.text = `${entry.head}${entry.tail}`;
       entry.pendingSince = Date.now();
     }
@@ -625,16 +626,26 @@ function addEvent(e) {
   renderLog();
 }
 
-// Fill in a move's block ranges once a snapshot shows them (within a few seconds).
+// The two nodes a pairwise move is between ("w1 | w2: boundary 23 -> 27, ..."), else null.
+function pairOf(detail) {
+  const pair = /^(\S+) \| (\S+):/.exec(detail || "");
+  return pair ? new Set([pair[1], pair[2]]) : null;
+}
+
+// Fill in a move's block ranges once a snapshot shows them (within a few seconds); for a
+// pairwise move, only the pair's (other moves between two snapshots are their own lines).
 function settleMoves(s) {
   let changed = false;
   for (const entry of state.events) {
     if (entry.pendingSince === undefined) continue;
-    const text = changes(entry.before, rangesNow(s), entry.node);
+    let after = rangesNow(s);
+    if (entry.pair) after = new Map([...after].filter(([name]) => entry.pair.has(name)));
+    const text = changes(entry.before, after, entry.node);
     if (text || Date.now() - entry.pendingSince > 5000) {
       entry.text = `${entry.head}${text ? `: ${text}` : ""}${entry.tail}`;
       delete entry.pendingSince;
       delete entry.before;
+      delete entry.pair;
       changed = true;
     }
   }
