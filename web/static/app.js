@@ -201,6 +201,7 @@ function renderCuts(s) {
   const logs = cuts.map((c) => Math.log10(Math.max(c.bytes, 1)));
   const lo = Math.min(...logs) - 0.3;
   const hi = Math.max(...logs);
+  let lastLabel = -Infinity;  // labels closer than 6% of the bar would overlap: keep the first
   for (const c of cuts) {
     const height = hi > lo ? 15 + (85 * (Math.log10(Math.max(c.bytes, 1)) - lo)) / (hi - lo) : 50;
     const tick = el("div", {class: `cut${at.has(c.index) ? " at" : ""}`, "data-cut": c.index,
@@ -209,7 +210,8 @@ function renderCuts(s) {
     tick.style.left = `${(100 * c.index) / K}%`;
     tick.style.height = `${height}%`;
     box.append(tick);
-    if (at.has(c.index)) {
+    if (at.has(c.index) && (c.index - lastLabel) / K >= 0.06) {
+      lastLabel = c.index;
       const cls = c.index === 0 ? "first" : c.index === K ? "last" : "";
       const label = el("span", {class: cls, "data-cut": c.index}, fmtBytes(c.bytes));
       label.style.left = `${(100 * c.index) / K}%`;
