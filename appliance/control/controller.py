@@ -31,10 +31,11 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "transfer_ms"]
+__all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "should_rebalance",
+           "transfer_ms"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def _scaled(prefix: Sequence[float], measured_ms: float, start: int, end: int
 
 def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
             right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
-            right_transfer_ms: float, hysteresis: float) -> Move | None:
+            right_transfer_ms: float, hysteresis: float,
+            measured: Mapping[int, float] | None = None) -> Move | None:
     """The boundary between two neighbours that minimises their larger stage time, or None
     when no boundary beats the current one by more than ``hysteresis``.
 
@@ -93,6 +95,11 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
     boundary ``k`` costs the left side, ``right_transfer_ms`` what the right side's output
     costs it (it does not change with ``b``). Both sides keep at least one block. Among equal
     predictions the boundary nearest the current one wins (fewest blocks moved).
+
+    ``measured[k]``: the pair's bottleneck as measured when the boundary was at ``k`` (same
+    outer ends). Where known it replaces the prediction, so a boundary that was tried and
+    found no better is not tried again: the profile can be wrong (fused segments run faster
+    than their blocks' sum), and predictions alone may send a boundary to and fro forever.
     """
     a, b = left
     b2, c = right
@@ -107,15 +114,25 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
     left_of = _scaled(prefix, left_ms, a, b)
     right_of = _scaled(prefix, right_ms, b, c)
     before = max(left_ms + left_transfer_ms[b], right_ms + right_transfer_ms)
+    known = measured or {}
     best: Move | None = None
     for k in range(a + 1, c):
-        move = Move(k, left_of(a, k) + left_transfer_ms[k], right_of(k, c) + right_transfer_ms,
-                    before)
-        if best is None or (move.after_ms, abs(k - b)) < (best.after_ms, abs(best.boundary - b)):
+        left_k = left_of(a, k) + left_transfer_ms[k]
+        right_k = right_of(k, c) + right_transfer_ms
+        if k in known and k != b:  # tried before: the measurement, not the model
+            left_k = right_k = known[k]
+        move = Move(k, left_k, right_k, before)
+        if best is None or _rank(move, b) < _rank(best, b):
             best = move
     if best is None or best.boundary == b or not best.after_ms < before * (1.0 - hysteresis):
         return None
     return best
+
+
+def _rank(move: Move, current: int) -> tuple[float, float, int]:
+    """Lower is better: the pair's bottleneck, then the gap between the two stages (a
+    balanced pair leaves its neighbours room to shed blocks), then the blocks moved."""
+    return (move.after_ms, abs(move.left_ms - move.right_ms), abs(move.boundary - current))
 
 
 class BoundaryController:
@@ -137,6 +154,9 @@ class BoundaryController:
         self._direction = 0  # of the last move: -1 left, +1 right
         self._seen: int | None = None  # a small move's direction, proposed once already
         self._proposed: Move | None = None
+        # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
+        self._tried: dict[int, float] = {}
+        self._ends: tuple[int, int] | None = None
 
     @property
     def left_ms(self) -> float:
@@ -166,8 +186,17 @@ class BoundaryController:
                 or self.clock() - self.last_move < s.dwell_s
                 or not self.left[0] < self.left[1] < self.right[1]):
             return None
+        ends = (self.left[0], self.right[1])
+        if ends != self._ends:  # a neighbour's other boundary moved: old facts do not apply
+            self._ends, self._tried = ends, {}
+        here = max(self.left_ms + left_transfer_ms[self.left[1]],
+                   self.right_ms + right_transfer_ms)
+        past = self._tried.get(self.left[1])
+        if past is not None and abs(here - past) > s.big * past:
+            self._tried = {}  # conditions changed (a device slowed or sped up): start afresh
+        self._tried[self.left[1]] = here
         move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
-                       left_transfer_ms, right_transfer_ms, s.hysteresis)
+                       left_transfer_ms, right_transfer_ms, s.hysteresis, self._tried)
         if move is None:
             self._seen = None
             return None
@@ -203,6 +232,17 @@ class BoundaryController:
         self._right_ms.clear()
         self.count = 0
         self._seen = None
+
+
+def should_rebalance(measured_ms: float, optimum_ms: float, big: float) -> bool:
+    """Whether the chain's measured bottleneck is so far above the exact optimum (at the
+    measured speeds) that the source should place the boundaries there at once.
+
+    Pairwise moves can stall where only a cascade helps (a slow device can shed a block only
+    after its neighbour sheds one to a faster device further up the chain); the source, which
+    sees every hop in the results' traces, corrects such a chain in one step. It is rare by
+    design: only for a gain above ``big``."""
+    return optimum_ms > 0 and measured_ms > optimum_ms * (1.0 + big)
 
 
 def transfer_ms(activation_bytes: Sequence[int], rate_Bps: float | None,

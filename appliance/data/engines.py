@@ -109,9 +109,10 @@ class EngineCache:
             if self._has_fused(key):
                 self._request(key)
 
-    def is_chain(self, engine: Engine) -> bool:
-        """Whether ``engine`` runs chained block engines (while a fused one loads)."""
-        return isinstance(engine, _Chain)
+    def provisional(self, engine: Engine) -> bool:
+        """Whether ``engine`` is chained blocks standing in while the range's fused engine
+        loads (its times say little about the range's steady state)."""
+        return isinstance(engine, _Chain) and self._has_fused((engine.start, engine.end))
 
     def loaded(self) -> list[tuple[int, int]]:
         with self._lock:

@@ -388,7 +388,7 @@ class Node:
             x = frame.tensor
             x = self._normalise(x) if x.dtype == np.uint8 else fr.to_compute_dtype(x)
             engine = self.engines.get(start, end)
-            self._last_chained = self.engines.is_chain(engine)
+            self._last_chained = self.engines.provisional(engine)
             y = engine.infer(x)
             if self.slowdown > 1.0:  # emulation: really compute, then wait the rest
                 self._stop.wait((time.perf_counter() - t0) * (self.slowdown - 1.0))

@@ -52,6 +52,7 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
+from appliance.control.controller import ControllerSettings, should_rebalance
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -72,6 +73,7 @@ from engines.repository import ModelRepository
 log = logging.getLogger("armdi.source")
 
 POLL_S = 0.2
+STALL_S = 10.0  # the pairs get this long to fix an imbalance before the source steps in
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,11 @@ class Source:
                                    settings.threads)
         self.slowdown = settings.slowdown  # set_slowdown changes it while it runs
         self.optimum: Allocation | None = None  # over the measured speeds (the reference)
+        self._compute_ms: float | None = None  # the source's own blocks (EWMA)
+        self._last_rebalance = -math.inf
+        self._last_target: tuple[int, ...] = ()
+        self._last_worker_move = -math.inf
+        self._stall_since: float | None = None
         self._control: ControlServer | None = None
         self._config_lock = threading.Lock()  # one reconfiguration at a time
         self._measured_bottleneck_ms = 0.0
@@ -602,8 +609,10 @@ class Source:
             compute_s = time.perf_counter() - t0
             if self.slowdown > 1.0:  # emulation: computed, now wait the rest
                 self._stop.wait(compute_s * (self.slowdown - 1.0))
-            trace = (fr.TraceEntry(node=self.settings.name, start=0, end=end,
-                                   ms=(time.perf_counter() - t0) * 1000),)
+            ms = (time.perf_counter() - t0) * 1000
+            self._compute_ms = ms if self._compute_ms is None else (
+                self._compute_ms + 0.2 * (ms - self._compute_ms))
+            trace = (fr.TraceEntry(node=self.settings.name, start=0, end=end, ms=ms),)
         if end == self.blocks or nxt is None:
             self._complete(pending.request_id, pending.attempt, x, trace)
             return True
@@ -791,8 +800,51 @@ class Source:
             self._measured_bottleneck_ms = max(used, default=0.0)
             try:
                 self.optimum = self._measured_optimum()
+                if self.settings.mode == "armdi":
+                    self._maybe_rebalance()
             except Exception as exc:
                 self._loop_error("optimum", exc)
+
+    def _maybe_rebalance(self) -> None:
+        """Place the exact optimum at once when the pairwise moves left the chain far above
+        it (they can stall where only a cascade helps); rare by design: a big gain, at most
+        once a minute, the same target not twice, and only after ``STALL_S`` without a
+        pairwise move while the gap persists."""
+        optimum, now = self.optimum, time.monotonic()
+        live = self._live_bottleneck_ms()
+        if (optimum is None or live is None or optimum.boundaries == self.boundaries()
+                or not should_rebalance(live, optimum.bottleneck_ms, ControllerSettings().big)
+                or now - self._last_worker_move < STALL_S):
+            self._stall_since = None  # the pairs are working on it, or nothing to fix
+            return
+        if self._stall_since is None:
+            self._stall_since = now
+        target = optimum.boundaries
+        if (now - self._stall_since < STALL_S or now - self._last_rebalance < 60.0
+                or target == self._last_target):
+            return
+        self._last_rebalance, self._last_target = now, target
+        before = list(self.boundaries())
+        self.set_boundaries(target)
+        self._metrics.counters["rebalances"] += 1
+        self._event("rebalanced", boundaries=list(target), before=before,
+                    detail=f"measured bottleneck {live:.2f} ms, the optimum at the measured "
+                           f"speeds {optimum.bottleneck_ms:.2f} ms")
+
+    def _live_bottleneck_ms(self) -> float | None:
+        """The largest measured stage time in the chain (None until every stage measured)."""
+        stages = []
+        in_chain = {r[0] for r in self._route}
+        if self.settings.name in in_chain:
+            if self._compute_ms is None:
+                return None
+            stages.append(self._compute_ms)
+        for w in self.workers:
+            if w.ref.name in in_chain:
+                if w.last is None or w.last.processed == 0:
+                    return None
+                stages.append(w.last.compute_ms_ewma + w.last.send_ms_ewma)
+        return max(stages, default=None)
 
     def _measured_optimum(self) -> Allocation | None:
         """The exact optimum over the live workers at their measured speeds (profiled block
@@ -801,6 +853,11 @@ class Source:
         if snap is None or snap.workers != len(self._allocated) + 1:
             return None
         rows = [list(snap.block_ms[0])]
+        if self._compute_ms is not None and self._route and self._route[0][0] == self.settings.name:
+            profiled = sum(snap.block_ms[0][: self._route[0][3]]) / max(self.slowdown, 1.0)
+            if profiled > 0:
+                rows[0] = [t / max(self.slowdown, 1.0) * self._compute_ms / profiled
+                           for t in snap.block_ms[0]]
         by_name = {w.ref.name: w for w in self.workers}
         profile = next(iter(self._manifest.profiles.values()), None)
         base = list(profile.block_ms) if profile else [1.0] * self.blocks
@@ -825,8 +882,10 @@ class Source:
             return
         came_back = w.state == "down"
         previous, w.last, w.failures = w.last, reply, 0
-        if previous is not None and reply.moves > previous.moves:
-            self._metrics.counters["boundary_moves"] += reply.moves - previous.moves
+        seen = previous.moves if previous is not None else 0
+        if reply.moves > seen:
+            self._last_worker_move = time.monotonic()
+            self._metrics.counters["boundary_moves"] += reply.moves - seen
             self._event("boundary_moved", node=w.ref.name, detail=reply.last_move,
                         boundaries=list(self.boundaries()), swap_ms=round(reply.swap_ms, 2),
                         fused_load_ms=round(reply.fused_load_ms, 2))

@@ -1,0 +1,93 @@
+"""Mode armdi with real processes: a slowdown set over HTTP mid-run moves blocks away from
+that worker, and every request still returns the full model's answer.
+
+Nothing here depends on this machine's speed: the workers are slowed by large emulated
+factors (they compute, then wait), so which side is slower never depends on the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+
+from appliance.api import InferenceResult, QueueFullError
+from appliance.data.source import Source
+from tests.conftest import BuiltModel, run_onnx
+from tests.system.conftest import cluster
+from web.app import create_app
+from web.server import listen
+
+
+@contextlib.contextmanager
+def _http(source: Source) -> Iterator[str]:
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(source), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _blocks(source: Source, name: str) -> int:
+    node = next(n for n in source.status().nodes if n.name == name)
+    return node.end - node.start
+
+
+def test_a_slowdown_set_over_http_moves_blocks_away(built_tiny: BuiltModel,
+                                                    tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    shape = (1, *built_tiny.manifest.input.shape[1:])
+    inputs: list[np.ndarray] = []
+    futures: list[Future[InferenceResult]] = []
+
+    def run_until(source: Source, done: callable, timeout_s: float) -> None:  # type: ignore[valid-type]
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, source.status()
+            x = rng.standard_normal(shape).astype(np.float32)
+            try:
+                futures.append(source.submit(x))
+                inputs.append(x)
+            except QueueFullError:
+                time.sleep(0.002)
+            if len(futures) > 8:
+                futures[-9].result(timeout=30)
+
+    with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, mode="armdi", min_workers=2,
+                 slowdown=(8.0, 8.0), source_runs_blocks=False) as source, \
+            _http(source) as url:
+        run_until(source, lambda: len(futures) >= 50, 60)
+        before = _blocks(source, "w2")
+        assert before >= 2, source.status()  # equal workers share the blocks at the start
+        reply = httpx.put(f"{url}/v1/nodes/w2/slowdown", json={"factor": 200.0}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        # w2 is now 25x slower than w1: the controller moves blocks to w1
+        run_until(source, lambda: _blocks(source, "w2") < before, 90)
+        results = [f.result(timeout=60) for f in futures]
+        status = source.status()
+        events = list(source._events)
+    expected = run_onnx(built_tiny.model_dir / "model.onnx", np.concatenate(inputs))[0]
+    got = np.concatenate([r.output for r in results])
+    assert np.max(np.abs(got - expected)) <= 1e-4  # every request, during moves too
+    assert status.failed == 0 and status.counters.get("duplicate_results", 0) == 0
+    moves = [e for e in events if e["type"] == "boundary_moved"]
+    assert moves and all(e["node"] == "w2" and "w1 | w2: boundary" in e["detail"] for e in moves)
+    assert any(e["type"] == "slowdown" and e["node"] == "w2" for e in events)
+    assert status.counters["boundary_moves"] >= 1
+    w2 = next(n for n in status.nodes if n.name == "w2")
+    assert w2.slowdown == 200.0 and w2.speed is not None and w2.speed > 1.0
