@@ -46,7 +46,11 @@ Options:
   --config PATH        cluster.toml; copied to $CONF_FILE, which the unit reads.
                        Needed unless $CONF_FILE already exists.
   --name NAME          node name for 'armdi node' (default: this host's name)
-  --model MODEL        model whose TensorRT engines are built (default: efficientnet_lite0)
+  --model MODEL        model whose TensorRT engines are built (default: efficientnet_lite0,
+                       or the model in --model-from)
+  --model-from FILE    install the model from FILE, a pack made by 'armdi pack' on a machine
+                       with the builder extra (verified by 'armdi unpack'); engines are then
+                       built from its segment files, with no torch on this device
   --skip-build         do not build engines
   --power-mode N       set the power mode with 'nvpmodel -m N'
   --clocks             lock clocks at maximum with jetson_clocks, now and at every boot
@@ -78,6 +82,8 @@ ROLE=node
 CONFIG_SRC=
 NODE_NAME=
 MODEL=efficientnet_lite0
+MODEL_GIVEN=0
+MODEL_FROM=
 SKIP_BUILD=0
 POWER_MODE=
 CLOCKS=0
@@ -102,8 +108,10 @@ while [[ $# -gt 0 ]]; do
         --config=*) CONFIG_SRC=${1#*=}; shift ;;
         --name) need_arg "$@"; NODE_NAME=$2; shift 2 ;;
         --name=*) NODE_NAME=${1#*=}; shift ;;
-        --model) need_arg "$@"; MODEL=$2; shift 2 ;;
-        --model=*) MODEL=${1#*=}; shift ;;
+        --model) need_arg "$@"; MODEL=$2; MODEL_GIVEN=1; shift 2 ;;
+        --model=*) MODEL=${1#*=}; MODEL_GIVEN=1; shift ;;
+        --model-from) need_arg "$@"; MODEL_FROM=$2; shift 2 ;;
+        --model-from=*) MODEL_FROM=${1#*=}; shift ;;
         --skip-build) SKIP_BUILD=1; shift ;;
         --power-mode) need_arg "$@"; POWER_MODE=$2; shift 2 ;;
         --power-mode=*) POWER_MODE=${1#*=}; shift ;;
@@ -129,6 +137,21 @@ esac
 [[ -z $POWER_MODE || $POWER_MODE =~ ^[0-9]+$ ]] ||
     die "--power-mode must be a number (see 'nvpmodel -p --verbose'), not '$POWER_MODE'"
 [[ $MODEL =~ ^[A-Za-z0-9._/+-]+$ ]] || die "--model '$MODEL' contains unsupported characters"
+
+# --model-from: a pack from 'armdi pack', whose first member is <model_id>/manifest.json.
+PACK_SHA=
+if [[ -n $MODEL_FROM ]]; then
+    [[ -f $MODEL_FROM && -r $MODEL_FROM ]] || die "--model-from $MODEL_FROM: no such file"
+    MODEL_FROM=$(cd "$(dirname "$MODEL_FROM")" && pwd)/$(basename "$MODEL_FROM")
+    first=$(tar -tf "$MODEL_FROM" 2>/dev/null | sed -n 1p) || first=
+    [[ $first =~ ^([A-Za-z0-9][A-Za-z0-9_.-]*)/manifest\.json$ ]] ||
+        die "--model-from $MODEL_FROM is not a pack made by 'armdi pack' (make one with: armdi pack MODEL -o FILE.tar)"
+    if [[ $MODEL_GIVEN -eq 1 && $MODEL != "${BASH_REMATCH[1]}" ]]; then
+        die "--model-from $MODEL_FROM holds the model ${BASH_REMATCH[1]}, not --model $MODEL"
+    fi
+    MODEL=${BASH_REMATCH[1]}
+    PACK_SHA=$(sha256sum "$MODEL_FROM" | cut -d' ' -f1)
+fi
 
 SWAP_BYTES=
 if [[ -n $SWAP_SIZE ]]; then
@@ -490,6 +513,22 @@ trt_version() {
     dpkg-query -W -f='${Version}' python3-libnvinfer 2>/dev/null || echo unknown
 }
 
+step_model() {
+    [[ -n $MODEL_FROM ]] || return 0
+    local repo=$ROOT$REPO_DIR stamp=$ROOT$STATE_DIR/model-$MODEL.stamp
+    if [[ -f $stamp && $(<"$stamp") == "$PACK_SHA" && -f $repo/$MODEL/manifest.json ]]; then
+        unchanged "model $MODEL from $MODEL_FROM installed in $repo"
+        return
+    fi
+    changing "install model $MODEL from $MODEL_FROM into $repo (armdi unpack verifies every file)"
+    act "$VENV/bin/armdi" unpack "$MODEL_FROM" --repo "$repo"
+    if [[ $DRY -eq 0 ]]; then
+        mkdir -p "$(dirname "$stamp")"
+        printf '%s\n' "$PACK_SHA" >"$stamp"
+    fi
+    RESTART_REASONS+=("model installed")
+}
+
 step_engines() {
     local repo=$ROOT$REPO_DIR stamp want
     if [[ -d $repo ]]; then
@@ -505,6 +544,7 @@ step_engines() {
     stamp=$ROOT$STATE_DIR/engines-${MODEL//\//_}.stamp
     want=$(printf 'model=%s\nbackend=trt\nrepo=%s\nl4t=%s\ntensorrt=%s\n' \
         "$MODEL" "$REPO_DIR" "$L4T" "$(trt_version)")
+    [[ -z $PACK_SHA ]] || want+=$'\n'"pack=$PACK_SHA"  # a new pack needs new engines
     if [[ -f $stamp && $(<"$stamp") == "$want" ]]; then
         unchanged "TensorRT engines for $MODEL built for $L4T"
         return
@@ -589,6 +629,7 @@ run_steps() {
     step_clocks
     step_swap
     step_desktop
+    step_model
     step_engines
     step_config
     step_units

@@ -111,6 +111,69 @@ def build(
     )
 
 
+@app.command()
+def pack(
+    model_id: Annotated[str, typer.Argument(help="A model id in the repository.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The pack to write "
+                                                               "(a .tar file).")],
+    repo: RepoOption = None,
+) -> None:
+    """Write a built model to one tar file, to install on other devices with armdi unpack."""
+    from engines.pack import pack as run_pack
+    from engines.repository import ModelRepository
+
+    report = run_pack(ModelRepository(_repo_path(repo)), model_id, output)
+    m = report.manifest
+    typer.echo(f"packed {m.model_id} (fingerprint {m.fingerprint[:16]}): {report.files} files, "
+               f"{report.bytes / 1e6:.1f} MB -> {report.path}")
+    typer.echo(f"on each device: armdi unpack {report.path.name} [--repo DIR]")
+
+
+@app.command()
+def unpack(
+    archive: Annotated[Path, typer.Argument(help="A pack written by armdi pack.")],
+    profile: Annotated[bool, typer.Option(help="Profile the model's blocks on this device "
+                                               "for the allocator.")] = True,
+    threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
+    repo: RepoOption = None,
+) -> None:
+    """Install a packed model into the repository, verifying the manifest and every file."""
+    from engines.pack import unpack as run_unpack
+    from engines.repository import ModelRepository
+
+    repository = ModelRepository(_repo_path(repo))
+    report = run_unpack(archive, repository)
+    m = report.manifest
+    if report.unchanged:
+        typer.echo(f"{m.model_id} (fingerprint {m.fingerprint[:16]}) is already installed in "
+                   f"{repository.root}; unchanged")
+    else:
+        was = "" if report.replaced is None else (
+            " (replaced a model this armdi could not read)" if report.replaced == "unreadable"
+            else f" (replaced fingerprint {report.replaced[:16]})")
+        typer.echo(f"unpacked {m.model_id} (fingerprint {m.fingerprint[:16]}): {report.files} "
+                   f"files, {report.bytes / 1e6:.1f} MB verified -> {report.path}{was}")
+    if profile and (not report.unchanged or _needs_profile(m)):
+        _profile_here(repository, m.model_id, threads)
+
+
+def _needs_profile(manifest: Any) -> bool:
+    from engines.device import device_signature
+
+    return all(p.device != device_signature() for p in manifest.profiles.values())
+
+
+def _profile_here(repository: Any, model_id: str, threads: int = 1) -> None:
+    """Time the model's blocks on this device (ONNX Runtime) and keep them in its manifest."""
+    from builder.profile import profile_installed
+    from builder.progress import SilentReporter
+
+    typer.echo(f"profiling {model_id}'s blocks on this device ...", err=True)
+    p = profile_installed(repository, model_id, SilentReporter(), threads=threads)
+    typer.echo(f"profiled {model_id} on {p.device}: full model {p.full_model_ms:.2f} ms, sum of "
+               f"{len(p.block_ms)} blocks {sum(p.block_ms):.2f} ms")
+
+
 def inspect_data(manifest: Any) -> dict[str, Any]:
     """The JSON of ``armdi inspect``."""
     profiles = {
@@ -123,7 +186,9 @@ def inspect_data(manifest: Any) -> dict[str, Any]:
         }
         for key, p in manifest.profiles.items()
     }
-    first = next(iter(manifest.profiles.values()), None)
+    from engines.device import device_signature
+
+    first = manifest.profile_for(device_signature(), "ort")  # this device's, where it has one
     return {
         "model_id": manifest.model_id,
         "fingerprint": manifest.fingerprint,
@@ -217,6 +282,21 @@ def node(
     worker.run(stop)
 
 
+def _stale_named_model(repository: Any, model: str) -> str | None:
+    """Why a named model's manifest cannot be loaded (e.g. built by an older armdi, before
+    content fingerprints), when ``armdi up`` can simply build it again; else None."""
+    from builder.sources import NAMED_MODELS
+    from engines.errors import ManifestError
+
+    if model not in NAMED_MODELS:
+        return None
+    try:
+        repository.load_manifest(model)
+    except ManifestError as exc:
+        return str(exc).split("; rebuild")[0]
+    return None
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -280,18 +360,22 @@ def serve(config: ConfigOption, api_token_file: TokenFileOption = None) -> None:
     from appliance.config import load_config
     from appliance.data.source import Source
     from appliance.settings import source_settings
+    from engines.repository import ModelRepository
     from web.server import listen, serve
 
     token = api_token(api_token_file)
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = listen(cfg.source.http_host, cfg.source.http_port)
+    repository = ModelRepository(cfg.cluster.repo)
+    if _needs_profile(repository.load_manifest(cfg.cluster.model)):
+        _profile_here(repository, cfg.cluster.model)  # first start on this device
     source = Source(source_settings(cfg))
     try:
         source.start()
         typer.echo(f"armdi serving {cfg.cluster.model}")
         _announce(sock, token)
-        for line in _idle_lines(source):
+        for line in _idle_lines(source):  # refused ones with the fix (another fingerprint)
             typer.echo(line)
         serve(source, sock, settings=_web_settings(token))
     except KeyboardInterrupt:
@@ -346,6 +430,9 @@ def up(
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
         typer.echo(f"{model} is not built in {root}; building it first")
+        build(model=model, repo=root)
+    elif (stale := _stale_named_model(ModelRepository(root), model)) is not None:
+        typer.echo(f"{model} in {root} cannot be served as built ({stale}); building it again")
         build(model=model, repo=root)
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,

@@ -21,7 +21,14 @@ from builder.sources import OPSET, SourceModel, resolve
 from builder.verify import sample_inputs, verify
 from engines.base import Engine
 from engines.errors import BuildError
-from engines.manifest import FileEntry, Manifest, SegmentEntry, TensorInfo, Verification
+from engines.manifest import (
+    FileEntry,
+    Manifest,
+    SegmentEntry,
+    TensorInfo,
+    Verification,
+    content_fingerprint,
+)
 from engines.ort import OrtEngine
 from engines.repository import MANIFEST, ModelRepository, sha256_file, write_json_atomic
 
@@ -93,6 +100,14 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         # TensorRT 8.x parses ONNX opset 17 at most (JetPack 6.0); 10.x takes 18.
         if require_tensorrt() < 10 and opset is None:
             opset = 17
+    from builder.shipped import shipped_model
+
+    shipped = shipped_model(options)
+    if shipped is not None:  # a model shipped here (armdi unpack): its TensorRT plans only
+        from builder.shipped import build_trt_for_shipped
+
+        manifest, path, seconds = build_trt_for_shipped(options, shipped, reporter)
+        return BuildReport(manifest, path, seconds)
     repo = ModelRepository(options.repo)
     staging_root = _prepare_repo(repo.root)
     _clean_stale(staging_root)
@@ -123,7 +138,6 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
 def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
                 timings: dict[str, float]) -> Manifest:
     t0 = time.perf_counter()
-    fingerprint = sha256_file(source.onnx_path)
     reporter.note(f"loading {source.onnx_path.name}")
     try:
         model = onnx.load(str(source.onnx_path))
@@ -178,6 +192,13 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         timings["merge_s"] = time.perf_counter() - t0
 
     K = analysis.blocks
+    input_info = TensorInfo(**cuts[0].model_dump(exclude={"index"}))
+    output_info = TensorInfo(**cuts[-1].model_dump(exclude={"index"}))
+    fingerprint = content_fingerprint(
+        graph_sha256=sha256_file(out / FULL_MODEL),
+        weights_sha256=sha256_file(out / seg_mod.WEIGHTS_FILE),
+        input=input_info, output=output_info, cut_points=cuts,
+        preprocessing=source.preprocessing)
     ranges = sorted(set(seg_mod.segment_ranges(K, options.segments))
                     | {(k, k + 1) for k in range(K)}, key=lambda r: (r[1] - r[0], r))
     t0 = time.perf_counter()
@@ -196,7 +217,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     segments = {"ort": tuple(entries)}
     backend_verification: dict[str, Verification] = {}
     if _wants_trt(options.backend):
-        from builder.trt_stage import build_trt
+        from builder.trt_stage import build_trt, trt_verification
 
         t0 = time.perf_counter()
         if len(ranges) > 200:
@@ -206,13 +227,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
             out, Path(options.repo), ranges, fingerprint, activations, open_segment,
             reporter, fp16=options.fp16, blocks=K)
         segments["trt"] = tuple(trt_entries)
-        trt_precision = "fp16" if options.fp16 else "fp32"
-        backend_verification["trt"] = Verification(
-            passed=True, max_abs_error=trt_error,
-            tolerance=1e-3 if trt_precision == "fp32" else 1.0,
-            samples=1, top1_agreement=1.0, segments_checked=len(trt_entries),
-            detail=f"TensorRT {trt_precision} engines against ONNX Runtime on each segment"
-                   + (" (fp16: top-1 of the final segment must agree)" if options.fp16 else ""))
+        backend_verification["trt"] = trt_verification(trt_entries, trt_error, fp16=options.fp16)
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
                       f"{trt_error:.2g}")
         timings["trt_s"] = time.perf_counter() - t0
@@ -237,8 +252,8 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         armdi_version=ARMDI_VERSION,
         opset=max((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")),
                   default=OPSET),
-        input=TensorInfo(**cuts[0].model_dump(exclude={"index"})),
-        output=TensorInfo(**cuts[-1].model_dump(exclude={"index"})),
+        input=input_info,
+        output=output_info,
         preprocessing=source.preprocessing,
         labels=source.labels if _is_classifier(cuts[-1].shape, source.labels) else None,
         blocks=K,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,22 +11,11 @@ import numpy as np
 
 from builder.progress import Reporter
 from engines.base import Engine
+from engines.device import device_signature
 from engines.manifest import DeviceProfile
+from engines.repository import ModelRepository
 
-
-def device_signature() -> str:
-    """A stable name for this kind of device: architecture, CPU model, core count."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith(("model name", "hardware")):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cpu = re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-")[:48] or "cpu"
-    return f"{platform.machine()}-{cpu}-{os.cpu_count()}c"
+__all__ = ["device_signature", "median_ms", "profile", "profile_installed", "sample_segments"]
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -85,3 +71,33 @@ def profile(
         full_model_ms=full_ms, block_ms=block_ms, segment_ms=segment_ms,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def profile_installed(repository: ModelRepository, model_id: str, reporter: Reporter, *,
+                      threads: int = 1, repeats: int = 20) -> DeviceProfile:
+    """Profile a model already in ``repository`` on this device with ONNX Runtime (the full
+    model and every block; no torch needed) and save it in the manifest for the allocator."""
+    from builder.verify import sample_inputs
+    from engines.ort import OrtEngine
+
+    manifest = repository.load_manifest(model_id)
+    repository.check_file(manifest, manifest.weights_file)
+    full = OrtEngine(repository.check_file(manifest, manifest.full_model), 0, manifest.blocks,
+                     threads=threads, providers=["CPUExecutionProvider"])
+    blocks: list[Engine] = []
+    try:
+        for k in range(manifest.blocks):
+            blocks.append(repository.open_engine(manifest, k, k + 1, backend="ort",
+                                                 threads=threads, fused=True))
+        x = sample_inputs(manifest.input.shape, manifest.preprocessing, count=1)
+        activations = [x]
+        for engine in blocks:
+            x = engine.infer(x)
+            activations.append(x)
+        result = profile(full, blocks, [], lambda i, j: full, activations, reporter,
+                         backend="ort", threads=threads, repeats=repeats)
+    finally:
+        for engine in (full, *blocks):
+            engine.close()
+    repository.save_profile(model_id, result)
+    return result

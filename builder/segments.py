@@ -27,12 +27,7 @@ def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
     that refers to them. The copy holds no weight bytes and is cheap to slice."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    # Exporter annotations (stack traces, fx names) would be copied into every segment.
-    del out.graph.metadata_props[:], out.metadata_props[:]
-    for item in (*out.graph.node, *out.graph.initializer, *out.graph.value_info,
-                 *out.graph.input, *out.graph.output):
-        del item.metadata_props[:]
-        item.doc_string = ""
+    strip_metadata(out)
     _shorten_initializer_names(out.graph)
     for node in out.graph.node:
         _drop_default_attributes(node)
@@ -61,6 +56,35 @@ def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
                 entry.key, entry.value = key, value
             offset += len(raw)
     return out
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """Remove what says how and where the model was exported rather than what it computes:
+    exporter annotations (stack traces with source paths, fx names), doc strings and the
+    producer's version. They would be copied into every segment, and they would make the
+    content fingerprint depend on the machine that exported the model."""
+    model.producer_name, model.producer_version, model.doc_string = "armdi", "", ""
+    del model.metadata_props[:]
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        graph.doc_string = ""
+        del graph.metadata_props[:]
+        for item in (*graph.node, *graph.initializer, *graph.value_info, *graph.input,
+                     *graph.output):
+            del item.metadata_props[:]
+            item.doc_string = ""
+        for node in graph.node:
+            for attr in node.attribute:
+                attr.doc_string = ""
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    for function in model.functions:
+        function.doc_string = ""
+        del function.metadata_props[:]
+        for node in function.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
 
 
 def _shorten_initializer_names(graph: onnx.GraphProto) -> None:

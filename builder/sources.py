@@ -106,7 +106,9 @@ def _torch_model(
         import torchvision
     except ImportError as exc:
         raise BuildError(
-            "building a named model needs the builder extra: pip install 'armdi[builder]'"
+            f"exporting {model} needs the builder extra (pip install 'armdi[builder]'); or "
+            f"build it once where that is installed and ship it: armdi pack {model} -o "
+            f"{model}.tar there, armdi unpack {model}.tar here"
         ) from exc
     labels = imagenet_labels()
     if model == DEFAULT_MODEL:

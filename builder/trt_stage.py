@@ -16,7 +16,7 @@ import numpy as np
 
 from builder.progress import Reporter
 from builder.segments import segment_filename
-from engines.manifest import SegmentEntry
+from engines.manifest import SegmentEntry, Verification
 
 TRT_CACHE = ".trt-cache"
 
@@ -92,3 +92,13 @@ def build_trt(
     finally:
         session.close()
     return entries, worst
+
+
+def trt_verification(entries: Sequence[SegmentEntry], max_abs_error: float, *,
+                     fp16: bool) -> Verification:
+    """The manifest's record of how the TensorRT engines were checked."""
+    return Verification(
+        passed=True, max_abs_error=max_abs_error, tolerance=1.0 if fp16 else 1e-3,
+        samples=1, top1_agreement=1.0, segments_checked=len(entries),
+        detail=f"TensorRT {'fp16' if fp16 else 'fp32'} engines against ONNX Runtime on each "
+               "segment" + (" (fp16: top-1 of the final segment must agree)" if fp16 else ""))

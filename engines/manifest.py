@@ -2,13 +2,25 @@
 
 ``manifest.json`` is written last by the builder, so a directory without one is never served.
 Every file the manifest names carries its sha256 and size; ``engines.repository`` checks them.
+
+The model **fingerprint** is a content hash (``content_fingerprint``): the sha256 of the stored
+full graph, of the weights file, of the block layout (cut points, input and output) and of the
+preprocessing. It does not depend on where or when the model was built, by which armdi, nor on
+the device profiles, the engines built for a backend or which fused segments exist: two
+devices holding the same fingerprint compute the same function block by block.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# 2: the fingerprint is the content hash below (version 1 hashed the raw export, which
+#    carried path-dependent exporter metadata).
+SCHEMA_VERSION = 2
+FINGERPRINT_FORMAT = "armdi-content-v1"
 
 
 class _Frozen(BaseModel):
@@ -87,7 +99,7 @@ class SourceInfo(_Frozen):
 class Manifest(_Frozen):
     schema_version: int = SCHEMA_VERSION
     model_id: str
-    fingerprint: str  # sha256 of the source ONNX as exported
+    fingerprint: str  # content_fingerprint(): graph, weights, block layout, preprocessing
     source: SourceInfo
     created: str
     armdi_version: str
@@ -107,6 +119,27 @@ class Manifest(_Frozen):
     backend_verification: dict[str, Verification] = Field(default_factory=dict)  # e.g. "trt"
     profiles: dict[str, DeviceProfile] = Field(default_factory=dict)
 
+    def content_fingerprint(self) -> str:
+        """The fingerprint this manifest's content gives (``fingerprint`` must equal it)."""
+        graph, weights = self.files.get(self.full_model), self.files.get(self.weights_file)
+        if graph is None or weights is None:
+            missing = self.full_model if graph is None else self.weights_file
+            raise ValueError(f"{missing} is not listed in the manifest's files")
+        return content_fingerprint(graph_sha256=graph.sha256, weights_sha256=weights.sha256,
+                                   input=self.input, output=self.output,
+                                   cut_points=self.cut_points,
+                                   preprocessing=self.preprocessing)
+
+    def profile_for(self, device: str, backend: str) -> DeviceProfile | None:
+        """This device's profile for ``backend``; else this device's for any backend; else
+        another device's (the allocator's best guess until this device profiles itself)."""
+        mine = [p for p in self.profiles.values() if p.device == device]
+        for candidates in ([p for p in mine if p.backend == backend], mine,
+                           list(self.profiles.values())):
+            if candidates:
+                return candidates[0]
+        return None
+
     def activation_bytes(self) -> list[int]:
         """Bytes per sample at each boundary 0..K."""
         return [c.bytes_per_sample for c in self.cut_points]
@@ -116,3 +149,25 @@ class Manifest(_Frozen):
             if seg.start == start and seg.end == end:
                 return seg
         return None
+
+
+def content_fingerprint(*, graph_sha256: str, weights_sha256: str, input: TensorInfo,
+                        output: TensorInfo, cut_points: tuple[CutPoint, ...],
+                        preprocessing: Preprocessing) -> str:
+    """sha256 (hex) of what a node computes: the stored full graph and weights file (their
+    sha256), the block layout and the preprocessing, in a canonical JSON form.
+
+    The stored graph carries no exporter metadata, doc strings or producer version (the
+    builder strips them), so the same model gives the same fingerprint on any machine. Labels,
+    profiles, timestamps, versions, paths and backend engines are left out on purpose."""
+    doc = {
+        "format": FINGERPRINT_FORMAT,
+        "graph": graph_sha256,
+        "weights": weights_sha256,
+        "input": input.model_dump(mode="json"),
+        "output": output.model_dump(mode="json"),
+        "cut_points": [c.model_dump(mode="json") for c in cut_points],
+        "preprocessing": preprocessing.model_dump(mode="json"),
+    }
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

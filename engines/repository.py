@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from engines.base import Engine
 from engines.chained import ChainedEngine
 from engines.errors import ArtifactError, ManifestError, ModelNotFoundError
-from engines.manifest import SCHEMA_VERSION, Manifest
+from engines.manifest import SCHEMA_VERSION, DeviceProfile, Manifest
 
 MANIFEST = "manifest.json"
 
@@ -101,14 +101,24 @@ class ModelRepository:
         if version != SCHEMA_VERSION:
             raise ManifestError(
                 f"{path}: manifest schema version {version!r}, this armdi reads version "
-                f"{SCHEMA_VERSION}; rebuild: {hint}"
+                f"{SCHEMA_VERSION} (built by another armdi version); rebuild: {hint} (or "
+                "unpack a pack made by this version)"
             )
         try:
-            return Manifest.model_validate(data)
+            manifest = Manifest.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ManifestError(f"{path}: {where}: {err['msg']}; rebuild: {hint}") from exc
+        try:
+            content = manifest.content_fingerprint()
+        except ValueError as exc:
+            raise ManifestError(f"{path}: {exc}; rebuild: {hint}") from exc
+        if content != manifest.fingerprint:
+            raise ManifestError(
+                f"{path}: fingerprint {manifest.fingerprint[:12]} does not match the "
+                f"manifest's content ({content[:12]}; edited by hand?); rebuild: {hint}")
+        return manifest
 
     def check_file(self, manifest: Manifest, relpath: str) -> Path:
         """The path of ``relpath``, after checking its size and sha256 against the manifest."""
@@ -148,6 +158,16 @@ class ModelRepository:
         elif source.get("weights") not in (None, "pretrained"):
             what = f"{model_id} --weights {source['weights']}"
         return f"armdi build {what} --repo {self.root}"
+
+    def save_profile(self, model_id: str, profile: DeviceProfile) -> Manifest:
+        """Add (or replace) this device's ``profile`` in the model's manifest. Profiles are
+        outside the fingerprint: they belong to the device, not to the model."""
+        manifest = self.load_manifest(model_id)
+        key = f"{profile.device}/{profile.backend}/t{profile.threads}"
+        updated = manifest.model_copy(update={"profiles": {**manifest.profiles,
+                                                           key: profile}})
+        write_json_atomic(self.model_dir(model_id) / MANIFEST, updated.model_dump(mode="json"))
+        return updated
 
     def check_all(self, manifest: Manifest) -> None:
         for relpath in manifest.files:

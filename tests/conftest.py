@@ -162,6 +162,22 @@ def two_output_net() -> onnx.ModelProto:
     return _model(nodes, [image_input()], outs, [], "two_outputs")
 
 
+def with_export_metadata(model: onnx.ModelProto, checkout: str,
+                         producer_version: str = "2.14.0") -> onnx.ModelProto:
+    """``model`` as an exporter run from ``checkout`` would write it: stack traces and doc
+    strings naming that checkout's files, and its own producer version."""
+    model.producer_name, model.producer_version = "pytorch", producer_version
+    model.doc_string = f"exported by {checkout}/builder/sources.py"
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.source", f"{checkout}/builder/efficientnet_lite.py"
+    model.graph.doc_string = checkout
+    for index, node in enumerate(model.graph.node):
+        node.doc_string = f'File "{checkout}/builder/efficientnet_lite.py", line {index}'
+        meta = node.metadata_props.add()
+        meta.key, meta.value = "pkg.torch.onnx.stack_trace", f"{checkout}/x.py:{index}"
+    return model
+
+
 def reorder_nodes(model: onnx.ModelProto, order: list[int]) -> onnx.ModelProto:
     """A copy of ``model`` whose node list is stored in ``order``."""
     out = onnx.ModelProto()
@@ -285,6 +301,23 @@ def built_tiny(built_tiny_session: BuiltModel, tmp_path: Path) -> Iterator[Built
     repo = tmp_path / "repo"
     shutil.copytree(built_tiny_session.repo, repo)
     yield BuiltModel(repo, built_tiny_session.manifest, built_tiny_session.source)
+
+
+def other_version(built: BuiltModel, tmp: Path) -> Path:
+    """A copy of ``built``'s repository (in ``tmp/other-repo``) whose model is another
+    version of it (other preprocessing), with the fingerprint that content gives."""
+    import json
+
+    repo = tmp / "other-repo"
+    shutil.copytree(built.repo, repo)
+    path = repo / built.manifest.model_id / "manifest.json"
+    manifest = Manifest.model_validate_json(path.read_text())
+    manifest = manifest.model_copy(update={"preprocessing": manifest.preprocessing.model_copy(
+        update={"resize": 300})})
+    data = manifest.model_dump(mode="json")
+    data["fingerprint"] = manifest.content_fingerprint()
+    path.write_text(json.dumps(data))
+    return repo
 
 
 @pytest.fixture

@@ -158,3 +158,36 @@ def test_installed_script(tiny_onnx: Path, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.onnx'}: no such "
                                                "ONNX file"]
+
+
+def test_up_builds_again_a_named_model_built_by_an_older_armdi(
+        built_tiny: BuiltModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import signal
+
+    import appliance.cli as cli
+    from engines.errors import ArmdiError
+
+    repo = tmp_path / "repo"
+    shutil.copytree(built_tiny.model_dir, repo / "mobilenet_v2")
+    manifest = repo / "mobilenet_v2" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data.update(schema_version=1, model_id="mobilenet_v2")  # an armdi before fingerprints v2
+    manifest.write_text(json.dumps(data))
+    builds: list[dict[str, object]] = []
+
+    def build(**kwargs: object) -> None:
+        builds.append(kwargs)
+        raise ArmdiError("stopped after the build decision")
+
+    monkeypatch.setattr(cli, "build", build)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code, out, err = _run(monkeypatch, capsys, "up", "--model", "mobilenet_v2", "--repo",
+                              str(repo), "--nodes", "0")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert builds == [{"model": "mobilenet_v2", "repo": repo}]
+    assert "mobilenet_v2 in" in out and "schema version 1" in out and "building it again" in out
+    assert code == 1 and "stopped after the build decision" in err

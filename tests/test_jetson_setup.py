@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BuiltModel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "jetson_setup.sh"
 
@@ -130,7 +132,13 @@ case $1 in
         echo "CUDA_ROOT=${CUDA_ROOT:-} CUDA_HOME=${CUDA_HOME:-} PATH=$PATH" >>"$S/pip_env" ;;
 esac
 """,
-    "armdi": 'exit "${STUB_ARMDI_RC:-0}"\n',
+    # `armdi unpack` runs the real one when STUB_ARMDI_PYTHON names a Python that has armdi.
+    "armdi": """
+if [[ ${1:-} == unpack && -n ${STUB_ARMDI_PYTHON:-} ]]; then
+    exec "$STUB_ARMDI_PYTHON" -m appliance.cli "$@"
+fi
+exit "${STUB_ARMDI_RC:-0}"
+""",
 }
 
 # Stub calls that only read state.
@@ -302,6 +310,7 @@ def test_help(jetson: Jetson) -> None:
         "--no-desktop",
         "--skip-build",
         "--root",
+        "--model-from",
     ):
         assert flag in res.out
     assert res.mutating == []
@@ -591,3 +600,80 @@ def test_wrong_python_is_refused_before_any_change(jetson: Jetson, extra: tuple[
     assert res.mutating == []
     assert not res.called("apt-get")
     assert jetson.tree() == before
+
+
+# --- --model-from: a model built elsewhere, shipped as a pack -----------------------------
+
+
+@pytest.fixture
+def tiny_pack(built_tiny: BuiltModel, tmp_path: Path) -> Path:
+    from engines.pack import pack
+    from engines.repository import ModelRepository
+
+    return pack(ModelRepository(built_tiny.repo), "tiny", tmp_path / "packs" / "tiny.tar").path
+
+
+def test_model_from_installs_the_pack_then_builds_engines_without_the_builder_extra(
+        jetson: Jetson, tiny_pack: Path, built_tiny: BuiltModel) -> None:
+    from engines.repository import ModelRepository
+
+    jetson.extra_env["STUB_ARMDI_PYTHON"] = sys.executable
+    res = jetson.run("--yes", "--config", str(jetson.config), "--model-from", str(tiny_pack))
+    assert res.rc == 0, res.err + res.out
+    repo = jetson.root / "var/lib/armdi"
+    installed = ModelRepository(repo)
+    manifest = installed.load_manifest("tiny")
+    installed.check_all(manifest)
+    assert manifest.fingerprint == built_tiny.manifest.fingerprint
+    unpack = ["armdi", "unpack", str(tiny_pack), "--repo", str(repo)]
+    build = ["armdi", "build", "tiny", "--backend", "trt", "--repo", str(repo)]
+    assert unpack in res.calls and build in res.calls
+    assert res.calls.index(unpack) < res.calls.index(build)
+    assert not any("[builder]" in arg or "torch" in arg for c in res.calls for arg in c)
+    assert "changed: install model tiny from" in res.out
+    # Again: nothing to do.
+    again = jetson.run("--yes", "--config", str(jetson.config), "--model-from", str(tiny_pack))
+    assert again.rc == 0, again.err
+    assert again.mutating == [] and "nothing changed" in again.out
+    # A new version of the model in the same file: installed, engines rebuilt, node restarted.
+    from engines.pack import pack
+    from tests.conftest import other_version
+
+    other = ModelRepository(other_version(built_tiny, jetson.tmp / "v2"))
+    pack(other, "tiny", tiny_pack)
+    newer = jetson.run("--yes", "--config", str(jetson.config), "--model-from", str(tiny_pack))
+    assert newer.rc == 0, newer.err + newer.out
+    assert unpack in newer.calls and build in newer.calls
+    assert newer.called("systemctl", "restart", "armdi-node.service")
+    assert installed.load_manifest("tiny").fingerprint == other.load_manifest("tiny").fingerprint
+
+
+def test_model_from_dry_run_plans_unpack_and_build(jetson: Jetson, tiny_pack: Path) -> None:
+    res = jetson.run("--dry-run", "--config", str(jetson.config), "--model-from", str(tiny_pack))
+    assert res.rc == 0, res.err
+    assert res.mutating == [] and jetson.tree() == {}
+    assert f"unpack {tiny_pack} --repo" in res.out
+    assert "build tiny --backend trt --repo" in res.out
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "no such file"),
+    ("not_a_pack", "not a pack made by 'armdi pack'"),
+    ("other_model", "holds the model tiny, not --model resnet18"),
+])
+def test_model_from_refusals_come_before_any_change(jetson: Jetson, tiny_pack: Path,
+                                                   case: str, message: str) -> None:
+    args = ["--yes", "--config", str(jetson.config), "--model-from", str(tiny_pack)]
+    if case == "missing":
+        args[-1] = str(jetson.tmp / "absent.tar")
+    elif case == "not_a_pack":
+        junk = jetson.tmp / "junk.tar"
+        junk.write_bytes(b"not a tar" * 100)
+        args[-1] = str(junk)
+    elif case == "other_model":
+        args += ["--model", "resnet18"]
+    res = jetson.run(*args)
+    assert res.rc != 0
+    assert message in res.err
+    assert res.mutating == []
+    assert jetson.tree() == {}

@@ -39,6 +39,7 @@ from appliance.wire.transport import (
     TransportError,
     TransportTimeout,
 )
+from engines.device import device_signature
 from engines.errors import ArmdiError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser
@@ -122,7 +123,7 @@ class Node:
         self.slowdown = settings.slowdown  # SetSlowdown changes it while the node runs
         self.engines = EngineCache(self.repository, self.manifest, self.backend,
                                    settings.threads, settings.engine_budget_mb)
-        profile = next(iter(self.manifest.profiles.values()), None)
+        profile = self.manifest.profile_for(device_signature(), self.backend)
         self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         self._segment_ms = dict(profile.segment_ms) if profile else {}
         self._left: LeftBoundary | None = None  # the controller of the boundary on our left
@@ -196,8 +197,9 @@ class Node:
             ok = message.fingerprint == self.manifest.fingerprint
             reason = "" if ok else (
                 f"{self.settings.name} serves {self.manifest.model_id} fingerprint "
-                f"{self.manifest.fingerprint[:12]}, the source has {message.fingerprint[:12]}; "
-                "rebuild the model on one of them so both match")
+                f"{self.manifest.fingerprint[:12]}, the source has {message.fingerprint[:12]} "
+                f"({message.model_id}); ship the source's model here: armdi pack on the "
+                "source, armdi unpack on this node")
             return msg.HelloReply(node=self.settings.name, fingerprint=self.manifest.fingerprint,
                                   ok=ok, reason=reason)
         if isinstance(message, msg.Configure):

@@ -65,6 +65,7 @@ from appliance.wire.transport import (
     TransportError,
     TransportTimeout,
 )
+from engines.device import device_signature
 from engines.errors import ArmdiError, EngineError, InputSpecError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser, decode_image, pixels
@@ -161,6 +162,7 @@ class Source:
         self.blocks = self._manifest.blocks
         self.backend = self.repository.serving_backend(self._manifest, settings.backend)
         self.workers = [_WorkerState(ref) for ref in settings.workers]
+        self.refusals: dict[str, str] = {}  # worker name -> why it was left out
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
         self._ids = itertools.count(1)
@@ -431,11 +433,7 @@ class Source:
                     w.state = "up"
                     live.append(w)
                 else:
-                    w.state = "refused"
-                    reason = getattr(reply, "reason", repr(reply))
-                    w.reason = reason
-                    log.error("worker %s refused: %s", w.ref.name, reason)
-                    self._event("refused", node=w.ref.name, reason=reason)
+                    self._refuse(w, reply)
             if waiting:
                 time.sleep(0.1)
         for w in waiting:
@@ -447,9 +445,23 @@ class Source:
             self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
         return [w for w in self.workers if w in live]
 
+    def _refuse(self, w: _WorkerState, reply: msg.ControlMessage, when: str = "") -> None:
+        """Leave ``w`` out, saying why; for another model version, with the commands that
+        ship this source's model to it."""
+        w.state = "refused"
+        reason = getattr(reply, "reason", repr(reply))
+        if isinstance(reply, msg.HelloReply) and reply.fingerprint != self._manifest.fingerprint:
+            model, repo = self._manifest.model_id, self.settings.repo
+            reason = (f"{reason}. Fix: on the source run `armdi pack {model} -o {model}.tar "
+                      f"--repo {repo}`, copy {model}.tar to {w.ref.name} and there run "
+                      f"`armdi unpack {model}.tar --repo {repo}`, then restart its armdi node")
+        self.refusals[w.ref.name] = w.reason = reason
+        log.error("worker %s refused%s: %s", w.ref.name, when, reason)
+        self._event("refused", node=w.ref.name, reason=reason)
+
     def _allocate(self, live: list[_WorkerState]) -> Allocation:
         s = self.settings
-        profile = next(iter(self._manifest.profiles.values()), None)
+        profile = self._manifest.profile_for(device_signature(), self.backend)
         base = list(profile.block_ms) if profile else [1.0] * self.blocks
         if s.mode == "local" or not live:
             snap = snapshot_from_profile([base], self._manifest.activation_bytes())
@@ -859,7 +871,7 @@ class Source:
                 rows[0] = [t / max(self.slowdown, 1.0) * self._compute_ms / profiled
                            for t in snap.block_ms[0]]
         by_name = {w.ref.name: w for w in self.workers}
-        profile = next(iter(self._manifest.profiles.values()), None)
+        profile = self._manifest.profile_for(device_signature(), self.backend)
         base = list(profile.block_ms) if profile else [1.0] * self.blocks
         for n, name in enumerate(self._allocated, start=1):
             last = by_name[name].last
@@ -908,10 +920,7 @@ class Source:
         client = self._client(w)
         reply = client.request(hello, timeout_ms=1000)
         if not (isinstance(reply, msg.HelloReply) and reply.ok):
-            w.state = "refused"
-            reason = getattr(reply, "reason", repr(reply))
-            log.error("worker %s refused on rejoining: %s", w.ref.name, reason)
-            self._event("refused", node=w.ref.name, reason=reason)
+            self._refuse(w, reply, " on rejoining")
             return
         ack = client.request(configure, timeout_ms=30_000)
         if isinstance(ack, msg.Ack) and ack.ok:

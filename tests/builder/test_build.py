@@ -16,6 +16,7 @@ import builder.build as build_mod
 from builder.build import STAGING, BuildOptions, build
 from engines.chained import ChainedEngine
 from engines.errors import BuildError, ModelNotFoundError, VerificationError
+from engines.manifest import SCHEMA_VERSION
 from engines.ort import OrtEngine
 from engines.repository import MANIFEST, ModelRepository, sha256_file
 from tests.conftest import (
@@ -54,7 +55,7 @@ def test_build_writes_a_complete_manifest(built_tiny: BuiltModel) -> None:
     assert [c.index for c in m.cut_points] == list(range(K + 1))
     assert m.input.name == "input" and m.input.shape == (-1, 3, 8, 8)
     assert m.output.name == "output" and m.output.shape == (-1, 10)
-    assert m.fingerprint == sha256_file(built_tiny.source)
+    assert m.fingerprint == m.content_fingerprint()  # see tests/builder/test_fingerprint.py
     assert m.source.kind == "onnx" and m.source.weights == "file"
     assert m.labels is None  # ten outputs are not ImageNet's thousand classes
     assert m.segment_mode == "all"
@@ -81,7 +82,7 @@ def test_manifest_lists_every_file_with_its_hash(built_tiny: BuiltModel) -> None
         path = built_tiny.model_dir / name
         assert entry.bytes == path.stat().st_size and entry.sha256 == sha256_file(path)
     stored = json.loads((built_tiny.model_dir / MANIFEST).read_text())
-    assert stored["schema_version"] == 1 and stored["model_id"] == "tiny"
+    assert stored["schema_version"] == SCHEMA_VERSION and stored["model_id"] == "tiny"
     assert _staging_entries(built_tiny.repo) == []
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.transport import ControlClient, DataInbox, DataOutbox
 from engines.repository import ModelRepository
-from tests.conftest import BuiltModel
+from tests.conftest import BuiltModel, other_version
 
 KEY = bytes(range(32))
 
@@ -100,24 +99,11 @@ def test_configure_outside_the_model_is_refused(node) -> None:
     assert isinstance(ack, msg.Ack) and not ack.ok and "bad range" in ack.reason
 
 
-def _other_version(built: BuiltModel, tmp: Path) -> Path:
-    """A copy of the repository whose model claims another fingerprint (another build)."""
-    import json
-
-    repo = tmp / "other-repo"
-    shutil.copytree(built.repo, repo)
-    path = repo / "tiny" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["fingerprint"] = "ab" * 32
-    path.write_text(json.dumps(data))
-    return repo
-
-
 def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
         built_tiny: BuiltModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     other = Node(NodeSettings(name="old", data_addr=f"ipc://{tmp_path}/old.data",
                               control_addr=f"ipc://{tmp_path}/old.ctl",
-                              repo=_other_version(built_tiny, tmp_path), model_id="tiny"))
+                              repo=other_version(built_tiny, tmp_path), model_id="tiny"))
     good = Node(NodeSettings(name="good", data_addr=f"ipc://{tmp_path}/good.data",
                              control_addr=f"ipc://{tmp_path}/good.ctl", repo=built_tiny.repo,
                              model_id="tiny"))
@@ -138,6 +124,7 @@ def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
         x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
         result = source.submit(x).result(timeout=10)
         states = {n.name: n.state for n in source.status().nodes}
+        refusals = dict(source.refusals)
     finally:
         source.close()
         stop.set()
@@ -146,6 +133,10 @@ def test_source_refuses_a_node_with_another_model_version_and_skips_unreachable(
     assert [h.node for h in result.path] == ["good"]
     assert states["old"] == "refused" and states["ghost"] == "down" and states["good"] == "up"
     assert any("fingerprint" in r.message for r in caplog.records if "old" in r.message)
+    # The refused node is named with the commands that make it serve the source's model.
+    assert list(refusals) == ["old"]
+    assert f"armdi pack tiny -o tiny.tar --repo {built_tiny.repo}" in refusals["old"]
+    assert "copy tiny.tar to old and there run `armdi unpack tiny.tar" in refusals["old"]
     assert any("ghost" in r.message and "did not answer" in r.message for r in caplog.records)
 
 
