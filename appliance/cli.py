@@ -342,13 +342,14 @@ def _web_settings(token: str | None) -> Any:
     return WebSettings(api_token=token)
 
 
-def _announce(sock: Any, token: str | None) -> None:
-    """The front end's URL, whether it needs a token, and a warning when it is reachable from
-    other machines without one."""
+def _announce(sock: Any, token: str | None, what: str = "web front end:") -> None:
+    """``what`` and the front end's URL, whether it needs a token, and a warning when it is
+    reachable from other machines without one."""
     from web.server import exposure_warning, url_of
 
-    typer.echo(f"web front end: {url_of(sock)}"
-               + ("  (API token required)" if token is not None else ""))
+    typer.echo(f"{what} {url_of(sock)}")  # scripts read the URL at the end of this line
+    if token is not None:
+        typer.echo("API token required (Authorization: Bearer ...; the page asks for it)")
     warning = exposure_warning(sock, token)
     if warning is not None:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
@@ -373,8 +374,7 @@ def serve(config: ConfigOption, api_token_file: TokenFileOption = None) -> None:
     source = Source(source_settings(cfg))
     try:
         source.start()
-        typer.echo(f"armdi serving {cfg.cluster.model}")
-        _announce(sock, token)
+        _announce(sock, token, f"armdi serving {cfg.cluster.model} at")
         for line in _idle_lines(source):  # refused ones with the fix (another fingerprint)
             typer.echo(line)
         serve(source, sock, settings=_web_settings(token))

@@ -147,5 +147,5 @@ def test_up_with_an_api_token_file_refuses_requests_without_it(built_tiny: Built
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
-    assert "(API token required)" in output and "warning" not in output
+    assert "API token required" in output and "warning" not in output
     assert "t0ken" not in output
