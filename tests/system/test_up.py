@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,23 +116,24 @@ def test_up_with_an_api_token_file_refuses_requests_without_it(built_tiny: Built
                                                                 tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("t0ken\n")
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "ARMDI_API_TOKEN"}
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # port 0: no race with other processes for a free port
         [sys.executable, "-m", "appliance.cli", "--log-level", "WARNING", "up", "--repo",
-         str(built_tiny.repo), "--model", "tiny", "--nodes", "0", "--port", str(port),
+         str(built_tiny.repo), "--model", "tiny", "--nodes", "0", "--port", "0",
          "--api-token-file", str(token_file), "--run-dir", str(tmp_path / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:  # the health probe needs no token
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+        while not any("web front end:" in line for line in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "armdi up never printed its URL"
+            time.sleep(0.1)
+        url = next(line for line in list(lines) if "web front end:" in line).split()[-1]
+        url = url.rstrip("/")
+        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:  # no token
             assert time.monotonic() < deadline, "armdi up never became ready"
             time.sleep(0.2)
         assert httpx.get(f"{url}/v1/pipeline", timeout=5).status_code == 401
@@ -145,7 +147,9 @@ def test_up_with_an_api_token_file_refuses_requests_without_it(built_tiny: Built
         assert httpx.get(f"{url}/", timeout=5).status_code == 200  # the page asks for it
     finally:
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert proc.returncode == 0, output
     assert "API token required" in output and "warning" not in output
     assert "t0ken" not in output
