@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -144,6 +144,10 @@ class Pipeline(Protocol):
         """Change a node's emulated slowdown while it runs (blocking; call off the loop)."""
         ...
 
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        """Inject a fault: kill, pause, resume or cut a worker (blocking)."""
+        ...
+
     def prepare_image(self, image: bytes) -> np.ndarray:
         """An encoded image as ``infer`` takes it, prepared as ``classify`` prepares it: the
         float32 model input, or (``Source``) its uint8 pixels, resized and cropped, that the
@@ -161,19 +165,4 @@ class Pipeline(Protocol):
         ``unreachable``, ``rejoined`` (``node``, ``blocks``), ``refused`` (``node``,
         ``reason``), ``retry`` (``request_id``, ``attempt``) and ``fault`` (``node``,
         ``action``)."""
-        ...
-
-
-FAULT_ACTIONS = ("kill", "pause", "resume", "cut")
-
-
-@runtime_checkable
-class FaultInjection(Protocol):
-    """Fault injection for experiments and demos. A pipeline that offers it implements this
-    protocol as well; the web front end then serves ``POST /v1/nodes/{name}/fault`` and the
-    status page shows the buttons."""
-
-    def inject_fault(self, node: str, action: str) -> None:
-        """One of ``FAULT_ACTIONS`` on ``node`` (blocking; call off the loop). ``KeyError``:
-        no such node."""
         ...

@@ -403,6 +403,9 @@ def up(
     min_workers: Annotated[int, typer.Option(
         help="The first N workers run at least one block each, even where the optimum "
              "would leave them out (demos, tests).")] = 0,
+    supervise: Annotated[bool, typer.Option(
+        help="Restart a worker that dies, with back-off (the chain routes around it "
+             "meanwhile).")] = True,
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
@@ -438,6 +441,7 @@ def up(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
+        supervise=supervise,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
     from web.server import listen, serve
@@ -511,6 +515,22 @@ def slow(
         _fail(f"factor {factor}: use 1 (full speed) up to 1e6")
     result = set_slowdown(node, factor, url=url)
     typer.echo(f"{result['node']}: slowdown {result['slowdown']:g}x (emulated)")
+
+
+@app.command()
+def fault(
+    action: Annotated[str, typer.Argument(help="kill | pause | resume | cut")],
+    node: Annotated[str, typer.Argument(help="The worker's name (w1, w2, ...).")],
+    seconds: Annotated[float, typer.Option(help="How long a pause or a cut lasts.")] = 3.0,
+    url: Annotated[str, typer.Option(help="The armdi server.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Inject a fault into a worker (tests and demos): the chain routes around it."""
+    from appliance.client import inject_fault
+
+    if action not in ("kill", "pause", "resume", "cut"):
+        _fail(f"fault {action!r}: use kill, pause, resume or cut")
+    result = inject_fault(node, action, seconds, url=url)
+    typer.echo(result["done"])
 
 
 bench_app = typer.Typer(no_args_is_help=True,
@@ -611,6 +631,50 @@ def bench_rest(
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(result, indent=1, default=str) + "\n")
         typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("adaptive")
+def bench_adaptive(
+    model: Annotated[str, typer.Option(help="Model id (build it first).")]
+    = "efficientnet_lite0",
+    workers: Annotated[int, typer.Option(help="Workers in the chain.")] = 3,
+    duration: Annotated[float, typer.Option(help="Seconds per run.")] = 40.0,
+    real: Annotated[bool, typer.Option("--real", help="Real compute instead of emulated "
+                                                      "(workers share this machine's cores)."
+                                       )] = False,
+    time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x this."
+                                              )] = 4.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe,equal.")]
+    = "armdi,edgepipe,equal",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
+                                                                  "(and a PNG plot beside it)."
+                                                   )] = None,
+    repo: RepoOption = None,
+) -> None:
+    """AR-MDI vs EdgePipe vs an equal split through heterogeneity and a slowdown at run time."""
+    from appliance.bench import write_json
+    from appliance.bench_adaptive import (
+        MODES,
+        AdaptiveBenchOptions,
+        format_report,
+        run_adaptive_bench,
+        write_plot,
+    )
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen or any(m not in MODES for m in chosen):
+        _fail(f"--modes {modes!r}: choose from {', '.join(MODES)}")
+    change, back = duration / 4, duration * 5 / 8
+    options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
+                                   duration_s=duration, change_s=change, back_s=back,
+                                   emulate=not real, time_scale=time_scale, modes=chosen)
+    result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        png = json_file.with_suffix(".png")
+        typer.echo(f"wrote {json_file}" + (f" and {png}" if write_plot(result, png) else
+                                           " (no plot: pip install 'armdi[bench]')"))
 
 
 def main() -> None:

@@ -160,6 +160,9 @@ class RecordingPipeline:
     def set_slowdown(self, node: str, factor: float) -> None:
         self.inner.set_slowdown(node, factor)
 
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        return self.inner.fault(node, action, seconds)
+
     def events(self) -> AsyncIterator[dict[str, Any]]:
         return self.inner.events()
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tests.conftest import BuiltModel
 from tests.system.browser import CHROMIUM, chromium, serving
 from tests.system.conftest import cluster
-from tests.web import LABELS, FakePipeline, FaultyFakePipeline
+from tests.web import LABELS, FakePipeline
 from web.app import WebSettings, create_app
 
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -236,7 +236,7 @@ def _b64(path: Path) -> str:
 
 def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
                                                                       tmp_path: Path) -> None:
-    fake = FaultyFakePipeline(events=[])
+    fake = FakePipeline(events=[])
     fake.live = True
     token = "correct horse battery staple"
     with serving(create_app(fake, settings=WebSettings(api_token=token))) as url:
@@ -268,7 +268,8 @@ def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
         page.click(".node[data-node='worker-1'] button[data-action=kill]")
         wait_text(page, "#log", "worker-1 killed")
         page.wait_for_selector(".node.down[data-node='worker-1']", timeout=WAIT_MS)
-        assert fake.slowdowns == [("worker-1", 4.0)] and fake.faults == [("worker-1", "kill")]
+        assert fake.slowdowns == [("worker-1", 4.0)]
+        assert fake.faults == [("worker-1", "kill", 3.0)]
 
         # an upload with the token
         page.set_input_files("#file", str(solid(tmp_path / "x.png", (10, 20, 30))))
@@ -278,13 +279,3 @@ def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
         page.reload()
         page.wait_for_selector("#blockbar .seg", timeout=WAIT_MS)
         assert page.is_hidden("#token-panel")
-
-
-def test_no_fault_buttons_without_a_runtime_that_offers_them(page: Any) -> None:
-    with serving(create_app(FakePipeline(events=[]))) as url:
-        page.goto(url)
-        page.wait_for_selector("#blockbar .seg", timeout=WAIT_MS)
-        wait_text(page, "#controls-note", "no fault injection yet")
-        actions = page.eval_on_selector_all(".controls button", "bs => bs.map(b => "
-                                                                "b.dataset.action)")
-        assert actions == ["slow", "fast"]  # on worker-1 only: slowdown is always offered

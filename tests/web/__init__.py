@@ -8,7 +8,7 @@ to an exception to make every ``infer``/``classify`` raise it (``fail_times`` li
 
 ``nodes`` and ``boundaries`` are what ``status()`` reports; a test may replace them while the
 app runs. ``events()`` yields ``event_list``, then (with ``live`` set) whatever ``publish``
-sends, from any thread. ``FaultyFakePipeline`` adds fault injection.
+sends, from any thread.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class FakePipeline:
         self.fail_times: int | None = None  # None: fail every call while ``fail`` is set
         self.calls = 0
         self.slowdowns: list[tuple[str, float]] = []
+        self.faults: list[tuple[str, str, float]] = []
         self.event_list: list[dict[str, Any]] = events if events is not None else [
             {"type": "boundary_moved", "boundaries": [0, 2, 4]},
             {"type": "node_down", "node": "worker-1"},
@@ -150,6 +151,14 @@ class FakePipeline:
         self.set_node(node, slowdown=factor)
         self.publish("slowdown", node=node, factor=factor)
 
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        """Recorded in ``faults``; the node's state and an event follow."""
+        self.faults.append((node, action, seconds))
+        state = {"kill": "down", "pause": "down", "resume": "up", "cut": "down"}[action]
+        self.set_node(node, state=state)
+        self.publish("fault", node=node, action=action)
+        return f"{action} {node}"
+
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         entry = (asyncio.get_running_loop(), q)
@@ -181,18 +190,3 @@ class FakePipeline:
         """Change one node of the status snapshot."""
         self.nodes = tuple(dataclasses.replace(n, **changes) if n.name == name else n
                            for n in self.nodes)
-
-
-class FaultyFakePipeline(FakePipeline):
-    """A FakePipeline with fault injection (``appliance.api.FaultInjection``): each call is
-    recorded in ``faults``, changes the node's state and publishes an event."""
-
-    def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(events)
-        self.faults: list[tuple[str, str]] = []
-
-    def inject_fault(self, node: str, action: str) -> None:
-        self.faults.append((node, action))
-        state = {"kill": "down", "pause": "down", "resume": "up", "cut": "down"}[action]
-        self.set_node(node, state=state)
-        self.publish("fault", node=node, action=action)

@@ -266,9 +266,9 @@ function renderChain(s) {
     card.style.borderTopColor = colorOf(n.name);
     chain.append(card);
   });
-  $("controls-note").textContent = controls.includes("kill") ? ""
-    : "Pause, kill and resume buttons appear on the nodes when the runtime offers fault " +
-      "injection; this one offers no fault injection yet.";
+  $("controls-note").textContent = controls.length
+    ? "Demo controls: slowdowns are emulated; a pause lasts 3 s; all need the API token " +
+      "when one is set." : "";
 }
 
 function controlButtons(name, controls) {
@@ -523,12 +523,13 @@ drop.addEventListener("drop", (event) => {
 
 const CATEGORIES = {
   ready: "moves", boundary_moved: "moves", rebalanced: "moves", boundaries_set: "moves",
-  slow: "health", node_down: "health", node_up: "health", rejoined: "health", refused: "health",
-  unreachable: "health",
+  rerouted: "moves",
+  slow: "health", node_down: "health", node_dead: "health", node_up: "health",
+  rejoined: "health", refused: "health", unreachable: "health",
   slowdown: "controls", fault: "controls", control_failed: "controls",
   retry: "requests",
 };
-const MOVES = new Set(["boundary_moved", "rebalanced", "boundaries_set"]);
+const MOVES = new Set(["boundary_moved", "rebalanced", "boundaries_set", "rerouted"]);
 
 function rangesOf(boundaries, route) {
   const out = new Map();
@@ -562,6 +563,7 @@ function moveHead(e) {
   if (e.reason) return e.reason;
   if (e.type === "rebalanced") return "rebalanced to the optimum";
   if (e.type === "boundaries_set") return "boundaries set by hand";
+  if (e.type === "rerouted") return `rerouted${e.why ? `: ${e.why}` : ""}`;
   if (e.node && e.factor) return `${e.node} slowed to ${fmtFactor(e.factor)}x`;
   const moved = /boundary (\d+) -> (\d+)/.exec(e.detail || "");
   if (e.node && moved) return `${e.node} moved boundary ${moved[1]} → ${moved[2]}`;
@@ -586,6 +588,7 @@ function describe(e) {
       return e.factor > 1 ? `${who} slowed to ${fmtFactor(e.factor)}x (emulated)`
                           : `${who} back to full speed (emulated)`;
     case "node_down": return `${who} is down${e.reason ? `: ${e.reason}` : ""}`;
+    case "node_dead": return `${who} is dead${e.reason ? `: ${e.reason}` : ""}`;
     case "node_up": return `${who} is up again`;
     case "unreachable": return `${who} is unreachable${e.address ? ` at ${e.address}` : ""}`;
     case "rejoined":
@@ -606,7 +609,7 @@ function addEvent(e) {
   const category = CATEGORIES[e.type] || "other";
   const time = typeof e.time === "number" ? e.time : Date.now() / 1000;
   const entry = {time, type: e.type, category, node: e.node || "", title: e.detail || "",
-                 down: e.type === "node_down" || e.action === "kill"};
+                 down: ["node_down", "node_dead"].includes(e.type) || e.action === "kill"};
   if (MOVES.has(e.type)) {
     entry.head = moveHead(e);
     entry.tail = moveTail(e);
