@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check bench screenshot clean
+.PHONY: install up test lint typecheck check bench zoo screenshot clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ check: lint typecheck test
 
 bench: install
 	$(ARMDI) bench pipeline --json bench-results/pipeline.json
+
+# Export nine torchvision families (random weights) and build each from its file; minutes.
+zoo: install
+	$(PY) benchmarks/zoo.py
 
 # The README's picture of the status page under load (armdi up + Debian's chromium).
 screenshot: install

@@ -78,15 +78,51 @@ def build(
              "(chosen automatically with --backend trt).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the model is already "
                                                   "built.")] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Resident memory the build may use after the export (e.g. 2G, 1500M); it "
+             "refuses what would not fit.")] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="TensorRT: print what the build would make and cost (engines, disk "
+                       "with stripped and full plans, time, free disk); build nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --plan: print JSON.")] = False,
+    max_disk: Annotated[str | None, typer.Option(
+        help="TensorRT: refuse a build that adds more than this to the disk (e.g. 2G).")]
+    = None,
+    prebuild_ratio: Annotated[float, typer.Option(
+        help="TensorRT: build block engines, then fused segments most likely first until the "
+             "repository is this many times the ONNX model; the rest on demand (0: all).")]
+    = 1.5,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TensorRT: build fused segments first around the allocator's "
+                         "optimum for this cluster (cluster.toml).")] = None,
     repo: RepoOption = None,
 ) -> None:
     """Build a model into verified, profiled segment engines in the model repository."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
+    from builder.memory import parse_size
     from builder.progress import RichReporter
+    from builder.trt_plan import TrtPlanOptions
+    from builder.trt_plan import parse_size as parse_disk_size
     from engines.repository import ModelRepository
 
     root = _repo_path(repo)
+    try:
+        trt_options = TrtPlanOptions(
+            max_disk=parse_disk_size(max_disk) if max_disk is not None else None,
+            prebuild_ratio=prebuild_ratio, plan_only=plan)
+    except ValueError as exc:
+        _fail(str(exc))
+    if config is not None:
+        trt_options = _likely_boundaries(trt_options, config, root, name or model)
+    if plan:
+        if backend != "trt":
+            _fail("--plan is for TensorRT builds: add --backend trt")
+        _print_plan(BuildOptions(model=model, repo=root, weights=weights, name=name,
+                                 input_size=input_size, backend=backend, segments=segments,
+                                 max_blocks=max_blocks, fp16=fp16, opset=opset,
+                                 trt=trt_options), as_json)
+        return
     if if_missing:
         model_id = name or (Path(model).stem if model.endswith(".onnx") else model)
         repository = ModelRepository(root)
@@ -99,16 +135,58 @@ def build(
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
                            input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset)
+                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           max_memory=parse_size(max_memory) if max_memory else None,
+                           trt=trt_options)
     report = run_build(options, RichReporter())
     m = report.manifest
     total = sum(len(v) for v in m.segments.values())
     typer.echo(
         f"built {m.model_id}: {m.blocks} blocks, {total} segment engines "
         f"({', '.join(f'{k}: {len(v)}' for k, v in m.segments.items())}), verified "
-        f"(max abs error {m.verification.max_abs_error:.2g}) in "
+        f"(max abs error {m.verification.max_abs_error:.2g}, relative "
+        f"{m.verification.max_relative_error or 0:.2g}) in "
         f"{sum(report.seconds.values()):.1f} s -> {report.path}"
     )
+
+
+def _likely_boundaries(options: Any, config_path: Path, root: Path, model_id: str) -> Any:
+    """``options`` with the allocator's optimum for the cluster of ``config_path``: exact
+    where the model is built (its profile and activation sizes), else its device count."""
+    import dataclasses
+
+    from appliance.config import load_config
+    from appliance.control.allocator import snapshot_from_profile, solve
+    from engines.device import device_signature
+    from engines.repository import ModelRepository
+
+    cluster = load_config(config_path)
+    source, workers = cluster.source, cluster.workers
+    devices = (1 if source.run_blocks else 0) + len(workers)
+    repository = ModelRepository(root)
+    if not repository.has_model(model_id):
+        return dataclasses.replace(options, workers=max(1, devices))
+    manifest = repository.load_manifest(model_id)
+    profile = manifest.profile_for(device_signature(), "trt")
+    base = list(profile.block_ms) if profile else [1.0] * manifest.blocks
+    nodes = [source, *workers]
+    snapshot = snapshot_from_profile(
+        [base] * len(nodes), manifest.activation_bytes(),
+        bandwidth_Bps=[n.bandwidth_Bps for n in nodes],
+        latency_ms=[n.latency_ms for n in nodes], slowdown=[n.slowdown for n in nodes],
+        max_blocks=[source.max_blocks if source.run_blocks else 0]
+        + [w.max_blocks for w in workers])
+    return dataclasses.replace(options, boundaries=tuple(solve(snapshot).boundaries))
+
+
+def _print_plan(options: Any, as_json: bool) -> None:
+    """``armdi build --backend trt --plan``: the plan, exit status 1 when it is refused."""
+    from builder.trt_plan import plan_build
+
+    result = plan_build(options)
+    typer.echo(json.dumps(result.to_json(), indent=1) if as_json else result.render())
+    if result.refused:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -233,8 +311,10 @@ def inspect(
                   f"weights {manifest.source.weights}) fingerprint {manifest.fingerprint[:16]}")
     console.print(f"{manifest.blocks} blocks; segments: {data['segments']} "
                   f"({manifest.segment_mode}); verification: "
-                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g} "
-                  f"(tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
+                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g}"
+                  + (f", relative {v.max_relative_error:.2g}" if v.max_relative_error is not None
+                     else "")
+                  + f" (tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
     block_ms = data["block_ms"] or []
     table = Table("boundary", "tensor", "shape", "KiB/sample", "next block ms")
     for cut in manifest.cut_points:

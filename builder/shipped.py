@@ -87,7 +87,8 @@ def build_trt_for_shipped(options: BuildOptions, manifest: Manifest, reporter: R
     reporter.note(f"building TensorRT engines for {len(ranges)} shipped segments of "
                   f"{manifest.model_id} (fingerprint {manifest.fingerprint[:12]})")
     entries, error = build_trt(out, repository.root, ranges, manifest.fingerprint, activations,
-                               open_segment, reporter, fp16=options.fp16, blocks=blocks)
+                               open_segment, reporter, fp16=options.fp16, blocks=blocks,
+                               **options.trt.build_kwargs(options.segments))
     files = {k: v for k, v in manifest.files.items() if not k.startswith("trt/")}
     for entry in entries:
         path = out / entry.path

@@ -53,6 +53,7 @@ __all__ = [
     "LoadOrBuild",
     "TrtBuildOptions",
     "TrtBuilder",
+    "can_strip",
     "check_dla",
     "check_ops",
     "device_signature",
@@ -90,6 +91,9 @@ class TrtBuildOptions:
     workspace_mb: int = 1024  # builder scratch memory limit (tactics needing more are skipped)
     dla_core: int | None = None  # run on this DLA core (Xavier/Orin), GPU fallback for the rest
     timing_cache: Path | None = None  # None: timing_cache_path(<engine dir>, device)
+    # Weight-stripped plans (TensorRT 10+: BuilderFlag.STRIP_PLAN), refitted at load from the
+    # segment's ONNX file. None: stripped wherever this TensorRT can strip.
+    strip: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -106,6 +110,20 @@ class TrtBuildOptions:
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "fp32"
+
+    def stripped_for(self, trt_version: str) -> bool:
+        """Whether plans built with ``trt_version`` are weight-stripped with these options."""
+        can = can_strip(trt_version)
+        if self.strip and not can:
+            raise BuildError(f"TensorRT {trt_version} cannot build weight-stripped plans "
+                             "(TensorRT 10 can: JetPack 6.1+); build full plans")
+        return can if self.strip is None else self.strip
+
+
+def can_strip(trt_version: str) -> bool:
+    """TensorRT 10 builds weight-stripped plans (``BuilderFlag.STRIP_PLAN``) and refits them
+    from an ONNX file (``OnnxParserRefitter``); 8.5/8.6 have neither."""
+    return parse_trt_version(trt_version)[0] >= 10
 
 
 # --- keys, file names, the timing cache ----------------------------------------------------
@@ -141,6 +159,8 @@ def engine_key(
         "profile": {"min": 1, "opt": 1, "max": options.max_batch},
         "dla_core": options.dla_core,
     }
+    if options.stripped_for(device.trt_version):  # absent otherwise: older keys stay valid
+        fields["weights"] = "stripped"
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:_KEY_LENGTH]
 
@@ -424,6 +444,7 @@ class BuiltSegment:
     built: bool
     note: str
     io: EngineIO
+    stripped: bool = False  # a weight-stripped plan: refit from its ONNX file at load
 
     def to_segment_entry(self, model_dir: Path) -> SegmentEntry:
         return SegmentEntry(
@@ -452,6 +473,7 @@ class TrtBuilder:
         self.engine_dir = Path(engine_dir)
         self.device = session.device
         self.timing_cache = options.timing_cache or timing_cache_path(self.engine_dir, self.device)
+        self.stripped = options.stripped_for(self.device.trt_version)  # refuses strip on 8.x
         if options.dla_core is not None:
             cores = session.run(self._count_dla_cores, "querying the DLA cores")
             check_dla(options.dla_core, cores)
@@ -475,6 +497,7 @@ class TrtBuilder:
                              self.device.trt_version)
         key = engine_key(fingerprint, start, end, self.device, self.options,
                          onnx_sha256=onnx_sha256)
+        stripped = self.options.stripped_for(self.device.trt_version)
         if problems:
             raise BuildError(f"{onnx_path.name}: " + "; ".join(problems))
         result = load_or_build(
@@ -485,7 +508,7 @@ class TrtBuilder:
             note=note,
         )
         return BuiltSegment(start, end, key, result.path, self.options.precision,
-                            result.built, result.note, result.loaded)
+                            result.built, result.note, result.loaded, stripped)
 
     def build_serialized(self, onnx_path: Path) -> bytes:
         """Parse ``onnx_path`` and build a serialised engine on the CUDA thread."""
@@ -506,6 +529,12 @@ class TrtBuilder:
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: compared at 1e-3
+        if options.stripped_for(self.device.trt_version):
+            # TensorRT 10: leave the refittable weights out of the plan; they are refitted at
+            # load from the same ONNX file (OnnxParserRefitter). REFIT_IDENTICAL promises the
+            # same weights, so the builder may still optimise as if they were constants.
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+            config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
         if options.fp16:
             if not builder.platform_has_fast_fp16:
                 log.warning("this GPU has no fast FP16; the fp16 engine may be slow")

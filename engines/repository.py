@@ -222,7 +222,13 @@ class ModelRepository:
                     if self._trt_session is None:
                         self._trt_session = trt.TrtSession.start()
                     trt_session = self._trt_session
-            engine: Engine = trt.open_engine(path, start, end, session=trt_session)
+            # A weight-stripped plan is refitted from the segment's own ONNX file, which
+            # points into the shared weights file checked above.
+            onnx_entry = manifest.segment("ort", start, end)
+            refit_from = (self.check_file(manifest, onnx_entry.path)
+                          if onnx_entry is not None else None)
+            engine: Engine = trt.open_engine(path, start, end, session=trt_session,
+                                             refit_from=refit_from)
             return engine
         raise ArtifactError(f"unknown backend {backend!r}")
 

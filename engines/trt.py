@@ -359,6 +359,33 @@ class TrtSession:
             )
         return engine
 
+    def refit(self, engine: Any, onnx_path: Path | None, label: str) -> None:
+        """Fill a weight-stripped engine's weights from ``onnx_path`` (TensorRT 10); call on
+        the CUDA thread. An engine that is not refittable (a full plan) is left as it is.
+
+        The segment's ONNX file points into the model's shared ``weights.bin`` (external
+        data), which the ONNX parser's refitter reads by path.
+        """
+        if not bool(getattr(engine, "refittable", False)):
+            return
+        if onnx_path is None:
+            raise EngineError(f"{label} is a weight-stripped plan and needs its segment's ONNX "
+                              f"file to refit from; {REBUILD_HINT}")
+        trt = self.trt
+        refitter = trt.Refitter(engine, self.logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            errors = [str(parser_refitter.get_error(i).desc())
+                      for i in range(int(getattr(parser_refitter, "num_errors", 0)))]
+            raise EngineError(f"{label}: cannot refit the weights from {onnx_path}: "
+                              f"{'; '.join(errors) or 'the ONNX refitter gave no reason'}")
+        if not refitter.refit_cuda_engine():
+            missing = refitter.get_missing_weights() if hasattr(
+                refitter, "get_missing_weights") else []
+            raise EngineError(f"{label}: refitting from {onnx_path} left weights missing "
+                              f"({', '.join(map(str, missing[:5])) or 'unknown'}); "
+                              f"{REBUILD_HINT}")
+
     def probe(self, data: bytes) -> EngineIO:
         """Deserialise ``data`` and describe its input/output (the builder's load check)."""
 
@@ -551,8 +578,10 @@ class TrtEngine(BaseEngine):
         end: int,
         session: TrtSession,
         warmup: bool = True,
+        refit_from: Path | None = None,
     ) -> TrtEngine:
-        """Deserialise the engine file at ``path``, allocate its buffers, run a warm-up."""
+        """Deserialise the engine file at ``path``, refit a weight-stripped plan from the
+        segment's ONNX file ``refit_from``, allocate its buffers, run a warm-up."""
         path = Path(path)
         label = f"trt[{start},{end})"
         try:
@@ -562,6 +591,7 @@ class TrtEngine(BaseEngine):
 
         def job() -> _TrtState:
             engine = session.deserialize(data, f"engine {path}")
+            session.refit(engine, refit_from, label)
             io = _engine_io(session.trt, engine, session.api, label)
             state = _TrtState(session, engine, io, label)
             session._register(state)
@@ -599,11 +629,13 @@ class TrtEngine(BaseEngine):
 
 
 def open_engine(
-    path: Path, start: int, end: int, *, session: TrtSession, warmup: bool = True
+    path: Path, start: int, end: int, *, session: TrtSession, warmup: bool = True,
+    refit_from: Path | None = None,
 ) -> TrtEngine:
     """The repository's entry point: ``TrtEngine.load`` for segment ``[start, end)``.
 
     ``session`` is the process's one ``TrtSession``, created at start-up (``TrtSession.start``)
     and passed down; TensorRT engines cannot be opened without it.
     """
-    return TrtEngine.load(path, start=start, end=end, session=session, warmup=warmup)
+    return TrtEngine.load(path, start=start, end=end, session=session, warmup=warmup,
+                          refit_from=refit_from)

@@ -416,7 +416,8 @@ def test_builder_reuses_and_rebuilds_engines(fake: Any, tmp_path: Path) -> None:
     rebuilt = builder.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1,
                                     note=notes.append)
     assert rebuilt.built and len(trt.builds) == 2 and "rebuilding" in notes[0]
-    engine = TrtEngine.load(rebuilt.path, start=0, end=1, session=session)
+    engine = TrtEngine.load(rebuilt.path, start=0, end=1, session=session,
+                            refit_from=onnx_path)
     x = np.ones((2, 3, 16, 16), np.float32)
     np.testing.assert_allclose(engine.infer(x), 3 * x)
     engine.close()
@@ -434,6 +435,77 @@ def test_builder_fp16_and_dla(fake: Any, tmp_path: Path) -> None:
     assert (config.default_device_type, config.DLA_core) == ("DLA", 1)
     assert config.profiles[0].shapes["x"] == ((4, 3, 16, 16),) * 3
     assert built.precision == "fp16"
+
+
+# --- weight-stripped plans (TensorRT 10) ----------------------------------------------------
+
+
+def external_model(directory: Path) -> Path:
+    """``tiny_model`` whose weights live in ``weights.bin`` beside it, as segment files do."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "seg_0000_0001.onnx"
+    tiny_model(path)
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    return path
+
+
+def test_tensorrt_10_builds_stripped_plans_8_cannot(tmp_path: Path) -> None:
+    assert TrtBuildOptions().stripped_for("10.3.0") and not TrtBuildOptions().stripped_for("8.6.1")
+    assert not TrtBuildOptions(strip=False).stripped_for("10.3.0")
+    with pytest.raises(BuildError, match=r"TensorRT 8\.6\.1 cannot build weight-stripped plans"):
+        TrtBuildOptions(strip=True).stripped_for("8.6.1")
+    ten = dataclasses.replace(ORIN, trt_version="10.3.0")
+    assert engine_key(FINGERPRINT, 0, 3, ten, TrtBuildOptions()) != \
+        engine_key(FINGERPRINT, 0, 3, ten, TrtBuildOptions(strip=False))
+    for version, stripped in (("10.3.0", True), ("8.5.2", False)):
+        session, trt = fake_session(version)
+        onnx_path = external_model(tmp_path / version)
+        try:
+            built = TrtBuilder(session, TrtBuildOptions(), tmp_path / version).build_segment(
+                onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
+        finally:
+            session.close()
+        [config] = trt.builds
+        assert built.stripped is stripped
+        assert ({"STRIP_PLAN", "REFIT_IDENTICAL"} <= config.flags) is stripped
+    session, _ = fake_session("8.5.2")
+    try:
+        with pytest.raises(BuildError, match="cannot build weight-stripped"):
+            TrtBuilder(session, TrtBuildOptions(strip=True), tmp_path)
+    finally:
+        session.close()
+
+
+def test_a_stripped_plan_is_refitted_from_its_onnx_file(tmp_path: Path) -> None:
+    session, trt = fake_session("10.3.0")
+    onnx_path = external_model(tmp_path / "model")
+    x = np.ones((2, 3, 16, 16), np.float32)
+    try:
+        built = TrtBuilder(session, TrtBuildOptions(), tmp_path / "trt").build_segment(
+            onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
+        with pytest.raises(EngineError, match="weight-stripped plan and needs its segment"):
+            TrtEngine.load(built.path, start=0, end=1, session=session)
+        engine = TrtEngine.load(built.path, start=0, end=1, session=session,
+                                refit_from=onnx_path)
+        np.testing.assert_allclose(engine.infer(x), 3 * x)
+        engine.close()
+        assert trt.refits == [str(onnx_path)]
+        (onnx_path.parent / "weights.bin").unlink()  # the shared weights went missing
+        with pytest.raises(EngineError, match="cannot refit the weights from"):
+            TrtEngine.load(built.path, start=0, end=1, session=session, refit_from=onnx_path)
+        # A full plan needs no refit and ignores where it could come from.
+        full = TrtBuilder(session, TrtBuildOptions(strip=False), tmp_path / "trt")
+        plain = full.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
+        assert not plain.stripped and plain.path != built.path
+        engine = TrtEngine.load(plain.path, start=0, end=1, session=session,
+                                refit_from=onnx_path)
+        np.testing.assert_allclose(engine.infer(x), 3 * x)
+        engine.close()
+        assert len(trt.refits) == 1
+    finally:
+        session.close()
 
 
 @pytest.mark.parametrize(("version", "flags"), [("8.5.2", 1), ("10.3.0", 0)])
@@ -602,3 +674,29 @@ def test_gpu_build_and_run_matches_onnxruntime(gpu_session: TrtSession, tmp_path
     again = builder.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
     assert again.built
 
+
+
+@pytest.mark.trt
+def test_gpu_stripped_plan_is_small_and_refits_to_match_onnxruntime(
+    gpu_session: TrtSession, tmp_path: Path
+) -> None:
+    if not gpu_session.device.trt_version.startswith("10"):
+        pytest.skip(f"TensorRT {gpu_session.device.trt_version} cannot strip plans (needs 10)")
+    onnx_path = external_model(tmp_path / "model")
+    stripped = TrtBuilder(gpu_session, TrtBuildOptions(max_batch=4), tmp_path / "trt")
+    full = TrtBuilder(gpu_session, TrtBuildOptions(max_batch=4, strip=False), tmp_path / "trt")
+    small = stripped.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
+    big = full.build_segment(onnx_path, fingerprint=FINGERPRINT, start=0, end=1)
+    assert small.stripped and not big.stripped
+    assert small.path.stat().st_size < big.path.stat().st_size
+    engine = TrtEngine.load(small.path, start=0, end=1, session=gpu_session,
+                            refit_from=onnx_path)
+    try:
+        rng = np.random.default_rng(2)
+        inputs = [rng.standard_normal((n, 3, 16, 16)).astype(np.float32) for n in (1, 4)]
+        result = verify_against(OrtEngine(onnx_path), engine, inputs, "fp32")
+        assert result.max_abs_error <= FP32_TOLERANCE
+    finally:
+        engine.close()
+    with pytest.raises(EngineError):  # a stripped plan without its weights is not served
+        TrtEngine.load(small.path, start=0, end=1, session=gpu_session)

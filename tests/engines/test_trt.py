@@ -140,11 +140,13 @@ def make_plan(
     max_batch: int = 4,
     scale: float = 2.0,
     dynamic: bool = True,
+    stripped: bool = False,
 ) -> bytes:
-    """A fake serialised engine computing ``y = scale * x + 1`` (same shape)."""
+    """A fake serialised engine computing ``y = scale * x + 1`` (same shape). A stripped one
+    (``BuilderFlag.STRIP_PLAN``) computes NaN until it is refitted."""
     plan = {
         "input": input_name, "output": "y", "sample": list(sample), "min": min_batch,
-        "max": max_batch, "scale": scale, "dynamic": dynamic,
+        "max": max_batch, "scale": scale, "dynamic": dynamic, "stripped": stripped,
     }
     return PLAN_MAGIC + json.dumps(plan).encode()
 
@@ -161,6 +163,8 @@ class FakeEngine:
         self.names: list[str] = [plan["input"], plan["output"]]
         batch = -1 if plan["dynamic"] else plan["max"]
         self.shape = (batch, *plan["sample"])
+        self.refittable = bool(plan.get("stripped", False))  # only stripped plans are refit
+        self.has_weights = not self.refittable
         trt.live_engines += 1
 
     def __del__(self) -> None:
@@ -238,6 +242,8 @@ class FakeExecutionContext:
         count = int(np.prod(self.shape))
         x = cuda.memory[input_address].data[: count * 4].view(np.float32)
         y = (x * self.engine.plan["scale"] + 1).astype(np.float32)
+        if not self.engine.has_weights:  # a stripped plan run before its refit
+            y[:] = np.nan
         cuda.memory[output_address].data[: count * 4] = y.view(np.uint8)
         self.engine.trt.executed_batches.append(self.shape[0])
         return True
@@ -429,7 +435,52 @@ class FakeBuilder:
         config.cache.entries += 1
         tensor = network.inputs[0]
         low, _, high = config.profiles[0].shapes[tensor.name]
-        return make_plan(tensor.name, tuple(tensor.shape[1:]), low[0], high[0], dynamic=True)
+        return make_plan(tensor.name, tuple(tensor.shape[1:]), low[0], high[0], dynamic=True,
+                         stripped="STRIP_PLAN" in config.flags)
+
+
+class FakeRefitter:
+    """``tensorrt.Refitter``: ``refit_cuda_engine`` succeeds once weights were supplied."""
+
+    def __init__(self, engine: FakeEngine, logger: FakeLogger) -> None:
+        self.engine = engine
+        self.supplied_from: str | None = None
+
+    def get_missing_weights(self) -> list[str]:
+        return [] if self.supplied_from else ["w", "b", "fc_w", "fc_b"]
+
+    def refit_cuda_engine(self) -> bool:
+        self.engine.trt.cuda._on_context_thread()
+        if self.supplied_from is None:
+            return False
+        self.engine.has_weights = True
+        return True
+
+
+class FakeOnnxParserRefitter:
+    """``tensorrt.OnnxParserRefitter``: reads the ONNX file's weights, external data included
+    (a missing weights file fails as the real parser does)."""
+
+    def __init__(self, refitter: FakeRefitter, logger: FakeLogger) -> None:
+        self.refitter = refitter
+        self.errors: list[FakeParserError] = []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> FakeParserError:
+        return self.errors[index]
+
+    def refit_from_file(self, path: str) -> bool:
+        try:
+            onnx.load(path)  # loads external data: fails when weights.bin is missing
+        except Exception as exc:
+            self.errors.append(FakeParserError(f"failed to load weights: {exc}", -1))
+            return False
+        self.refitter.supplied_from = path
+        self.refitter.engine.trt.refits.append(path)
+        return True
 
 
 class FakeTrt:
@@ -442,7 +493,8 @@ class FakeTrt:
         self.TensorIOMode = FakeIOMode
         self.NetworkDefinitionCreationFlag = FakeCreationFlag
         self.MemoryPoolType = FakeEnum("WORKSPACE")
-        self.BuilderFlag = FakeEnum("TF32", "FP16", "GPU_FALLBACK")
+        strip_flags = ("STRIP_PLAN", "REFIT_IDENTICAL") if version.startswith("10") else ()
+        self.BuilderFlag = FakeEnum("TF32", "FP16", "GPU_FALLBACK", *strip_flags)
         self.DeviceType = FakeEnum("GPU", "DLA")
         self.live_engines = 0
         self.live_contexts = 0
@@ -452,6 +504,10 @@ class FakeTrt:
         self.parser_rejects: set[str] = set()
         self.builds: list[FakeConfig] = []
         self.networks: list[FakeNetwork] = []
+        self.refits: list[str] = []
+        if version.startswith("10"):  # TensorRT 10's refit API
+            self.Refitter = FakeRefitter
+            self.OnnxParserRefitter = FakeOnnxParserRefitter
 
     def used(self, api: str) -> None:
         self.apis_used.add(api)
