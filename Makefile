@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check bench zoo clean
+.PHONY: install up test lint typecheck check bench zoo screenshot clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ bench: install
 # Export nine torchvision families (random weights) and build each from its file; minutes.
 zoo: install
 	$(PY) benchmarks/zoo.py
+
+# The README's picture of the status page under load (armdi up + Debian's chromium).
+screenshot: install
+	$(PY) tools/screenshot.py --out docs/status-page.png --model $(MODEL) --nodes $(NODES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

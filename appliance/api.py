@@ -95,6 +95,8 @@ class NodeView:
     speed: float | None = None  # measured / profiled time of its segment
     link_Bps: float | None = None  # its output's bytes / send time
     moves: int = 0  # boundary moves it decided
+    # its stage time in the exact optimum at the measured speeds (None: not known)
+    optimum_stage_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class Pipeline(Protocol):
     def ready(self) -> bool: ...
 
     async def infer(self, tensor: np.ndarray, timeout_s: float | None = None) -> InferenceResult:
-        """Run a preprocessed input (1, C, H, W) float32 through the pipeline."""
+        """Run a preprocessed input (1, C, H, W) float32, or what ``prepare_image`` made of an
+        image, through the pipeline."""
         ...
 
     async def classify(self, image: bytes, top_k: int = 5,
@@ -145,6 +148,21 @@ class Pipeline(Protocol):
         """Inject a fault: kill, pause, resume or cut a worker (blocking)."""
         ...
 
+    def prepare_image(self, image: bytes) -> np.ndarray:
+        """An encoded image as ``infer`` takes it, prepared as ``classify`` prepares it: the
+        float32 model input, or (``Source``) its uint8 pixels, resized and cropped, that the
+        node running block 0 normalises. ``InputSpecError`` when it is not a readable image."""
+        ...
+
     def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Live events (boundary moves, failures, rejoins) as JSON-able dicts."""
+        """Live events as JSON-able dicts, each with ``type`` and ``time`` (Unix seconds).
+
+        The status page renders these readably (any other type as it comes): ``ready``
+        (``boundaries``, ``route``), ``boundary_moved`` (``node``; optional ``detail``,
+        ``reason``, ``boundaries``, ``previous``, ``route``), ``rebalanced`` (``boundaries``,
+        ``before``, ``detail``), ``boundaries_set``, ``slowdown`` (``node``, ``factor``),
+        ``slow`` (``node``, ``factor``), ``node_down`` (``node``, ``reason``), ``node_up``,
+        ``unreachable``, ``rejoined`` (``node``, ``blocks``), ``refused`` (``node``,
+        ``reason``), ``retry`` (``request_id``, ``attempt``) and ``fault`` (``node``,
+        ``action``)."""
         ...

@@ -8,6 +8,7 @@ readable line on stderr and exit status 1.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -386,15 +387,64 @@ def _idle_lines(source: Any) -> list[str]:
             for n in source.status().nodes if n.role == "worker" and n.start == n.end]
 
 
+TOKEN_ENV = "ARMDI_API_TOKEN"
+
+TokenFileOption = Annotated[Path | None, typer.Option(
+    "--api-token-file",
+    help=f"File holding the API token that every request must then send as 'Authorization: "
+         f"Bearer TOKEN' (health probes and the page's files excepted). Or set {TOKEN_ENV}. "
+         "Without either the API has no authentication.")]
+
+
+def api_token(token_file: Path | None, environ: Any = os.environ) -> str | None:
+    """The API token, read once here: ``--api-token-file`` first, else ``ARMDI_API_TOKEN``,
+    else None (no authentication)."""
+    if token_file is not None:
+        try:
+            token = token_file.expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArmdiError(f"cannot read --api-token-file {token_file} ({exc})") from exc
+        if not token:
+            raise ArmdiError(f"--api-token-file {token_file} is empty; put the token in it")
+        return token
+    if TOKEN_ENV not in environ:
+        return None
+    token = str(environ[TOKEN_ENV]).strip()
+    if not token:
+        raise ArmdiError(f"{TOKEN_ENV} is set but empty; unset it to run without "
+                         "authentication, or give it the token")
+    return token
+
+
+def _web_settings(token: str | None) -> Any:
+    from web.app import WebSettings
+
+    return WebSettings(api_token=token)
+
+
+def _announce(sock: Any, token: str | None, what: str = "web front end:") -> None:
+    """``what`` and the front end's URL, whether it needs a token, and a warning when it is
+    reachable from other machines without one."""
+    from web.server import exposure_warning, url_of
+
+    typer.echo(f"{what} {url_of(sock)}")  # scripts read the URL at the end of this line
+    if token is not None:
+        typer.echo("API token required (Authorization: Bearer ...; the page asks for it)")
+    warning = exposure_warning(sock, token)
+    if warning is not None:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
 @app.command()
-def serve(config: ConfigOption) -> None:
+def serve(config: ConfigOption, api_token_file: TokenFileOption = None) -> None:
     """Run the source and the web front end of a cluster."""
     from appliance.config import load_config
     from appliance.data.source import Source
     from appliance.settings import source_settings
     from engines.repository import ModelRepository
-    from web.server import listen, serve, url_of
+    from web.server import listen, serve
 
+    token = api_token(api_token_file)
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = listen(cfg.source.http_host, cfg.source.http_port)
@@ -404,10 +454,10 @@ def serve(config: ConfigOption) -> None:
     source = Source(source_settings(cfg))
     try:
         source.start()
-        typer.echo(f"armdi serving {cfg.cluster.model} at {url_of(sock)}")
+        _announce(sock, token, f"armdi serving {cfg.cluster.model} at")
         for line in _idle_lines(source):  # refused ones with the fix (another fingerprint)
             typer.echo(line)
-        serve(source, sock)
+        serve(source, sock, settings=_web_settings(token))
     except KeyboardInterrupt:
         pass
     finally:
@@ -439,6 +489,7 @@ def up(
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
+    api_token_file: TokenFileOption = None,
     repo: RepoOption = None,
 ) -> None:
     """Start a whole cluster on this machine: workers, source and web front end."""
@@ -457,6 +508,7 @@ def up(
         _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
     if wire_dtype not in ("float32", "float16"):
         _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
+    token = api_token(api_token_file)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     root = _repo_path(repo)
     if not ModelRepository(root).has_model(model):
@@ -472,7 +524,7 @@ def up(
         supervise=supervise,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
-    from web.server import listen, serve, url_of
+    from web.server import listen, serve
 
     sock = listen(host, port)  # before any worker starts: a port in use fails cleanly
     try:
@@ -485,8 +537,9 @@ def up(
                            f"boundaries {list(b)}")
                 for line in _idle_lines(source):
                     typer.echo(line)
-                typer.echo(f"web front end: {url_of(sock)}  (Ctrl-C stops everything)")
-                serve(source, sock)
+                _announce(sock, token)
+                typer.echo("Ctrl-C stops everything")
+                serve(source, sock, settings=_web_settings(token))
             except KeyboardInterrupt:
                 pass
             finally:
@@ -590,6 +643,73 @@ def bench_pipeline(
     typer.echo(format_report(result))
     if json_file is not None:
         write_json(result, json_file)
+        typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("rest")
+def bench_rest(
+    model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
+    = "efficientnet_lite0",
+    nodes: Annotated[int, typer.Option(help="Worker processes besides the source.")] = 2,
+    mode: Annotated[str, typer.Option(help="edgepipe | armdi | local")] = "edgepipe",
+    requests: Annotated[int, typer.Option(help="Requests of each kind for the overhead "
+                                               "figures.")] = 300,
+    clients: Annotated[str, typer.Option(help="Concurrent clients for the throughput "
+                                              "figures.")] = "1,4,16",
+    duration: Annotated[float, typer.Option(help="Seconds per throughput "
+                                                 "measurement.")] = 3.0,
+    repeats: Annotated[int, typer.Option(help="Repetitions of every throughput measurement; "
+                                              "figures are their median.")] = 3,
+    image: Annotated[Path | None, typer.Option(help="The JPEG to send (default: a 224x224 "
+                                                    "photo).")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON to this file.")]
+    = None,
+    repo: RepoOption = None,
+) -> None:
+    """REST end-to-end latency minus the pipeline's (p50, p99), and throughput with 1, 4 and 16
+    HTTP clients against the pipeline's own, on a local cluster; JPEG decoding reported apart."""
+    import logging
+
+    from appliance.bench import machine_info
+    from appliance.cluster import LocalClusterOptions, running
+    from appliance.data.source import Source
+    from appliance.settings import source_settings
+    from engines.repository import ModelRepository
+    from web.bench import RestBenchOptions, format_report, run_rest_bench
+
+    try:
+        counts = tuple(int(c) for c in clients.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        _fail(f"--clients {clients!r}: give positive counts, e.g. 1,4,16")
+    if mode not in ("armdi", "edgepipe", "local"):
+        _fail(f"--mode {mode!r}: use edgepipe, armdi or local")
+    root = _repo_path(repo)
+    if not ModelRepository(root).has_model(model):
+        typer.echo(f"{model} is not built in {root}; building it first")
+        build(model=model, repo=root)
+    options = LocalClusterOptions(
+        model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode, port=0,
+        log_level=logging.getLevelName(logging.getLogger().level))
+    bench_options = RestBenchOptions(requests=requests, clients=counts, duration_s=duration,
+                                     repeats=repeats, image=image)
+    with running(options) as (_cluster, cfg):
+        source = Source(source_settings(cfg))
+        try:
+            source.start()
+            result = run_rest_bench(source, bench_options,
+                                    progress=lambda m: typer.echo(f"... {m}", err=True))
+            boundaries = source.allocation.boundaries if source.allocation else ()
+        finally:
+            source.close()
+    result["cluster"] = {"nodes": nodes, "mode": options.mode, "boundaries": list(boundaries)}
+    result["machine"] = machine_info()
+    typer.echo(format_report(result))
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(result, indent=1, default=str) + "\n")
         typer.echo(f"wrote {json_file}")
 
 

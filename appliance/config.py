@@ -253,7 +253,8 @@ class SourceConfig(NodeConfig):
         description="unique node name (letters, digits, _ . -)",
     )
     run_blocks: bool = Field(True, description="the source may run the first segment itself")
-    http_host: str = Field("0.0.0.0", min_length=1, description="front end listen host")
+    http_host: str = Field("127.0.0.1", min_length=1,
+                           description="front end listen host (127.0.0.1: this machine only)")
     http_port: int = Field(8000, ge=0, le=65535, description="front end port (0: any free one)")
 
 

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api import NotReadyError, Pipeline, QueueFullError, RequestTimeoutError
 from engines.errors import ArmdiError, InputSpecError
+from web import auth
 from web.routers import WebSettings, classify, metrics, nodes, server_version, v2
 from web.routers import pipeline as pipeline_routes
 
@@ -49,7 +50,8 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
     """The FastAPI app serving ``pipeline``.
 
     ``metrics_registry``: where the HTTP and pipeline metrics are registered (a fresh registry
-    by default; never the process-global one). ``settings``: upload and body limits.
+    by default; never the process-global one). ``settings``: limits, and the API token that
+    turns on bearer authentication (``web.auth``).
     """
     settings = settings if settings is not None else WebSettings()
     registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
@@ -58,9 +60,11 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
     app.state.settings = settings
     app.state.metrics_registry = registry
 
-    for module in (classify, v2, pipeline_routes, nodes, metrics):
-        app.include_router(module.router)
+    for router in (classify.router, v2.router, pipeline_routes.router, nodes.router,
+                   metrics.router, auth.router):
+        app.include_router(router)
     app.add_api_route("/", index, include_in_schema=False)
+    app.add_api_route("/favicon.ico", no_icon, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     app.add_exception_handler(ArmdiError, _armdi_error)  # type: ignore[arg-type]
@@ -69,8 +73,11 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
 
     http_metrics = metrics.HttpMetrics(registry)
     registry.register(metrics.PipelineCollector(pipeline))
-    # The last added runs first: metrics see every request, the 413s of the body limit too.
+    # The last added runs first: metrics see every request, the 401s and 413s too; a request
+    # without the token is refused before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_token is not None:
+        app.add_middleware(auth.AuthMiddleware, token=settings.api_token)
     app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics, routes=app.routes)
     return app
 
@@ -78,6 +85,11 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
 async def index() -> FileResponse:
     """The status page."""
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+async def no_icon() -> Response:
+    """No icon (and no 404 in the browser's console)."""
+    return Response(status_code=204)
 
 
 # --- errors ----------------------------------------------------------------------------------

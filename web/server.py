@@ -10,13 +10,16 @@ client's delayed ACK: 40 ms on every request after the first.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
 from typing import Any
 
 from engines.errors import ArmdiError
 
-__all__ = ["listen", "serve", "url_of"]
+__all__ = ["exposure_warning", "listen", "serve", "url_of"]
+
+GRACEFUL_SHUTDOWN_S = 2
 
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -48,6 +51,22 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
+def exposure_warning(sock: socket.socket, token: str | None) -> str | None:
+    """A warning when ``sock`` accepts connections from other machines and the API has no
+    token; None when it is bound to loopback or a token is set."""
+    if token is not None:
+        return None
+    host = sock.getsockname()[0]
+    try:
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"the API at {url_of(sock)} is reachable from other machines and has no token: "
+            "anyone who reaches it can send requests and read the pipeline. Set "
+            "ARMDI_API_TOKEN (or --api-token-file), or bind to 127.0.0.1.")
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -62,7 +81,10 @@ def serve(pipeline: Any, sock: socket.socket, **app_options: Any) -> None:
 
     from web.app import create_app
 
+    # An open status page holds an event stream that never ends by itself: after Ctrl-C, give
+    # the requests in flight a moment, then stop (rather than wait for a second Ctrl-C).
     server = uvicorn.Server(uvicorn.Config(create_app(pipeline, **app_options),
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     server.run(sockets=[sock])

@@ -1092,7 +1092,8 @@ class Source:
         return NodeView(self.settings.name, "source", start, end,
                         "up" if self.ready() else "starting", stage, self._work.qsize(),
                         self.settings.max_in_flight, self._metrics.completed,
-                        self.settings.data_addr, slowdown=self.slowdown)
+                        self.settings.data_addr, slowdown=self.slowdown,
+                        optimum_stage_ms=self._optimum_stage_ms(self.settings.name))
 
     def _worker_view(self, w: _WorkerState) -> NodeView:
         """What a worker runs: its own report once polled, its configured range before."""
@@ -1116,7 +1117,18 @@ class Source:
                         slowdown=last.slowdown if last else w.ref.slowdown,
                         speed=(last.speed or None) if last else None,
                         link_Bps=(last.link_Bps or None) if last else None,
-                        moves=last.moves if last else 0)
+                        moves=last.moves if last else 0,
+                        optimum_stage_ms=self._optimum_stage_ms(w.ref.name))
+
+    def _optimum_stage_ms(self, name: str) -> float | None:
+        """The node's stage time in the exact optimum at the measured speeds (the status
+        page marks it against the measured one); None while unknown or left out."""
+        if self.optimum is None or self.allocation is None:
+            return None
+        index = self._route_index(name)
+        if index is None or index >= len(self.optimum.stage_ms):
+            return None
+        return self.optimum.stage_ms[index] or None
 
     def _route_index(self, name: str) -> int | None:
         """The worker's index in the allocation (0 is the source), or None if not live."""

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,3 +110,46 @@ def test_up_on_a_port_in_use_fails_cleanly_before_starting_workers(built_tiny: B
     assert len(errors) == 1 and errors[0].startswith("error: cannot listen on"), done.stderr
     assert "Traceback" not in done.stderr
     assert _processes_mentioning(str(run_dir)) == []
+
+
+def test_up_with_an_api_token_file_refuses_requests_without_it(built_tiny: BuiltModel,
+                                                                tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    env = {k: v for k, v in os.environ.items() if k != "ARMDI_API_TOKEN"}
+    proc = subprocess.Popen(  # port 0: no race with other processes for a free port
+        [sys.executable, "-m", "appliance.cli", "--log-level", "WARNING", "up", "--repo",
+         str(built_tiny.repo), "--model", "tiny", "--nodes", "0", "--port", "0",
+         "--api-token-file", str(token_file), "--run-dir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("web front end:" in line for line in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "armdi up never printed its URL"
+            time.sleep(0.1)
+        url = next(line for line in list(lines) if "web front end:" in line).split()[-1]
+        url = url.rstrip("/")
+        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:  # no token
+            assert time.monotonic() < deadline, "armdi up never became ready"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/pipeline", timeout=5).status_code == 401
+        refused = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", _png())}, timeout=5)
+        assert refused.status_code == 401
+        headers = {"Authorization": "Bearer t0ken"}
+        assert httpx.get(f"{url}/v1/pipeline", headers=headers, timeout=5).status_code == 200
+        reply = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", _png())},
+                           headers=headers, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert httpx.get(f"{url}/", timeout=5).status_code == 200  # the page asks for it
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    assert "API token required" in output and "warning" not in output
+    assert "t0ken" not in output

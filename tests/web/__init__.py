@@ -5,11 +5,18 @@ Its model takes a (1, 3, 4, 4) float32 input and returns 10 scores: score k is
 ``mean(x) * (k + 1)``, so a test can check that a tensor went in and came out in order.
 ``classify`` decodes the image for real and ranks classes by mean pixel value. Set ``fail``
 to an exception to make every ``infer``/``classify`` raise it (``fail_times`` limits how many).
+
+``nodes`` and ``boundaries`` are what ``status()`` reports; a test may replace them while the
+app runs. ``events()`` yields ``event_list``, then (with ``live`` set) whatever ``publish``
+sends, from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,13 +39,17 @@ from engines.manifest import (
     TensorInfo,
     Verification,
 )
-from engines.preprocess import decode_image
+from engines.preprocess import decode_image, preprocess
 
 MODEL_ID = "fake_net"
 INPUT_SHAPE = (1, 3, 4, 4)
 CLASSES = 10
 LABELS = tuple(f"class_{k}" for k in range(CLASSES))
 PATH = (Hop("source", 0, 2, 1.5), Hop("worker-1", 2, 4, 2.5))
+NODES = (NodeView("source", "source", 0, 2, "up", stage_ms=1.5, queue_depth=1,
+                  queue_capacity=8, processed=7, address="tcp://10.0.0.1:5555"),
+         NodeView("worker-1", "worker", 2, 4, "slow", stage_ms=None, queue_depth=0,
+                  queue_capacity=8, processed=7))
 
 
 def fake_manifest() -> Manifest:
@@ -76,6 +87,13 @@ class FakePipeline:
             {"type": "node_down", "node": "worker-1"},
         ]
         self.event_delay_s = 0.0
+        self.live = False  # keep the stream open after event_list, for publish()
+        self.nodes: tuple[NodeView, ...] = NODES
+        self.boundaries: tuple[int, ...] = (0, 2, 4)
+        self.optimum: tuple[int, ...] = ()
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop,
+                                      asyncio.Queue[dict[str, Any]]]] = []
+        self._lock = threading.Lock()
 
     @property
     def manifest(self) -> Manifest:
@@ -114,27 +132,61 @@ class FakePipeline:
         top = tuple(Prediction(int(k), LABELS[k], float(scores[k])) for k in order)
         return Classification(request_id=self.calls, top=top, latency_ms=4.0, path=PATH)
 
+    def prepare_image(self, image: bytes) -> np.ndarray:
+        return preprocess(decode_image(image), self._manifest.preprocessing)
+
     def status(self) -> PipelineStatus:
         return PipelineStatus(
             model_id=MODEL_ID, fingerprint="0" * 64, mode="edgepipe", blocks=4,
-            ready=self.is_ready,
-            nodes=(NodeView("source", "source", 0, 2, "up", stage_ms=1.5, queue_depth=1,
-                            queue_capacity=8, processed=7, address="tcp://10.0.0.1:5555"),
-                   NodeView("worker-1", "worker", 2, 4, "slow", stage_ms=None, queue_depth=0,
-                            queue_capacity=8, processed=7)),
-            boundaries=(0, 2, 4), in_flight=1, completed=7, failed=1, retried=2,
-            throughput_per_s=12.5, latency_p50_ms=4.0, latency_p99_ms=float("nan"),
-            counters={"boundary_moves": 3},
+            ready=self.is_ready, nodes=self.nodes, boundaries=self.boundaries,
+            optimum=self.optimum, optimum_bottleneck_ms=2.5 if self.optimum else None,
+            in_flight=1,
+            completed=7, failed=1, retried=2, throughput_per_s=12.5, latency_p50_ms=4.0,
+            latency_p99_ms=float("nan"), counters={"boundary_moves": 3},
         )
 
     def set_slowdown(self, node: str, factor: float) -> None:
+        """Recorded in ``slowdowns``; the node's view and an event follow, as in Source."""
         self.slowdowns.append((node, factor))
+        self.set_node(node, slowdown=factor)
+        self.publish("slowdown", node=node, factor=factor)
 
     def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        """Recorded in ``faults``; the node's state and an event follow."""
         self.faults.append((node, action, seconds))
+        state = {"kill": "down", "pause": "down", "resume": "up", "cut": "down"}[action]
+        self.set_node(node, state=state)
+        self.publish("fault", node=node, action=action)
         return f"{action} {node}"
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        for event in self.event_list:
-            await asyncio.sleep(self.event_delay_s)
-            yield event
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), q)
+        with self._lock:
+            self._subscribers.append(entry)
+        try:
+            for event in self.event_list:
+                await asyncio.sleep(self.event_delay_s)
+                yield event
+            while self.live:
+                yield await q.get()
+        finally:
+            with self._lock:
+                self._subscribers.remove(entry)
+
+    def publish(self, kind: str, **data: Any) -> None:
+        """Send an event to every open stream (from any thread)."""
+        event = {"type": kind, "time": time.time(), **data}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for loop, q in subscribers:
+            loop.call_soon_threadsafe(q.put_nowait, event)
+
+    def subscribers(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def set_node(self, name: str, **changes: Any) -> None:
+        """Change one node of the status snapshot."""
+        self.nodes = tuple(dataclasses.replace(n, **changes) if n.name == name else n
+                           for n in self.nodes)

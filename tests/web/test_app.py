@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -80,9 +81,23 @@ def test_index_serves_the_status_page(client: TestClient) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    for needle in ("/v1/pipeline", "/v1/classify", "/v1/events"):
-        assert needle in response.text
-    assert "http://" not in response.text and "https://" not in response.text  # no CDN
+    script = client.get("/static/app.js")
+    assert script.status_code == 200
+    for needle in ("/v1/pipeline", "/v1/classify", "/v1/events", "/v1/model", "/v1/session"):
+        assert needle in script.text
+    # Everything the page loads is served from here: it works offline on a LAN (no CDN).
+    loaded = re.findall(r'(?:src|href)="([^"]+)"', response.text)
+    assert {"/static/app.js", "/static/app.css", "/static/vendor/uplot-1.6.32.min.js",
+            "/static/vendor/uplot-1.6.32.min.css"} <= set(loaded)
+    for url in loaded:
+        if url.startswith("/static/"):
+            assert client.get(url).status_code == 200, url
+        else:
+            assert url == "/v1/events", url  # the link to the raw event stream
+    for text in (response.text, script.text, client.get("/static/app.css").text):
+        assert "http://" not in text and "https://" not in text
+    licence = client.get("/static/vendor/uplot-LICENSE.txt")
+    assert licence.status_code == 200 and "MIT" in licence.text
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -306,6 +321,11 @@ def test_v2_model_metadata(client: TestClient, path: str) -> None:
         "name": MODEL_ID, "versions": ["1"], "platform": "armdi",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 4, 4]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, CLASSES]}],
+        # the preprocessing, for clients that send tensors (fake_manifest's: resize 4, crop 4)
+        "parameters": {"resize": 4, "crop": 4, "interpolation": "bilinear", "color": "RGB",
+                       "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+                       "std": [0.229, 0.224, 0.225], "layout": "NCHW", "dtype": "float32",
+                       "image_model": f"{MODEL_ID}_image"},
     }
 
 

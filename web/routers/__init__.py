@@ -7,7 +7,7 @@ through the ``PipelineDep`` and ``SettingsDep`` dependencies and never import th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -29,14 +29,23 @@ class WebSettings:
     max_body_bytes: int = 64 * MIB
     # A comment line is sent on /v1/events this often, so proxies keep the stream open.
     events_keepalive_s: float = 15.0
+    # Bearer token every request needs, except /v2/health/* and the page's own files
+    # (``web.auth``). None: no authentication (bind to localhost then).
+    api_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.api_token is not None and not self.api_token.strip():
+            raise ValueError("the API token is empty")
 
 
-def get_pipeline(request: Request) -> Pipeline:
+# Dependencies are ``async``: FastAPI runs a plain ``def`` dependency in a worker thread, two
+# thread hops per request for nothing.
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline = request.app.state.pipeline
     return pipeline
 
 
-def get_settings(request: Request) -> WebSettings:
+async def get_settings(request: Request) -> WebSettings:
     settings: WebSettings = request.app.state.settings
     return settings
 

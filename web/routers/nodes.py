@@ -18,6 +18,13 @@ from web.routers import PipelineDep
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 
+CONTROLS = ("slowdown", "kill", "pause", "resume", "cut")
+
+
+def controls_of(pipeline: Any) -> list[str]:
+    """The controls ``GET /v1/pipeline`` lists (the status page shows a button for each)."""
+    return list(CONTROLS)
+
 
 class Slowdown(BaseModel):
     factor: float = Field(ge=1.0, le=1e6, description="1 = full speed, 4 = four times slower")

@@ -14,15 +14,35 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from web.routers import PipelineDep, SettingsDep, json_safe
+from web.routers.nodes import controls_of
 
 router = APIRouter(prefix="/v1", tags=["pipeline"])
 
 
 @router.get("/pipeline")
 async def pipeline_status(pipeline: PipelineDep) -> dict[str, Any]:
-    """Nodes with their block ranges, state, stage time and queue; totals and latency."""
+    """Nodes with their block ranges, state, stage time and queue; totals and latency; the
+    demo controls the runtime offers (``controls``, empty when none)."""
     snapshot: dict[str, Any] = json_safe(dataclasses.asdict(pipeline.status()))
+    snapshot["controls"] = controls_of(pipeline)
     return snapshot
+
+
+@router.get("/model")
+async def model(pipeline: PipelineDep) -> dict[str, Any]:
+    """The served model: its blocks and the activation at each cut (``cut_points[b]`` is the
+    tensor between block b - 1 and block b: b = 0 is the input, b = K the output)."""
+    manifest = pipeline.manifest
+    return {
+        "model_id": manifest.model_id, "fingerprint": manifest.fingerprint,
+        "blocks": manifest.blocks,
+        "input": manifest.input.model_dump(), "output": manifest.output.model_dump(),
+        "preprocessing": manifest.preprocessing.model_dump(),
+        "cut_points": [{"index": c.index, "tensor": c.name, "shape": list(c.shape),
+                        "dtype": c.dtype, "bytes": c.bytes_per_sample}
+                       for c in manifest.cut_points],
+        "labels": len(manifest.labels or ()),
+    }
 
 
 @router.get("/events")
