@@ -460,6 +460,46 @@ def slow(
     typer.echo(f"{result['node']}: slowdown {result['slowdown']:g}x (emulated)")
 
 
+keys_app = typer.Typer(no_args_is_help=True,
+                       help="Cluster keys: the HMAC key and the certificates of TLS links.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the keys to (made "
+                                                    "with mode 0700).")] = Path("armdi-keys"),
+    nodes: Annotated[str | None, typer.Option(
+        help="Node names, e.g. source,w1,w2 (default: those of --config).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="cluster.toml: its node names, and the hosts of their addresses for "
+                         "the certificates.")] = None,
+    days: Annotated[int, typer.Option(help="Days the certificates are valid.")] = 3650,
+) -> None:
+    """Create a cluster key, a small CA and a certificate per node (private keys 0600)."""
+    from appliance.keys import host_of, init_keys
+
+    names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
+    hosts: dict[str, list[str]] = {}
+    if config is not None:
+        from appliance.config import load_config
+
+        cfg = load_config(config)
+        for node_cfg in cfg.nodes:
+            if not nodes:
+                names.append(node_cfg.name)
+            found = (host_of(node_cfg.data_addr), host_of(node_cfg.control_addr))
+            hosts[node_cfg.name] = [h for h in found if h]
+    if days < 1:
+        _fail("--days must be at least 1")
+    keys = init_keys(out, names, hosts, days=days)
+    typer.echo(f"wrote the cluster key, a CA and certificates for {', '.join(names)} to "
+               f"{keys.out} (private keys mode 0600; keep ca.key off the nodes)")
+    typer.echo(f"add to cluster.toml (also in {keys.out / 'cluster-security.toml'}), and use "
+               "tls+tcp:// addresses for TLS links:")
+    typer.echo(keys.toml_snippet())
+
+
 bench_app = typer.Typer(no_args_is_help=True,
                         help="Benchmarks: figures measured side by side on this machine.")
 app.add_typer(bench_app, name="bench")

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ class LocalClusterOptions:
     source_runs_blocks: bool = True
     min_workers: int = 0  # the first N workers run at least one block each
     log_level: str = "WARNING"  # of the worker processes
+    tls: bool = False  # tls+tcp:// on loopback with keys made by armdi keys init (run dir)
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -91,15 +93,36 @@ def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ..
     return tuple(out + [None] * (nodes - len(out)))
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (it may be taken before it is used: tests only)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _addresses(options: LocalClusterOptions, run_dir: Path, name: str) -> dict[str, str]:
+    if not options.tls:
+        return {"data_addr": f"ipc://{run_dir}/{name}.data",
+                "control_addr": f"ipc://{run_dir}/{name}.ctl"}
+    return {"data_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
+            "control_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
+            "tls_cert": str(run_dir / "keys" / "nodes" / f"{name}.pem")}
+
+
 def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
-    """The cluster.toml of a local cluster, as a validated config."""
+    """The cluster.toml of a local cluster, as a validated config. With ``options.tls``,
+    ``armdi keys init`` is run into ``run_dir/keys`` first and every link is mutual TLS."""
+    names = ["source"] + [f"w{i + 1}" for i in range(options.nodes)]
+    if options.tls and not (run_dir / "keys" / "ca.crt").exists():
+        from appliance.keys import init_keys
+
+        init_keys(run_dir / "keys", names)
     workers = []
     for i in range(options.nodes):
         name = f"w{i + 1}"
         worker: dict[str, object] = {
             "name": name,
-            "data_addr": f"ipc://{run_dir}/{name}.data",
-            "control_addr": f"ipc://{run_dir}/{name}.ctl",
+            **_addresses(options, run_dir, name),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
             "threads": options.threads,
             "bandwidth_mbps": LOOPBACK_MBPS,
@@ -117,12 +140,13 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
     }
     if options.key_hex:
         cluster["key"] = options.key_hex
+    if options.tls:
+        cluster["tls_ca"] = str(run_dir / "keys" / "ca.crt")
     data = {
         "cluster": cluster,
         "source": {
             "name": "source",
-            "data_addr": f"ipc://{run_dir}/source.data",
-            "control_addr": f"ipc://{run_dir}/source.ctl",
+            **_addresses(options, run_dir, "source"),
             "run_blocks": options.source_runs_blocks or options.mode == "local",
             "http_host": options.host,
             "http_port": options.port,
@@ -162,6 +186,7 @@ class LocalCluster:
                    "--parent-pid", str(os.getpid())]
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         key = self.config.cluster.hmac_key()
+        tls = self.config.tls_files(self.config.source.name)
         waiting = dict(zip(self.config.workers, self.procs, strict=True))
         deadline = time.monotonic() + timeout_s
         while waiting:
@@ -170,7 +195,7 @@ class LocalCluster:
                     raise ArmdiError(f"worker {worker.name} exited at start (status "
                                      f"{proc.returncode}); see its error above")
                 try:
-                    with ControlClient(worker.control_addr, key=key) as client:
+                    with ControlClient(worker.control_addr, key=key, tls=tls) as client:
                         client.request(msg.StatusRequest(), timeout_ms=200)
                 except ArmdiError:
                     continue

@@ -25,7 +25,7 @@ def node_settings(config: ClusterConfig, name: str,
         repo=c.repo, model_id=c.model, backend=resolve_backend(c.backend),
         threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
         key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
-        parent_pid=parent_pid,
+        parent_pid=parent_pid, tls=config.tls_files(worker.name),
     )
 
 
@@ -45,4 +45,5 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         wire_dtype=c.wire_dtype, min_workers=c.min_workers, control_addr=s.control_addr,
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
+        tls=config.tls_files(s.name),
     )

@@ -33,10 +33,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api import NotReadyError, Pipeline, QueueFullError, RequestTimeoutError
 from engines.errors import ArmdiError, InputSpecError
+from web.limits import ApiLimits, LimitsMiddleware
 from web.routers import WebSettings, classify, metrics, nodes, server_version, v2
 from web.routers import pipeline as pipeline_routes
 
-__all__ = ["WebSettings", "create_app"]
+__all__ = ["ApiLimits", "WebSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,21 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def create_app(pipeline: Pipeline, *, title: str = "armdi",
                metrics_registry: CollectorRegistry | None = None,
-               settings: WebSettings | None = None) -> FastAPI:
+               settings: WebSettings | None = None,
+               limits: ApiLimits | None = None) -> FastAPI:
     """The FastAPI app serving ``pipeline``.
 
     ``metrics_registry``: where the HTTP and pipeline metrics are registered (a fresh registry
     by default; never the process-global one). ``settings``: upload and body limits.
+    ``limits``: per-client rate, batch, time and SSE limits (``web.limits``; safe defaults).
     """
+    limits = limits if limits is not None else ApiLimits()
     settings = settings if settings is not None else WebSettings()
     registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     app = FastAPI(title=title, version=server_version(), redoc_url=None)
     app.state.pipeline = pipeline
     app.state.settings = settings
+    app.state.limits = limits
     app.state.metrics_registry = registry
 
     for module in (classify, v2, pipeline_routes, nodes, metrics):
@@ -71,6 +76,7 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
     registry.register(metrics.PipelineCollector(pipeline))
     # The last added runs first: metrics see every request, the 413s of the body limit too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LimitsMiddleware, limits=limits)  # 429s before a body is read
     app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics, routes=app.routes)
     return app
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from appliance.control.controller import BoundaryController, ControllerSettings, Move, transfer_ms
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
-from appliance.wire.transport import ControlClient
+from appliance.wire.transport import ControlClient, TlsFiles
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.adaptive")
@@ -28,12 +28,14 @@ class LeftBoundary:
     def __init__(self, node: str, key: bytes | None, block_ms: Sequence[float],
                  activation_bytes: Sequence[int], configure: msg.Configure,
                  settings: ControllerSettings,
-                 prepare: Callable[[int, int], object] = lambda start, end: None) -> None:
+                 prepare: Callable[[int, int], object] = lambda start, end: None,
+                 tls: TlsFiles | None = None) -> None:
         assert configure.predecessor and configure.predecessor_control_addr
         self.node = node
         self.predecessor = configure.predecessor
         self.address = configure.predecessor_control_addr
         self.key = key
+        self.tls = tls
         self.settings = settings
         self.prepare = prepare  # loads this node's engine for a range before a move
         self.controller = BoundaryController(block_ms, settings)
@@ -68,7 +70,7 @@ class LeftBoundary:
             self._queue.put((move, frame.start_block, end))
 
     def _send_loop(self) -> None:
-        client = ControlClient(self.address, key=self.key)
+        client = ControlClient(self.address, key=self.key, tls=self.tls)
         try:
             while (item := self._queue.get()) is not None:
                 move, old, end = item

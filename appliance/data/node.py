@@ -31,10 +31,12 @@ from appliance.data.adaptive import LeftBoundary
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
+from appliance.wire.replay import ReplayGuard
 from appliance.wire.transport import (
     ControlServer,
     DataInbox,
     DataOutbox,
+    TlsFiles,
     TransportClosed,
     TransportError,
     TransportTimeout,
@@ -79,6 +81,7 @@ class NodeSettings:
     emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
+    tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Node:
         self._sample_shapes = [tuple(c.shape[1:]) for c in self.manifest.cut_points]
         self._normalise = Normaliser(self.manifest.preprocessing)
         self._prefix = fr.node_prefix(settings.name)
+        self.replay = ReplayGuard(require=settings.key is not None)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -147,10 +151,10 @@ class Node:
         if self.settings.cpus:
             os.sched_setaffinity(0, set(self.settings.cpus))
         inbox = DataInbox(self.settings.data_addr, max_bytes=self.settings.max_frame_bytes,
-                          recv_buffer=self.settings.queue_depth)
+                          recv_buffer=self.settings.queue_depth, tls=self.settings.tls)
         try:
-            control = ControlServer(self.settings.control_addr,
-                                    max_bytes=1 << 20, key=self.settings.key)
+            control = ControlServer(self.settings.control_addr, max_bytes=1 << 20,
+                                    key=self.settings.key, tls=self.settings.tls)
         except BaseException:
             inbox.close()
             raise
@@ -232,7 +236,9 @@ class Node:
         if m.adaptive and m.predecessor and m.predecessor_control_addr and m.start < m.end:
             left = LeftBoundary(self.settings.name, self.settings.key, self._block_ms,
                                 self.manifest.activation_bytes(), m, self.settings.controller,
-                                prepare=self._prepare)
+                                prepare=self._prepare, tls=self.settings.tls)
+        if m.session is not None:  # frames of this source run only, from now on
+            self.replay.expect(bytes.fromhex(m.session))
         with self._lock:
             old, self._left = self._left, left
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
@@ -324,6 +330,7 @@ class Node:
             frame = fr.decode_frame(buf, key=self.settings.key,
                                     max_bytes=self.settings.max_frame_bytes)
             self.check_frame(frame)
+            self.replay.check(frame, buf, tagged=self.settings.key is not None)
         except fr.FrameError as exc:
             self._drop(exc.reason, str(exc))
             return
@@ -418,7 +425,8 @@ class Node:
     def _outbox(self, addr: str) -> DataOutbox:
         box = self._outboxes.get(addr)
         if box is None:
-            box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth)
+            box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth,
+                                                    tls=self.settings.tls)
         return box
 
     def _send_one(self, frame: fr.Frame, a: Assignment) -> None:

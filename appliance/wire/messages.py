@@ -107,6 +107,9 @@ class Configure(_BlockRange):
     upstream_latency_ms: NonNegativeFloat = 0.0
     downstream_Bps: float | None = Field(default=None, gt=0)  # its own outgoing link (None: free)
     downstream_latency_ms: NonNegativeFloat = 0.0
+    # The source run whose frames this node accepts from now on (hex of the stamp's session,
+    # appliance.wire.replay); None: any.
+    session: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
 
 class MoveBoundary(_Message):

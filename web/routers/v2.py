@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from appliance.api import Pipeline
 from engines.manifest import Manifest, TensorInfo
+from web.limits import check_batch
 from web.routers import PipelineDep, SettingsDep, server_version
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -108,6 +109,7 @@ async def infer(model: str, request: Request, pipeline: PipelineDep, settings: S
     parsed = await run_in_threadpool(parse_infer_request, body,
                                      _header_length(request.headers.get(HEADER_LENGTH)),
                                      manifest)
+    check_batch(len(parsed.batch), request.app.state.limits)
     outputs = await _run_batch(pipeline, parsed.batch)
     content, header_length = await run_in_threadpool(encode_infer_response, parsed, outputs,
                                                      manifest)
