@@ -102,7 +102,7 @@ class ModelRepository:
         any problem is a ``ManifestError`` that says how to rebuild."""
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # digits, nesting
             raise ManifestError(f"{path}: unreadable manifest ({exc}); rebuild: "
                                 f"armdi build {model_id} --repo {self.root}") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None
