@@ -24,8 +24,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,11 +89,16 @@ class RateLimiter:
         return wait
 
 
-def check_batch(batch: int, limits: ApiLimits) -> None:
-    """413 when a v2 request carries more samples than ``limits.max_batch``."""
-    if batch > limits.max_batch:
-        raise HTTPException(413, f"a batch of {batch} samples is over the limit of "
+def check_batch(batch: Any, limits: ApiLimits) -> None:
+    """A v2 request's input batch: 413 over ``limits.max_batch`` samples, 400 when a value is
+    not finite (NaN or infinite inputs make non-JSON outputs; an FP32 cast of a large JSON
+    number is infinite)."""
+    if len(batch) > limits.max_batch:
+        raise HTTPException(413, f"a batch of {len(batch)} samples is over the limit of "
                                  f"{limits.max_batch}; send smaller batches")
+    if not np.isfinite(batch).all():
+        raise HTTPException(400, "the input holds NaN or infinite values (FP32 reaches "
+                                 "+-3.4e38)")
 
 
 def error_body(path: str, message: str) -> bytes:

@@ -109,7 +109,7 @@ async def infer(model: str, request: Request, pipeline: PipelineDep, settings: S
     parsed = await run_in_threadpool(parse_infer_request, body,
                                      _header_length(request.headers.get(HEADER_LENGTH)),
                                      manifest)
-    check_batch(len(parsed.batch), request.app.state.limits)
+    check_batch(parsed.batch, request.app.state.limits)
     outputs = await _run_batch(pipeline, parsed.batch)
     content, header_length = await run_in_threadpool(encode_infer_response, parsed, outputs,
                                                      manifest)
