@@ -71,7 +71,7 @@ def test_tls_addresses_need_the_ca_and_each_node_its_certificate(tmp_path: Path)
     files = config.tls_files("w1")
     assert files is not None and files.cert_key.name == "w1.pem"
     missing_ca = {**data, "cluster": {"model": "m"}}
-    with pytest.raises(ConfigError, match="cluster.tls_ca"):
+    with pytest.raises(ConfigError, match=r"cluster\.tls_ca"):
         parse_config(missing_ca)
     no_cert = {**data, "workers": [{k: v for k, v in data["workers"][0].items()  # type: ignore
                                     if k != "tls_cert"}]}
