@@ -443,12 +443,14 @@ class Source:
                     self._refuse(w, reply)
             if waiting:
                 time.sleep(0.1)
+        tls_hint = (" (over TLS: is its certificate one of this cluster's CA?)"
+                    if self.settings.tls is not None else "")
         for w in waiting:
             w.state = "down"
             w.reason = (f"did not answer at {w.ref.control_addr} within "
-                        f"{self.settings.connect_timeout_s:.0f} s")
-            log.error("worker %s did not answer at %s within %.0f s; continuing without it",
-                      w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s)
+                        f"{self.settings.connect_timeout_s:.0f} s{tls_hint}")
+            log.error("worker %s did not answer at %s within %.0f s%s; continuing without it",
+                      w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s, tls_hint)
             self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
         return [w for w in self.workers if w in live]
 
