@@ -78,10 +78,10 @@ def test_a_node_with_a_wrong_key_can_neither_join_nor_inject(
             states = {n.name: (n.state, n.reason) for n in source.status().nodes}
             # The rogue, with its key, tries to join (Hello), to take blocks (Configure) and
             # to inject frames into the chain and results into the source.
-            with ControlClient(addr["good"][1], key=WRONG_KEY) as ctl:
-                with pytest.raises(msg.MessageError):
-                    ctl.request(msg.Configure(node="good", start=0, end=1, successor_addr=None,
-                                              result_addr=addr["rogue"][0]), timeout_ms=3000)
+            with ControlClient(addr["good"][1], key=WRONG_KEY) as ctl, \
+                    pytest.raises(msg.MessageError):
+                ctl.request(msg.Configure(node="good", start=0, end=1, successor_addr=None,
+                                          result_addr=addr["rogue"][0]), timeout_ms=3000)
             forged = _activation(built_tiny, source._stamper.next())
             with DataOutbox(addr["good"][0]) as out, \
                     DataOutbox(f"ipc://{tmp_path}/src.data") as to_source:
