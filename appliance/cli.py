@@ -519,13 +519,20 @@ def bench_pipeline(
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
                                                                   "JSON to this file.")]
     = None,
+    security: Annotated[bool, typer.Option(
+        help="Also measure the 2-worker pipeline with TLS against plain TCP and with HMAC "
+             "against none.")] = False,
+    security_only: Annotated[bool, typer.Option(
+        help="Measure only that (TLS and HMAC, side by side).")] = False,
     repo: RepoOption = None,
 ) -> None:
     """Direct ONNX Runtime vs 1- and 2-worker pipelines vs raw pynng, with the ratios."""
     from appliance.bench import PipelineBenchOptions, format_report, run_pipeline_bench, write_json
 
     options = PipelineBenchOptions(repo=_repo_path(repo), model=model, requests=requests,
-                                   repeats=repeats, window=window, warmup=warmup)
+                                   repeats=repeats, window=window, warmup=warmup,
+                                   security=security or security_only,
+                                   security_only=security_only)
     result = run_pipeline_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:

@@ -53,7 +53,9 @@ class LocalClusterOptions:
     source_runs_blocks: bool = True
     min_workers: int = 0  # the first N workers run at least one block each
     log_level: str = "WARNING"  # of the worker processes
-    tls: bool = False  # tls+tcp:// on loopback with keys made by armdi keys init (run dir)
+    # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
+    # mutual TLS with keys made by armdi keys init into the run dir.
+    transport: str = "ipc"
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -101,19 +103,26 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 def _addresses(options: LocalClusterOptions, run_dir: Path, name: str) -> dict[str, str]:
-    if not options.tls:
+    if options.transport == "ipc":
         return {"data_addr": f"ipc://{run_dir}/{name}.data",
                 "control_addr": f"ipc://{run_dir}/{name}.ctl"}
+    if options.transport == "tcp":
+        return {"data_addr": f"tcp://127.0.0.1:{free_tcp_port()}",
+                "control_addr": f"tcp://127.0.0.1:{free_tcp_port()}"}
+    if options.transport != "tls":
+        raise ArmdiError(f"transport {options.transport!r}: use ipc, tcp or tls")
     return {"data_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
             "control_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
             "tls_cert": str(run_dir / "keys" / "nodes" / f"{name}.pem")}
 
 
 def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
-    """The cluster.toml of a local cluster, as a validated config. With ``options.tls``,
-    ``armdi keys init`` is run into ``run_dir/keys`` first and every link is mutual TLS."""
+    """The cluster.toml of a local cluster, as a validated config. With
+    ``transport="tls"``, ``armdi keys init`` is run into ``run_dir/keys`` first and every
+    link is mutual TLS."""
     names = ["source"] + [f"w{i + 1}" for i in range(options.nodes)]
-    if options.tls and not (run_dir / "keys" / "ca.crt").exists():
+    tls = options.transport == "tls"
+    if tls and not (run_dir / "keys" / "ca.crt").exists():
         from appliance.keys import init_keys
 
         init_keys(run_dir / "keys", names)
@@ -140,7 +149,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
     }
     if options.key_hex:
         cluster["key"] = options.key_hex
-    if options.tls:
+    if tls:
         cluster["tls_ca"] = str(run_dir / "keys" / "ca.crt")
     data = {
         "cluster": cluster,

@@ -26,7 +26,7 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,7 @@ def host_of(address: str) -> str | None:
 
 
 def init_keys(out: Path, nodes: Sequence[str],
-              hosts: dict[str, Sequence[str]] | None = None,
+              hosts: Mapping[str, Sequence[str]] | None = None,
               days: int = CERT_DAYS) -> ClusterKeys:
     """Write a cluster key, a CA and one certificate per node into ``out`` (see the module
     docstring). ``hosts``: extra host names or IPs per node for its certificate."""

@@ -216,7 +216,7 @@ def test_a_tls_cluster_passes_the_same_correctness_test_as_a_plain_one(
     inputs = photo_variants(lite_repo.manifest.preprocessing, 100)
     expected = reference(str(lite_repo.source), inputs)
     with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=3, min_workers=3,
-                 tls=True, key_hex=KEY.hex()) as source:
+                 transport="tls", key_hex=KEY.hex()) as source:
         assert all(w.ref.data_addr.startswith("tls+tcp://") for w in source.workers)
         b = source.allocation.boundaries
         assert len([n for n in range(len(b) - 1) if b[n] < b[n + 1]]) >= 3, b
