@@ -95,24 +95,37 @@ def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ..
     return tuple(out + [None] * (nodes - len(out)))
 
 
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports nobody listens on now (all held open while they are
+    picked; another process may still take one before it is used: for local clusters)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (it may be taken before it is used: tests only)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_tcp_ports(1, host)[0]
 
 
-def _addresses(options: LocalClusterOptions, run_dir: Path, name: str) -> dict[str, str]:
+def _addresses(options: LocalClusterOptions, run_dir: Path, name: str,
+               ports: Iterator[int]) -> dict[str, str]:
     if options.transport == "ipc":
         return {"data_addr": f"ipc://{run_dir}/{name}.data",
                 "control_addr": f"ipc://{run_dir}/{name}.ctl"}
     if options.transport == "tcp":
-        return {"data_addr": f"tcp://127.0.0.1:{free_tcp_port()}",
-                "control_addr": f"tcp://127.0.0.1:{free_tcp_port()}"}
+        return {"data_addr": f"tcp://127.0.0.1:{next(ports)}",
+                "control_addr": f"tcp://127.0.0.1:{next(ports)}"}
     if options.transport != "tls":
         raise ArmdiError(f"transport {options.transport!r}: use ipc, tcp or tls")
-    return {"data_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
-            "control_addr": f"tls+tcp://127.0.0.1:{free_tcp_port()}",
+    return {"data_addr": f"tls+tcp://127.0.0.1:{next(ports)}",
+            "control_addr": f"tls+tcp://127.0.0.1:{next(ports)}",
             "tls_cert": str(run_dir / "keys" / "nodes" / f"{name}.pem")}
 
 
@@ -126,12 +139,13 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         from appliance.keys import init_keys
 
         init_keys(run_dir / "keys", names)
+    ports = iter(free_tcp_ports(2 * len(names)) if options.transport != "ipc" else [])
     workers = []
     for i in range(options.nodes):
         name = f"w{i + 1}"
         worker: dict[str, object] = {
             "name": name,
-            **_addresses(options, run_dir, name),
+            **_addresses(options, run_dir, name, ports),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
             "threads": options.threads,
             "bandwidth_mbps": LOOPBACK_MBPS,
@@ -155,7 +169,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "cluster": cluster,
         "source": {
             "name": "source",
-            **_addresses(options, run_dir, "source"),
+            **_addresses(options, run_dir, "source", ports),
             "run_blocks": options.source_runs_blocks or options.mode == "local",
             "http_host": options.host,
             "http_port": options.port,

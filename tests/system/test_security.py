@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.cluster import free_tcp_port
+from appliance.cluster import free_tcp_ports
 from appliance.data.node import Node, NodeSettings
 from appliance.data.source import Source, SourceSettings, WorkerRef
 from appliance.keys import init_keys
@@ -106,9 +106,10 @@ def test_a_node_with_a_wrong_key_can_neither_join_nor_inject(
     assert "worker rogue refused" in logged and "tag" in logged
 
 
-def _tls_node(built: BuiltModel, name: str, files: TlsFiles) -> NodeSettings:
-    return NodeSettings(name=name, data_addr=f"tls+tcp://127.0.0.1:{free_tcp_port()}",
-                        control_addr=f"tls+tcp://127.0.0.1:{free_tcp_port()}",
+def _tls_node(built: BuiltModel, name: str, files: TlsFiles,
+              ports: Iterator[int]) -> NodeSettings:
+    return NodeSettings(name=name, data_addr=f"tls+tcp://127.0.0.1:{next(ports)}",
+                        control_addr=f"tls+tcp://127.0.0.1:{next(ports)}",
                         repo=built.repo, model_id="tiny", key=KEY, tls=files)
 
 
@@ -116,12 +117,14 @@ def test_a_node_with_a_wrong_certificate_can_neither_join_nor_inject(
         built_tiny: BuiltModel, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ours = init_keys(tmp_path / "ours", ["source", "good"])
     theirs = init_keys(tmp_path / "theirs", ["rogue"])
-    good_settings = _tls_node(built_tiny, "good", TlsFiles(ours.ca_cert, ours.node_pems["good"]))
+    ports = iter(free_tcp_ports(5))
+    good_settings = _tls_node(built_tiny, "good", TlsFiles(ours.ca_cert, ours.node_pems["good"]),
+                              ports)
     # The rogue has the cluster key, but a certificate of another CA.
     rogue_files = TlsFiles(ours.ca_cert, theirs.node_pems["rogue"])
-    rogue_settings = _tls_node(built_tiny, "rogue", rogue_files)
+    rogue_settings = _tls_node(built_tiny, "rogue", rogue_files, ports)
     source_files = TlsFiles(ours.ca_cert, ours.node_pems["source"])
-    data_addr = f"tls+tcp://127.0.0.1:{free_tcp_port()}"
+    data_addr = f"tls+tcp://127.0.0.1:{next(ports)}"
     source = Source(SourceSettings(
         name="source", data_addr=data_addr, repo=built_tiny.repo, model_id="tiny", key=KEY,
         tls=source_files, run_blocks=False, connect_timeout_s=3.0,
