@@ -41,7 +41,7 @@ STAMP_TYPE: Final = 1
 SESSION_BYTES: Final = 16
 _STAMP: Final = struct.Struct("<16sQ")
 _RECORD: Final = struct.Struct("<BB")
-DEFAULT_WINDOW: Final = 1 << 16
+DEFAULT_WINDOW: Final = 4096  # counters; the source keeps at most a few hundred frames in flight
 DEFAULT_MAX_SESSIONS: Final = 8
 
 
