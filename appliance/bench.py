@@ -604,11 +604,12 @@ def run_pipeline_bench(options: PipelineBenchOptions,
     pixels = np.random.default_rng(0).integers(0, 256, (1, *manifest.input.shape[1:]),
                                                dtype=np.uint8)
     if options.security_only:
+        security = run_security_bench(options, pixels, say)
         return {"model": options.model, "machine": machine_info(),
                 "load_avg": {"start": load_start, "end": load_avg()},
                 "settings": {"requests": options.requests, "repeats": options.repeats,
                              "warmup": options.warmup, "window": options.window},
-                "security": run_security_bench(options, pixels, say)}
+                "security": security}
     x = Normaliser(manifest.preprocessing)(pixels)
     timeout = options.request_timeout_s
     direct = _Direct(repository.model_dir(options.model) / manifest.full_model)
