@@ -275,10 +275,22 @@ def node(
     from appliance.data.node import Node
     from appliance.settings import node_settings
 
-    settings = node_settings(load_config(config), name, parent_pid)
+    cfg = load_config(config)
+    _warn_readable_secrets(cfg, name)
+    settings = node_settings(cfg, name, parent_pid)
     worker = Node(settings)
     stop = _stop_on_signals()
     worker.run(stop)
+
+
+def _warn_readable_secrets(cfg: Any, name: str) -> None:
+    """Say so when the cluster key or this node's TLS key can be read by other users."""
+    from appliance.keys import check_private_file
+
+    for path in (cfg.cluster.key_file, cfg.node(name).tls_cert):
+        warning = check_private_file(path) if path is not None else None
+        if warning:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 def _stale_named_model(repository: Any, model: str) -> str | None:
@@ -316,6 +328,7 @@ def serve(config: ConfigOption) -> None:
     from web.server import listen, serve, url_of
 
     cfg = load_config(config)
+    _warn_readable_secrets(cfg, cfg.source.name)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = listen(cfg.source.http_host, cfg.source.http_port)
     repository = ModelRepository(cfg.cluster.repo)

@@ -104,3 +104,14 @@ def test_mutual_tls_delivers_between_members_and_refuses_others(tmp_path: Path) 
                 outbox.send(b"injected", timeout_ms=700)
         with pytest.raises(TransportTimeout):
             inbox.recv(timeout_ms=300)  # nothing of theirs arrived
+
+
+def test_a_secret_readable_by_others_is_named_with_the_fix(tmp_path: Path) -> None:
+    from appliance.keys import check_private_file
+
+    secret = tmp_path / "cluster.key"
+    secret.write_text("ab" * 32)
+    secret.chmod(0o644)
+    assert f"chmod 600 {secret}" in (check_private_file(secret) or "")
+    secret.chmod(0o600)
+    assert check_private_file(secret) is None
