@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test fuzz lint typecheck check bench clean
+.PHONY: install up test fuzz lint typecheck check bench zoo clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ check: lint typecheck test
 
 bench: install
 	$(ARMDI) bench pipeline --json bench-results/pipeline.json
+
+# Export nine torchvision families (random weights) and build each from its file; minutes.
+zoo: install
+	$(PY) benchmarks/zoo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

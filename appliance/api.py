@@ -141,6 +141,10 @@ class Pipeline(Protocol):
         """Change a node's emulated slowdown while it runs (blocking; call off the loop)."""
         ...
 
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        """Inject a fault: kill, pause, resume or cut a worker (blocking)."""
+        ...
+
     def events(self) -> AsyncIterator[dict[str, Any]]:
         """Live events (boundary moves, failures, rejoins) as JSON-able dicts."""
         ...

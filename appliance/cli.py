@@ -77,11 +77,15 @@ def build(
              "(chosen automatically with --backend trt).")] = None,
     if_missing: Annotated[bool, typer.Option(help="Do nothing if the model is already "
                                                   "built.")] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Resident memory the build may use after the export (e.g. 2G, 1500M); it "
+             "refuses what would not fit.")] = None,
     repo: RepoOption = None,
 ) -> None:
     """Build a model into verified, profiled segment engines in the model repository."""
     from builder.build import BuildOptions
     from builder.build import build as run_build
+    from builder.memory import parse_size
     from builder.progress import RichReporter
     from engines.repository import ModelRepository
 
@@ -98,14 +102,16 @@ def build(
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
                            input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset)
+                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           max_memory=parse_size(max_memory) if max_memory else None)
     report = run_build(options, RichReporter())
     m = report.manifest
     total = sum(len(v) for v in m.segments.values())
     typer.echo(
         f"built {m.model_id}: {m.blocks} blocks, {total} segment engines "
         f"({', '.join(f'{k}: {len(v)}' for k, v in m.segments.items())}), verified "
-        f"(max abs error {m.verification.max_abs_error:.2g}) in "
+        f"(max abs error {m.verification.max_abs_error:.2g}, relative "
+        f"{m.verification.max_relative_error or 0:.2g}) in "
         f"{sum(report.seconds.values()):.1f} s -> {report.path}"
     )
 
@@ -232,8 +238,10 @@ def inspect(
                   f"weights {manifest.source.weights}) fingerprint {manifest.fingerprint[:16]}")
     console.print(f"{manifest.blocks} blocks; segments: {data['segments']} "
                   f"({manifest.segment_mode}); verification: "
-                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g} "
-                  f"(tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
+                  f"{'passed' if v.passed else 'FAILED'}, max abs error {v.max_abs_error:.2g}"
+                  + (f", relative {v.max_relative_error:.2g}" if v.max_relative_error is not None
+                     else "")
+                  + f" (tolerance {v.tolerance:g}), top-1 agreement {v.top1_agreement:.0%}")
     block_ms = data["block_ms"] or []
     table = Table("boundary", "tensor", "shape", "KiB/sample", "next block ms")
     for cut in manifest.cut_points:
@@ -366,6 +374,9 @@ def up(
     min_workers: Annotated[int, typer.Option(
         help="The first N workers run at least one block each, even where the optimum "
              "would leave them out (demos, tests).")] = 0,
+    supervise: Annotated[bool, typer.Option(
+        help="Restart a worker that dies, with back-off (the chain routes around it "
+             "meanwhile).")] = True,
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
@@ -399,6 +410,7 @@ def up(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
+        supervise=supervise,
         log_level=logging.getLevelName(logging.getLogger().level),
     )
     from web.server import listen, serve, url_of
@@ -471,6 +483,22 @@ def slow(
         _fail(f"factor {factor}: use 1 (full speed) up to 1e6")
     result = set_slowdown(node, factor, url=url)
     typer.echo(f"{result['node']}: slowdown {result['slowdown']:g}x (emulated)")
+
+
+@app.command()
+def fault(
+    action: Annotated[str, typer.Argument(help="kill | pause | resume | cut")],
+    node: Annotated[str, typer.Argument(help="The worker's name (w1, w2, ...).")],
+    seconds: Annotated[float, typer.Option(help="How long a pause or a cut lasts.")] = 3.0,
+    url: Annotated[str, typer.Option(help="The armdi server.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Inject a fault into a worker (tests and demos): the chain routes around it."""
+    from appliance.client import inject_fault
+
+    if action not in ("kill", "pause", "resume", "cut"):
+        _fail(f"fault {action!r}: use kill, pause, resume or cut")
+    result = inject_fault(node, action, seconds, url=url)
+    typer.echo(result["done"])
 
 
 keys_app = typer.Typer(no_args_is_help=True,
@@ -551,6 +579,50 @@ def bench_pipeline(
     if json_file is not None:
         write_json(result, json_file)
         typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("adaptive")
+def bench_adaptive(
+    model: Annotated[str, typer.Option(help="Model id (build it first).")]
+    = "efficientnet_lite0",
+    workers: Annotated[int, typer.Option(help="Workers in the chain.")] = 3,
+    duration: Annotated[float, typer.Option(help="Seconds per run.")] = 40.0,
+    real: Annotated[bool, typer.Option("--real", help="Real compute instead of emulated "
+                                                      "(workers share this machine's cores)."
+                                       )] = False,
+    time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x this."
+                                              )] = 4.0,
+    modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe,equal.")]
+    = "armdi,edgepipe,equal",
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
+                                                                  "(and a PNG plot beside it)."
+                                                   )] = None,
+    repo: RepoOption = None,
+) -> None:
+    """AR-MDI vs EdgePipe vs an equal split through heterogeneity and a slowdown at run time."""
+    from appliance.bench import write_json
+    from appliance.bench_adaptive import (
+        MODES,
+        AdaptiveBenchOptions,
+        format_report,
+        run_adaptive_bench,
+        write_plot,
+    )
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen or any(m not in MODES for m in chosen):
+        _fail(f"--modes {modes!r}: choose from {', '.join(MODES)}")
+    change, back = duration / 4, duration * 5 / 8
+    options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
+                                   duration_s=duration, change_s=change, back_s=back,
+                                   emulate=not real, time_scale=time_scale, modes=chosen)
+    result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        png = json_file.with_suffix(".png")
+        typer.echo(f"wrote {json_file}" + (f" and {png}" if write_plot(result, png) else
+                                           " (no plot: pip install 'armdi[bench]')"))
 
 
 def main() -> None:

@@ -112,10 +112,22 @@ def _describe(response: httpx.Response) -> str:
 def set_slowdown(node: str, factor: float, url: str = DEFAULT_URL,
                  timeout: float = 10.0) -> dict[str, Any]:
     """``PUT /v1/nodes/{node}/slowdown``: change a node's emulated slowdown while it runs."""
+    return _node_call("PUT", f"/v1/nodes/{node}/slowdown", {"factor": factor}, node, url,
+                      timeout)
+
+
+def inject_fault(node: str, action: str, seconds: float, url: str = DEFAULT_URL,
+                 timeout: float = 10.0) -> dict[str, Any]:
+    """``POST /v1/nodes/{node}/fault``: kill, pause, resume or cut a worker."""
+    return _node_call("POST", f"/v1/nodes/{node}/fault",
+                      {"action": action, "seconds": seconds}, node, url, timeout)
+
+
+def _node_call(method: str, path: str, body: dict[str, Any], node: str, url: str,
+               timeout: float) -> dict[str, Any]:
     base = normalize_url(url)
     try:
-        response = httpx.put(f"{base}/v1/nodes/{node}/slowdown", json={"factor": factor},
-                             timeout=timeout)
+        response = httpx.request(method, f"{base}{path}", json=body, timeout=timeout)
     except httpx.TransportError as exc:
         raise ClassifyError(f"no armdi server at {base} ({exc}); start one with armdi up") \
             from exc

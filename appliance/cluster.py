@@ -52,6 +52,9 @@ class LocalClusterOptions:
     queue_depth: int = 8
     source_runs_blocks: bool = True
     min_workers: int = 0  # the first N workers run at least one block each
+    supervise: bool = False  # restart a worker that dies, with back-off (armdi up)
+    emulate_compute: bool = False  # benches: wait the profiled time instead of computing
+    emulate_scale: float = 1.0
     log_level: str = "WARNING"  # of the worker processes
     # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
     # mutual TLS with keys made by armdi keys init into the run dir.
@@ -160,6 +163,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
         "queue_depth": options.queue_depth,
         "min_workers": options.min_workers if options.mode != "local" else 0,
+        "emulate_compute": options.emulate_compute, "emulate_scale": options.emulate_scale,
     }
     if options.key_hex:
         cluster["key"] = options.key_hex
@@ -198,16 +202,52 @@ class LocalCluster:
         self.config_path = self.run_dir / "cluster.toml"
         self.config_path.write_text(dump_toml(self.config))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "appliance.cli", "--log-level", self.options.log_level,
+               "node", "--config", str(self.config_path), "--name", name,
+               "--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def supervise(self) -> None:
+        """Restart a worker that exits, as systemd does on a Jetson: after 1 s, doubling up
+        to 30 s while it keeps dying, back to 1 s once it has run for a minute. Recovery
+        does not wait for this: the source routes around the dead worker at once."""
+        def loop() -> None:
+            backoff = {w.name: 1.0 for w in self.config.workers}
+            started = {w.name: time.monotonic() for w in self.config.workers}
+            due: dict[str, float] = {}
+            while not self._stopping.wait(0.25):
+                now = time.monotonic()
+                for i, (worker, proc) in enumerate(zip(self.config.workers, self.procs,
+                                                       strict=False)):
+                    name = worker.name
+                    if proc.poll() is None:
+                        if now - started[name] > 60:
+                            backoff[name] = 1.0
+                        continue
+                    if name not in due:
+                        due[name] = now + backoff[name]
+                        log.warning("worker %s exited (status %s); restarting in %.0f s", name,
+                                    proc.returncode, backoff[name])
+                    elif now >= due[name]:
+                        del due[name]
+                        self.procs[i] = self._spawn(name)
+                        started[name] = now
+                        backoff[name] = min(30.0, backoff[name] * 2)
+                        self.restarts += 1
+
+        self._supervisor = threading.Thread(target=loop, name="supervisor", daemon=True)
+        self._supervisor.start()
 
     def start_workers(self, timeout_s: float = 60.0) -> None:
         """Start every worker and wait until each answers on its control socket; a worker
         that exits first fails the start at once, with its exit status."""
         for worker in self.config.workers:
-            cmd = [sys.executable, "-m", "appliance.cli", "--log-level",
-                   self.options.log_level, "node",
-                   "--config", str(self.config_path), "--name", worker.name,
-                   "--parent-pid", str(os.getpid())]
-            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+            self.procs.append(self._spawn(worker.name))
         key = self.config.cluster.hmac_key()
         tls = self.config.tls_files(self.config.source.name)
         waiting = dict(zip(self.config.workers, self.procs, strict=True))
@@ -240,6 +280,9 @@ class LocalCluster:
                 signal.signal(signal.SIGINT, previous)
 
     def _stop(self, timeout: float) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         for proc in self.procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -266,6 +309,8 @@ def running(options: LocalClusterOptions) -> Iterator[tuple[LocalCluster, Cluste
     cluster = LocalCluster(options)
     try:
         cluster.start_workers()
+        if options.supervise:
+            cluster.supervise()
         yield cluster, cluster.config
     finally:
         cluster.stop()

@@ -128,6 +128,24 @@ class ClusterSection(_Frozen):
     backend: Literal["auto", "ort", "trt"] = Field(
         "auto", description="engine backend: auto | ort (ONNX Runtime) | trt (TensorRT)"
     )
+    emulate_compute: bool = Field(
+        False, description="benchmarks: nodes wait their segment's profiled time (times "
+                           "emulate_scale and the slowdown) and output zeros instead of "
+                           "computing, so many workers run faithfully on few cores"
+    )
+    emulate_scale: float = Field(1.0, gt=0, description="profiled times are multiplied by this "
+                                                        "under emulate_compute")
+    heartbeat_ms: float = Field(
+        100.0, gt=0, le=10_000, description="workers send the source a heartbeat this often"
+    )
+    phi_threshold: float = Field(
+        8.0, gt=0, description="a worker is declared dead when the failure detector's phi "
+                               "(how improbable its silence is) passes this"
+    )
+    acceptable_pause_ms: float = Field(
+        100.0, ge=0, description="silence the failure detector always tolerates (GC, a busy "
+                                 "scheduler), on top of the usual heartbeat interval"
+    )
     min_workers: int = Field(
         0, ge=0,
         description="the first N workers each run at least one block, even where the optimum "

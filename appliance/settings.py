@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from appliance.config import ClusterConfig
+from appliance.control.detector import DetectorSettings
 from appliance.data.node import NodeSettings
 from appliance.data.source import SourceSettings, WorkerRef
 
@@ -26,6 +27,8 @@ def node_settings(config: ClusterConfig, name: str,
         threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
         key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
         parent_pid=parent_pid, tls=config.tls_files(worker.name),
+        emulate=c.emulate_compute, emulate_scale=c.emulate_scale,
+        heartbeat_ms=c.heartbeat_ms,
     )
 
 
@@ -43,6 +46,8 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         slowdown=s.slowdown, bandwidth_Bps=s.bandwidth_Bps, latency_ms=s.latency_ms,
         cpus=s.cpus, run_blocks=s.run_blocks, max_blocks=s.max_blocks, key=c.hmac_key(),
         wire_dtype=c.wire_dtype, min_workers=c.min_workers, control_addr=s.control_addr,
+        detector=DetectorSettings(interval_ms=c.heartbeat_ms, phi_threshold=c.phi_threshold,
+                                  acceptable_pause_ms=c.acceptable_pause_ms),
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
         tls=config.tls_files(s.name),

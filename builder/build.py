@@ -15,6 +15,16 @@ import onnx
 
 from builder import graph as graph_mod
 from builder import segments as seg_mod
+from builder.memory import (
+    MB,
+    MemoryBudget,
+    children_peak_rss_bytes,
+    fmt,
+    peak_rss_bytes,
+    release_freed,
+    reset_peak,
+    session_estimate,
+)
 from builder.profile import median_ms, profile, sample_segments
 from builder.progress import Reporter, SilentReporter
 from builder.sources import OPSET, SourceModel, resolve
@@ -52,6 +62,7 @@ class BuildOptions:
     profile_segments: int = 24  # fused segments to time, spread over all lengths
     fp16: bool = False
     opset: int | None = None  # None: 18 (dynamo exporter); 17: the TorchScript exporter
+    max_memory: int | None = None  # bytes of resident memory the build may use after export
 
 
 @dataclass
@@ -59,6 +70,10 @@ class BuildReport:
     manifest: Manifest
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    # peak resident memory (MB): "export" (the torch export's child process, or reading an
+    # ONNX file), each later phase ("analyse", "extract", "verify", "profile", ...) and
+    # "build" (the largest after the export); empty where /proc/self/status is not available
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare_repo(root: Path) -> Path:
@@ -108,6 +123,7 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
 
         manifest, path, seconds = build_trt_for_shipped(options, shipped, reporter)
         return BuildReport(manifest, path, seconds)
+    budget = MemoryBudget(options.max_memory)
     repo = ModelRepository(options.repo)
     staging_root = _prepare_repo(repo.root)
     _clean_stale(staging_root)
@@ -119,9 +135,16 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
         source = resolve(options.model, work, weights=options.weights, name=options.name,
                          input_size=options.input_size, opset=opset, on_progress=reporter.note)
         timings["export_s"] = time.perf_counter() - t0
+        peaks: dict[str, float] = {}
+        export_peak = max(peak_rss_bytes() or 0, children_peak_rss_bytes())
+        if export_peak and reset_peak():
+            peaks["export"] = export_peak / MB
+        budget.check("exporting or reading the model source")
         out_dir = work / source.model_id
         out_dir.mkdir()
-        manifest = _build_into(out_dir, source, options, reporter, timings)
+        manifest = _build_into(out_dir, source, options, reporter, timings, budget, peaks)
+        if "export" in peaks:
+            peaks["build"] = max(v for k, v in peaks.items() if k != "export")
         final = repo.model_dir(manifest.model_id)
         if final.exists():
             trash = staging_root / f"old-{manifest.model_id}-{os.getpid()}"
@@ -130,26 +153,48 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
             shutil.rmtree(trash, ignore_errors=True)
         else:
             out_dir.rename(final)
-        return BuildReport(manifest, final, timings)
+        return BuildReport(manifest, final, timings, peaks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter: Reporter,
-                timings: dict[str, float]) -> Manifest:
+                timings: dict[str, float], budget: MemoryBudget,
+                peaks: dict[str, float]) -> Manifest:
+    def done(phase: str, since: float) -> None:
+        """Record a phase's seconds and, where it can be reset per phase, its peak RSS."""
+        timings[f"{phase}_s"] = time.perf_counter() - since
+        peak = peak_rss_bytes()
+        if "export" in peaks and peak is not None:
+            peaks[phase] = peak / MB
+            reset_peak()
+
     t0 = time.perf_counter()
     reporter.note(f"loading {source.onnx_path.name}")
     try:
         model = onnx.load(str(source.onnx_path))
     except Exception as exc:
         raise BuildError(f"{source.onnx_path}: cannot load ONNX ({exc})") from exc
+    if graph_mod.sort_nodes(model):
+        reporter.note("the file's nodes were not in topological order; sorted them")
     if source.source.kind == "onnx":
         _fix_input_size(model, options.input_size, source.onnx_path)
     analysis = graph_mod.analyse(model)
-    infos = seg_mod.value_infos(model)
     light = seg_mod.externalize(model, out / seg_mod.WEIGHTS_FILE)
-    del model
+    del model  # from here on the weights live in weights.bin only
+    release_freed()
+    infos = seg_mod.value_infos(light)
     onnx.save(light, str(out / FULL_MODEL))
+    probed = seg_mod.resolve_cut_shapes(out / FULL_MODEL, analysis, infos)
+    if probed:
+        reporter.note(f"read the shapes of {len(probed)} cut tensor(s) from a run of the "
+                      "model (shape inference could not fold them)")
+    batchless = seg_mod.batchless_cuts(analysis, infos)
+    if batchless:
+        reporter.note(f"{len(batchless)} cut tensor(s) without a batch axis "
+                      f"({', '.join(analysis.cuts[k] for k in sorted(batchless))}); their "
+                      "blocks are joined")
+        analysis = graph_mod.drop_cuts(analysis, batchless)
     cuts = seg_mod.cut_points(light, analysis, infos)
     input_shape = cuts[0].shape
     if len(input_shape) != 4:
@@ -162,7 +207,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         source = replace(source, preprocessing=source.preprocessing.model_copy(
             update={"crop": size, "resize": round(size * 256 / 224)}))
     reporter.note(f"{analysis.blocks} blocks between {len(cuts)} cut points")
-    timings["analyse_s"] = time.perf_counter() - t0
+    done("analyse", t0)
 
     def save_segment(start: int, end: int) -> str:
         name = seg_mod.segment_filename(start, end)
@@ -172,6 +217,17 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     def open_segment(start: int, end: int) -> Engine:
         return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
                          threads=options.threads, providers=["CPUExecutionProvider"])
+
+    def open_full(prepacking: bool = True) -> Engine:
+        return OrtEngine(out / FULL_MODEL, 0, analysis.blocks, threads=options.threads,
+                         providers=["CPUExecutionProvider"], prepacking=prepacking)
+
+    def open_once(start: int, end: int) -> Engine:
+        """For engines run once (verification): no pre-packed copy of the weights, so a
+        session opens in milliseconds and maps the weights file instead of copying it."""
+        return OrtEngine(out / seg_mod.segment_filename(start, end), start, end,
+                         threads=options.threads, providers=["CPUExecutionProvider"],
+                         prepacking=False)
 
     inputs = sample_inputs(input_shape, source.preprocessing)
     if options.max_blocks is not None and analysis.blocks > options.max_blocks:
@@ -189,7 +245,7 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         cuts = tuple(c for c in cuts if c.name in set(analysis.cuts))
         cuts = tuple(c.model_copy(update={"index": i}) for i, c in enumerate(cuts))
         reporter.note(f"merged to {analysis.blocks} blocks (--max-blocks {options.max_blocks})")
-        timings["merge_s"] = time.perf_counter() - t0
+        done("merge", t0)
 
     K = analysis.blocks
     input_info = TensorInfo(**cuts[0].model_dump(exclude={"index"}))
@@ -204,15 +260,22 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
     t0 = time.perf_counter()
     entries = [SegmentEntry(start=i, end=j, path=save_segment(i, j))
                for i, j in reporter.track(ranges, "extract segments")]
-    timings["extract_s"] = time.perf_counter() - t0
+    done("extract", t0)
 
     t0 = time.perf_counter()
-    full = OrtEngine(out / FULL_MODEL, 0, K, threads=options.threads,
-                     providers=["CPUExecutionProvider"])
-    blocks = [open_segment(k, k + 1) for k in range(K)]
     fused = [r for r in ranges if r[1] - r[0] >= 2]
-    verification, activations = verify(full, blocks, fused, open_segment, inputs, reporter)
-    timings["verify_s"] = time.perf_counter() - t0
+    weight_bytes = seg_mod.weights_bytes(light)
+    kept = sum(c.bytes_per_sample for c in cuts) + (len(inputs) - 1) * (
+        cuts[0].bytes_per_sample + cuts[-1].bytes_per_sample)
+    largest_activation = len(inputs) * max(c.bytes_per_sample for c in cuts)
+    budget.require(session_estimate(weight_bytes, largest_activation) + kept,
+                   f"verifying {source.model_id} (the full model: {fmt(weight_bytes)} of "
+                   f"weights; one sample's activations at every cut: {fmt(kept)})",
+                   "every build runs the full model once, whatever --segments says; raise "
+                   "--max-memory, or build on a bigger machine and copy the model folder")
+    verification, activations = verify(lambda: open_full(prepacking=False), open_once, K,
+                                       fused, inputs, reporter, budget=budget)
+    done("verify", t0)
 
     segments = {"ort": tuple(entries)}
     backend_verification: dict[str, Verification] = {}
@@ -230,15 +293,15 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         backend_verification["trt"] = trt_verification(trt_entries, trt_error, fp16=options.fp16)
         reporter.note(f"TensorRT: {len(trt_entries)} engines, max abs error vs ONNX Runtime "
                       f"{trt_error:.2g}")
-        timings["trt_s"] = time.perf_counter() - t0
+        done("trt", t0)
 
     t0 = time.perf_counter()
-    device_profile = profile(full, blocks, sample_segments(fused, options.profile_segments),
-                             open_segment, activations, reporter, backend="ort",
-                             threads=options.threads, repeats=options.profile_repeats)
-    for engine in (full, *blocks):
-        engine.close()
-    timings["profile_s"] = time.perf_counter() - t0
+    device_profile = profile(open_full, open_segment, K,
+                             sample_segments(fused, options.profile_segments), activations,
+                             reporter, backend="ort", threads=options.threads,
+                             repeats=options.profile_repeats)
+    budget.check("profiling")
+    done("profile", t0)
 
     all_files = sorted(p for p in out.rglob("*") if p.is_file())
     files = {p.relative_to(out).as_posix(): FileEntry(sha256=sha256_file(p),
@@ -268,6 +331,9 @@ def _build_into(out: Path, source: SourceModel, options: BuildOptions, reporter:
         profiles={f"{device_profile.device}/ort/t{options.threads}": device_profile},
     )
     write_json_atomic(out / MANIFEST, manifest.model_dump(mode="json"))
+    peak = peak_rss_bytes()
+    if "export" in peaks and peak is not None:
+        peaks["manifest"] = peak / MB  # hashing and writing; not timed (see build_figures)
     return manifest
 
 

@@ -153,3 +153,41 @@ def analyse(model: onnx.ModelProto) -> GraphAnalysis:
         topo_order=tuple(order),
     )
 
+
+
+def drop_cuts(analysis: GraphAnalysis, drop: set[int]) -> GraphAnalysis:
+    """The same graph with the cut points at indices ``drop`` removed: each dropped cut joins
+    the two blocks on either side of it. The input (0) and output (K) cannot be dropped."""
+    if not drop:
+        return analysis
+    if 0 in drop or analysis.blocks in drop:
+        raise BuildError("the model input and output are always cut points")
+    kept = [k for k in range(len(analysis.cuts)) if k not in drop]
+    # Old block b (between old cuts b and b+1) lies in the new block of the last kept cut <= b.
+    new_block, current = [], -1
+    for block in range(analysis.blocks):
+        if block not in drop:
+            current += 1
+        new_block.append(current)
+    node_block = tuple(new_block[b] if b >= 0 else -1 for b in analysis.node_block)
+    return GraphAnalysis(analysis.input_name, analysis.output_name,
+                         tuple(analysis.cuts[k] for k in kept), node_block,
+                         analysis.const_nodes, analysis.topo_order)
+
+
+def sort_nodes(model: onnx.ModelProto) -> bool:
+    """Store ``model``'s nodes in a topological order (in place); True if they moved.
+
+    ``onnx.checker``, shape inference and some runtimes need the stored order to be
+    topological, which the ONNX format does not enforce on writers."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    order = _topological_order(list(graph.node), available)
+    if order == sorted(order):
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for new, old in zip(nodes, order, strict=True):
+        new.CopyFrom(graph.node[old])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True

@@ -39,10 +39,10 @@ def sample_segments(candidates: Sequence[tuple[int, int]], limit: int) -> list[t
 
 
 def profile(
-    full: Engine,
-    blocks: Sequence[Engine],
-    fused: Sequence[tuple[int, int]],
+    open_full: Callable[[], Engine],
     open_segment: Callable[[int, int], Engine],
+    blocks: int,
+    fused: Sequence[tuple[int, int]],
     activations: Sequence[np.ndarray],
     reporter: Reporter,
     *,
@@ -50,22 +50,22 @@ def profile(
     threads: int,
     repeats: int = 20,
 ) -> DeviceProfile:
-    """Median batch-1 latency of the full model, every block and the given fused segments."""
+    """Median batch-1 latency of the full model, every block and the given fused segments.
+
+    One engine is open at a time, so the memory held is that of the largest one."""
     activations = [a[:1] for a in activations]
-    full_ms = median_ms(lambda: full.infer(activations[0]), repeats)
-    block_ms = tuple(
-        median_ms(lambda e=engine: e.infer(activations[e.start]), repeats)  # type: ignore[misc]
-        for engine in reporter.track(blocks, "profile blocks")
-    )
-    segment_ms: dict[str, float] = {}
-    for start, end in reporter.track(fused, "profile fused segments"):
-        engine = open_segment(start, end)
+
+    def timed(engine: Engine, x: np.ndarray) -> float:
         try:
-            segment_ms[f"{start}:{end}"] = median_ms(
-                lambda e=engine, x=activations[start]: e.infer(x), repeats  # type: ignore[misc]
-            )
+            return median_ms(lambda: engine.infer(x), repeats)
         finally:
             engine.close()
+
+    full_ms = timed(open_full(), activations[0])
+    block_ms = tuple(timed(open_segment(k, k + 1), activations[k])
+                     for k in reporter.track(range(blocks), "profile blocks"))
+    segment_ms = {f"{start}:{end}": timed(open_segment(start, end), activations[start])
+                  for start, end in reporter.track(fused, "profile fused segments")}
     return DeviceProfile(
         device=device_signature(), backend=backend, threads=threads, repeats=repeats,
         full_model_ms=full_ms, block_ms=block_ms, segment_ms=segment_ms,
@@ -82,22 +82,25 @@ def profile_installed(repository: ModelRepository, model_id: str, reporter: Repo
 
     manifest = repository.load_manifest(model_id)
     repository.check_file(manifest, manifest.weights_file)
-    full = OrtEngine(repository.check_file(manifest, manifest.full_model), 0, manifest.blocks,
-                     threads=threads, providers=["CPUExecutionProvider"])
-    blocks: list[Engine] = []
-    try:
-        for k in range(manifest.blocks):
-            blocks.append(repository.open_engine(manifest, k, k + 1, backend="ort",
-                                                 threads=threads, fused=True))
-        x = sample_inputs(manifest.input.shape, manifest.preprocessing, count=1)
-        activations = [x]
-        for engine in blocks:
+
+    def open_full() -> Engine:
+        return OrtEngine(repository.check_file(manifest, manifest.full_model), 0,
+                         manifest.blocks, threads=threads, providers=["CPUExecutionProvider"])
+
+    def open_segment(start: int, end: int) -> Engine:
+        return repository.open_engine(manifest, start, end, backend="ort", threads=threads,
+                                      fused=True)
+
+    x = sample_inputs(manifest.input.shape, manifest.preprocessing, count=1)
+    activations = [x]
+    for k in range(manifest.blocks):  # one engine open at a time: bounded memory
+        engine = open_segment(k, k + 1)
+        try:
             x = engine.infer(x)
-            activations.append(x)
-        result = profile(full, blocks, [], lambda i, j: full, activations, reporter,
-                         backend="ort", threads=threads, repeats=repeats)
-    finally:
-        for engine in (full, *blocks):
+        finally:
             engine.close()
+        activations.append(x)
+    result = profile(open_full, open_segment, manifest.blocks, [], activations, reporter,
+                     backend="ort", threads=threads, repeats=repeats)
     repository.save_profile(model_id, result)
     return result

@@ -8,6 +8,7 @@ length), so a repository holding hundreds of segments stays close to one copy of
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -24,37 +25,40 @@ _ALIGN = 64
 
 def externalize(model: onnx.ModelProto, weights_path: Path) -> onnx.ModelProto:
     """Write large initializers of ``model`` to ``weights_path`` and return a copy of the model
-    that refers to them. The copy holds no weight bytes and is cheap to slice."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    strip_metadata(out)
-    _shorten_initializer_names(out.graph)
-    for node in out.graph.node:
-        _drop_default_attributes(node)
+    that refers to them. The copy holds no weight bytes and is cheap to slice; it is built
+    without ever copying the weights (a protobuf copy of vgg16 held another 553 MB, and the
+    cleared fields kept their bytes in the message's arena)."""
+    out = _copy_without(model, "graph")
+    out.graph.CopyFrom(_copy_without(model.graph, "initializer"))
     offset = 0
     with weights_path.open("wb") as fh:
-        for init in out.graph.initializer:
+        for init in model.graph.initializer:
             if init.data_location == TensorProto.EXTERNAL:
                 raise BuildError(f"initializer {init.name!r} is still external; load it first")
             raw = init.raw_data if init.HasField("raw_data") else None
             if raw is None:
                 raw = onnx.numpy_helper.to_array(init).tobytes()
+            entry = out.graph.initializer.add()
             if len(raw) <= INLINE_LIMIT:
+                entry.CopyFrom(init)
                 continue
             pad = (-offset) % _ALIGN
             fh.write(b"\0" * pad)
             offset += pad
             fh.write(raw)
-            dims, dtype, name = list(init.dims), init.data_type, init.name
-            init.Clear()
-            init.name, init.data_type = name, dtype
-            init.dims.extend(dims)
-            init.data_location = TensorProto.EXTERNAL
+            entry.name, entry.data_type = init.name, init.data_type
+            entry.dims.extend(init.dims)
+            entry.data_location = TensorProto.EXTERNAL
             for key, value in (("location", weights_path.name), ("offset", str(offset)),
                                ("length", str(len(raw)))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
+                item = entry.external_data.add()
+                item.key, item.value = key, value
             offset += len(raw)
+            del raw
+    strip_metadata(out)
+    _shorten_initializer_names(out.graph)
+    for node in out.graph.node:
+        _drop_default_attributes(node)
     return out
 
 
@@ -85,6 +89,38 @@ def strip_metadata(model: onnx.ModelProto) -> None:
         for node in function.node:
             del node.metadata_props[:]
             node.doc_string = ""
+
+
+_Proto = TypeVar("_Proto", onnx.ModelProto, onnx.GraphProto)
+
+
+def _copy_without(message: _Proto, skip: str) -> _Proto:
+    """A copy of a protobuf message without the field ``skip`` (never copied, not even once)."""
+    copy = type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.name == skip:
+            continue
+        target = getattr(copy, descriptor.name)
+        repeated = (descriptor.is_repeated if hasattr(descriptor, "is_repeated")
+                    else descriptor.label == descriptor.LABEL_REPEATED)
+        if repeated:
+            target.extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            target.CopyFrom(value)
+        else:
+            setattr(copy, descriptor.name, value)
+    return copy
+
+
+def weights_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of all initializers of ``model``, external or inline."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            total += int(next((e.value for e in init.external_data if e.key == "length"), 0))
+        else:
+            total += init.ByteSize()
+    return total
 
 
 def _shorten_initializer_names(graph: onnx.GraphProto) -> None:
@@ -144,7 +180,12 @@ def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
                                   for i in _topological_order(list(graph.node), available))
         inferred = onnx.shape_inference.infer_shapes(ordered, data_prop=True)
         known.update({vi.name: vi for vi in inferred.graph.value_info if vi.name not in known})
-    return known
+    # Copies: a reference to a sub-message would keep the whole model (weights and all) alive.
+    copies = {}
+    for name, vi in known.items():
+        copies[name] = onnx.ValueInfoProto()
+        copies[name].CopyFrom(vi)
+    return copies
 
 
 def tensor_shape(vi: onnx.ValueInfoProto) -> tuple[int, ...]:
@@ -170,6 +211,83 @@ def cut_points(model: onnx.ModelProto, analysis: GraphAnalysis,
         points.append(CutPoint(index=index, name=name, shape=shape, dtype=dtype.name,
                                bytes_per_sample=per_sample))
     return tuple(points)
+
+
+def resolve_cut_shapes(model_path: Path, analysis: GraphAnalysis,
+                       infos: dict[str, onnx.ValueInfoProto]) -> list[str]:
+    """Give every cut tensor a full shape in ``infos``; return the names that needed a run.
+
+    Shape inference cannot fold every constant chain (``Constant -> Identity -> Reshape``
+    leaves the shape unknown). Such shapes are read from one ONNX Runtime run of the full
+    model (``model_path``, weights beside it) with the unresolved cuts as extra outputs. With
+    a dynamic batch the run uses batch 2, and a leading 2 is recorded as the batch axis."""
+    first = infos.get(analysis.cuts[0])
+    dynamic_batch = first is None or (tensor_shape(first) or (0,))[0] < 0
+    missing = [name for name in analysis.cuts
+               if _needs_shape(infos.get(name), dynamic_batch)]
+    if not missing:
+        return []
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    for name in missing:
+        if name not in known:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe = model_path.with_name(f".shapes-{model_path.name}")
+    onnx.save(model, str(probe))
+    try:
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        dynamic_batch = not isinstance(inp.shape[0], int)
+        shape = [2 if dynamic_batch else inp.shape[0],
+                 *(d if isinstance(d, int) else -1 for d in inp.shape[1:])]
+        if any(d < 0 for d in shape):
+            raise BuildError(f"the model input has a dynamic non-batch dimension {inp.shape}; "
+                             "export the model with fixed input height and width")
+        vi = infos[analysis.cuts[0]]
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        try:
+            values = session.run(missing, {inp.name: x})
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BuildError(f"could not run the model to read its cut shapes: {exc}") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+    for name, value in zip(missing, values, strict=True):
+        array = np.asarray(value)
+        dims: list[int | str] = list(array.shape)
+        if dynamic_batch and dims and dims[0] == 2:
+            dims[0] = "N"
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        infos[name] = helper.make_tensor_value_info(name, elem, dims)
+    return missing
+
+
+def _needs_shape(vi: onnx.ValueInfoProto | None, dynamic_batch: bool) -> bool:
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return True
+    shape = tensor_shape(vi)
+    return any(d < 0 for d in (shape[1:] if dynamic_batch else shape))
+
+
+def batchless_cuts(analysis: GraphAnalysis,
+                   infos: dict[str, onnx.ValueInfoProto]) -> set[int]:
+    """Indices of inner cut tensors whose leading axis is not the model's batch axis.
+
+    Every activation is a batch of samples along its first axis: engines take a batch,
+    verification and the runtime split and join along it. A tensor that the exporter
+    flattened away from the batch (ConvNeXt's and Swin's global pooling: ``ReduceMean`` then
+    ``Reshape`` to ``(768,)`` then ``Gather`` back to ``(1, 768, 1, 1)``) may still be the only
+    live tensor between two parts of the graph, but it cannot be an activation on the wire:
+    the blocks on either side of it are joined instead."""
+    batch = tensor_shape(infos[analysis.cuts[0]])[0]
+    drop = set()
+    for index in range(1, analysis.blocks):
+        shape = tensor_shape(infos[analysis.cuts[index]])
+        if not shape or shape[0] != batch:
+            drop.add(index)
+    return drop
 
 
 def extract(model: onnx.ModelProto, analysis: GraphAnalysis,

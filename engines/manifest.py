@@ -75,6 +75,9 @@ class Verification(_Frozen):
     top1_agreement: float
     segments_checked: int
     detail: str = ""
+    # tolerance and max_relative_error: max abs error / max abs reference, per tensor
+    max_relative_error: float | None = None
+    min_cosine: float | None = None
 
 
 class DeviceProfile(_Frozen):

@@ -131,6 +131,17 @@ def test_bad_segments_option(tiny_onnx: Path, tmp_path: Path, monkeypatch: pytes
     _assert_one_error(code, err, "--segments 'window:0'")
 
 
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("lots", "--max-memory 'lots': give a size such as 2G"),
+    ("16M", "over --max-memory 16 MB"),  # below the process's own size: stops cleanly
+])
+def test_max_memory_option(tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str], value: str, fragment: str) -> None:
+    code, _, err = _run(monkeypatch, capsys, "build", str(tiny_onnx), "--repo",
+                        str(tmp_path / "repo"), "--backend", "ort", "--max-memory", value)
+    _assert_one_error(code, err, fragment)
+
+
 def test_inspect_unknown_model(built_tiny: BuiltModel, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(monkeypatch, capsys, "inspect", "resnet18", "--json", "--repo",

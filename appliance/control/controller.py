@@ -42,7 +42,7 @@ __all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "shoul
 class ControllerSettings:
     hysteresis: float = 0.05
     """Move only when the pair's predicted bottleneck is this fraction below the measured."""
-    dwell_s: float = 2.0
+    dwell_s: float = 1.0
     """At least this long between two moves of one boundary."""
     samples: int = 16
     """Frames measured on a split before it is judged (each side: their median)."""

@@ -29,6 +29,9 @@ class LeftBoundary:
                  activation_bytes: Sequence[int], configure: msg.Configure,
                  settings: ControllerSettings,
                  prepare: Callable[[int, int], object] = lambda start, end: None,
+                 lock: threading.Lock | None = None,
+                 current_end: Callable[[], int] | None = None,
+                 committed: Callable[[int], None] = lambda boundary: None,
                  tls: TlsFiles | None = None) -> None:
         assert configure.predecessor and configure.predecessor_control_addr
         self.node = node
@@ -38,6 +41,11 @@ class LeftBoundary:
         self.tls = tls
         self.settings = settings
         self.prepare = prepare  # loads this node's engine for a range before a move
+        # Moves of this node's two boundaries never interleave: the node's successor moving
+        # our end takes the same lock, so each side checks the other's committed state.
+        self.lock = lock or threading.Lock()
+        self.current_end = current_end
+        self.committed = committed
         self.controller = BoundaryController(block_ms, settings)
         self.left_transfer = transfer_ms(activation_bytes, configure.upstream_Bps,
                                          configure.upstream_latency_ms)
@@ -76,11 +84,18 @@ class LeftBoundary:
                 move, old, end = item
                 why = move.describe(self.predecessor, self.node, old)
                 try:
-                    self.prepare(move.boundary, end)  # our side's fused engine, before the move
-                    reply = client.request(msg.MoveBoundary(node=self.node,
-                                                            boundary=move.boundary,
-                                                            reason=why), timeout_ms=30_000)
-                    if isinstance(reply, msg.Ack) and reply.ok:
+                    with self.lock:
+                        end = self.current_end() if self.current_end else end
+                        if not move.boundary < end:
+                            continue  # our own end moved meanwhile: judge afresh
+                        self.prepare(move.boundary, end)  # our side's fused engine first
+                        reply = client.request(msg.MoveBoundary(node=self.node,
+                                                                boundary=move.boundary,
+                                                                reason=why), timeout_ms=30_000)
+                        ok = isinstance(reply, msg.Ack) and reply.ok
+                        if ok:
+                            self.committed(move.boundary)
+                    if ok:
                         self.moves += 1
                         self.last_move = why
                         log.info("%s: moved %s", self.node, why)

@@ -103,6 +103,18 @@ class EngineCache:
                 self._load(key)
         return self.get(start, end)
 
+    def warm_blocks(self) -> None:
+        """Open every block engine in the background, so any range can run at once (chained)
+        when a failure or a move hands this node blocks it has not run before."""
+        def warm() -> None:
+            for k in range(self.manifest.blocks):
+                try:
+                    self._chain(k, k + 1)
+                except Exception as exc:
+                    log.warning("could not open block engine %d: %s", k, exc)
+                    return
+        threading.Thread(target=warm, name="engine-warm", daemon=True).start()
+
     def preload(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Load these ranges' fused engines in the background (those that exist)."""
         for key in ranges:

@@ -16,6 +16,7 @@ ends all of them promptly. A bad frame is counted, logged and dropped; it never 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -31,7 +32,7 @@ from appliance.data.adaptive import LeftBoundary
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
-from appliance.wire.replay import ReplayGuard
+from appliance.wire.replay import ReplayGuard, Stamper
 from appliance.wire.transport import (
     ControlServer,
     DataInbox,
@@ -50,6 +51,7 @@ from engines.repository import ModelRepository
 log = logging.getLogger("armdi.node")
 
 POLL_MS = 200
+SEND_SLICE_MS = 100  # a blocked send looks again where frames go (a re-route) this often
 
 
 class FrameRejected(fr.FrameError):
@@ -79,6 +81,8 @@ class NodeSettings:
     send_timeout_ms: int = 2000
     engine_budget_mb: float = 512.0  # fused segment engines kept loaded (LRU), by memory
     emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
+    emulate_scale: float = 1.0  # ...times this
+    heartbeat_ms: float = 100.0  # a heartbeat to the source this often, from its own thread
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
@@ -130,10 +134,15 @@ class Node:
         self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         self._segment_ms = dict(profile.segment_ms) if profile else {}
         self._left: LeftBoundary | None = None  # the controller of the boundary on our left
-        self._start_seen: int | None = None  # start_block of the last frame run
+        # Our start: the configured one, then wherever our own moves put it (we own the
+        # boundary on our left; frames in flight may still start earlier, and run from there).
+        self._start_seen: int | None = None
         self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
         self._link_Bps: float | None = None
         self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
+        self._move_lock = threading.Lock()  # moves of our start and of our end, one at a time
+        self._paused_until = 0.0  # injected faults (monotonic deadlines)
+        self._cut_until = 0.0
         self.swap_ms = 0.0
         self._outboxes: dict[str, DataOutbox] = {}  # used by the data thread only
         self._busy = False  # a frame taken from the inbox and not yet sent
@@ -143,6 +152,7 @@ class Node:
         self._normalise = Normaliser(self.manifest.preprocessing)
         self._prefix = fr.node_prefix(settings.name)
         self.replay = ReplayGuard(require=settings.key is not None)
+        self._beat_stamps = Stamper()  # this node's own session, for its heartbeats
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -161,7 +171,10 @@ class Node:
         threads = [
             threading.Thread(target=self._data_loop, args=(inbox, stop), name="data"),
             threading.Thread(target=self._control_loop, args=(control, stop), name="control"),
+            threading.Thread(target=self._heartbeat_loop, args=(stop,), name="heartbeat"),
         ]
+        if not self.settings.emulate:
+            self.engines.warm_blocks()
         log.info("%s: serving %s (%d blocks) on %s, control %s", self.settings.name,
                  self.manifest.model_id, self.blocks, self.settings.data_addr,
                  self.settings.control_addr)
@@ -189,6 +202,10 @@ class Node:
     # ----------------------------------------------------------------- control
     def _control_loop(self, control: ControlServer, stop: threading.Event) -> None:
         while not stop.is_set():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:  # paused: no answers either
+                stop.wait(min(pause, POLL_MS / 1000))
+                continue
             try:
                 control.serve_once(lambda m: self.handle_control(m, stop), timeout_ms=POLL_MS)
             except Exception as exc:  # the requester got an Ack(ok=False); keep serving
@@ -210,6 +227,8 @@ class Node:
             return self._configure(message)
         if isinstance(message, msg.MoveBoundary):
             return self._move_end(message)
+        if isinstance(message, msg.Fault):
+            return self._fault(message)
         if isinstance(message, msg.SetSlowdown):
             log.info("%s: slowdown %.3g -> %.3g", self.settings.name, self.slowdown,
                      message.factor)
@@ -229,14 +248,18 @@ class Node:
                                             f"{self.blocks} blocks")
         try:
             if m.start < m.end and not self.settings.emulate:
-                self.engines.load_now(m.start, m.end)  # load (and verify) before traffic
+                # runnable at once (chained block engines, opened and verified); the fused
+                # engine loads in the background: a re-route must not wait for it
+                self.engines.get(m.start, m.end)
         except ArmdiError as exc:
             return msg.Ack(ok=False, reason=str(exc))
         left = None
         if m.adaptive and m.predecessor and m.predecessor_control_addr and m.start < m.end:
             left = LeftBoundary(self.settings.name, self.settings.key, self._block_ms,
                                 self.manifest.activation_bytes(), m, self.settings.controller,
-                                prepare=self._prepare, tls=self.settings.tls)
+                                prepare=self._prepare, lock=self._move_lock,
+                                current_end=lambda: self.assignment.end,
+                                committed=self._start_committed, tls=self.settings.tls)
         if m.session is not None:  # frames of this source run only, from now on
             self.replay.expect(bytes.fromhex(m.session))
         with self._lock:
@@ -252,8 +275,62 @@ class Node:
                  f"; moves the boundary with {m.predecessor}" if left else "")
         return msg.Ack(ok=True, reason="")
 
+    def _fault(self, m: msg.Fault) -> msg.Ack:
+        """Injected faults (tests, demos): see ``messages.Fault``."""
+        now = time.monotonic()
+        log.warning("%s: fault injected: %s %.3g s", self.settings.name, m.action, m.seconds)
+        if m.action == "kill":  # exit as abruptly as kill -9, once the Ack is on its way
+            threading.Timer(0.05, os._exit, args=(137,)).start()
+        elif m.action == "pause":
+            self._paused_until = now + m.seconds
+        elif m.action == "cut":
+            self._cut_until = now + m.seconds
+        else:
+            self._cut_until = self._paused_until = 0.0
+        return msg.Ack(ok=True, reason="")
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """A HEARTBEAT frame to the source every ``heartbeat_ms``, whatever the engine does
+        (slow is not dead); none while paused or cut."""
+        box: DataOutbox | None = None
+        addr: str | None = None
+        seq = 0
+        period = self.settings.heartbeat_ms / 1000
+        try:
+            while not stop.wait(period):
+                target = self.assignment.result_addr
+                now = time.monotonic()
+                if target is None or now < self._paused_until or now < self._cut_until:
+                    continue
+                if target != addr:
+                    if box is not None:
+                        box.close()
+                    box, addr = DataOutbox(target, send_buffer=4, tls=self.settings.tls), target
+                seq += 1
+                beat = fr.Frame(kind=fr.FrameKind.HEARTBEAT, request_id=seq, attempt=0,
+                                fingerprint=self.fingerprint, start_block=0,
+                                tensor=np.zeros(0, np.float32),
+                                trace=(fr.TraceEntry(self.settings.name, 0, 0, 0.0),),
+                                ext=self._beat_stamps.next())  # a replayed beat is dropped
+                assert box is not None
+                with contextlib.suppress(TransportError):  # the source is away: next beat
+                    box.send_with(*fr.frame_writer(beat, self.settings.key), timeout_ms=0)
+        finally:
+            if box is not None:
+                box.close()
+
+    def _start_committed(self, boundary: int) -> None:
+        """Our predecessor now ends at ``boundary``: it is our start from here on."""
+        with self._lock:
+            self._start_seen = boundary
+
     def _move_end(self, m: msg.MoveBoundary) -> msg.Ack:
-        """Our successor moves the boundary between us: end our range at ``m.boundary``."""
+        """Our successor moves the boundary between us: end our range at ``m.boundary``.
+        Never while we move our own start (the same lock): each checks the other's result."""
+        with self._move_lock:
+            return self._move_end_locked(m)
+
+    def _move_end_locked(self, m: msg.MoveBoundary) -> msg.Ack:
         with self._lock:
             a = self.assignment
             start = a.start if self._start_seen is None else self._start_seen
@@ -297,7 +374,7 @@ class Node:
             uptime_s=time.monotonic() - self.started, slowdown=self.slowdown,
             speed=self._speed or 0.0, link_Bps=self._link_Bps or 0.0,
             moves=left.moves if left else 0, last_move=left.last_move if left else "",
-            swap_ms=self.swap_ms, fused_load_ms=self.engines.last_load_ms,
+            swap_ms=self.swap_ms, fused_load_ms=self.engines.last_load_ms, pid=os.getpid(),
         )
 
     # ----------------------------------------------------------------- data path
@@ -308,6 +385,10 @@ class Node:
     def _data_loop(self, inbox: DataInbox, stop: threading.Event) -> None:
         """Receive, check, compute, send: one frame at a time, on this thread only."""
         while not stop.is_set():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:  # an injected pause: frames wait in NNG's buffers meanwhile
+                stop.wait(min(pause, POLL_MS / 1000))
+                continue
             try:
                 buf = inbox.recv(timeout_ms=POLL_MS)
             except TransportTimeout:
@@ -342,7 +423,6 @@ class Node:
             return
         try:
             out = self.compute(frame, a.end, a.wire_dtype)
-            self._start_seen = frame.start_block
             left = self._left
             if left is not None and not self._last_chained:  # a chain's time misleads
                 left.observe(frame, a.end, self._last_ms)
@@ -389,8 +469,9 @@ class Node:
         t0 = time.perf_counter()
         start = frame.start_block
         profiled = self._profiled_ms(start, end)
-        if self.settings.emulate:  # emulated compute: the profiled time, zeros out
-            self._stop.wait(profiled * self.slowdown / 1000)
+        if self.settings.emulate:  # emulated compute: the blocks' profiled times, zeros out
+            blocks_ms = sum(self._block_ms[start:end])  # as the allocator models a segment
+            self._stop.wait(blocks_ms * self.settings.emulate_scale * self.slowdown / 1000)
             shape = (frame.tensor.shape[0], *self._sample_shapes[end])
             y = np.zeros(shape, np.float32)
         else:
@@ -433,20 +514,34 @@ class Node:
         """Encode and send one frame to where it goes next; failures are counted.
 
         Returns once the frame is in NNG's send buffer (NNG writes it out on its own
-        thread); blocks, up to ``send_timeout_ms``, only while that buffer is full."""
-        addr = a.successor if frame.kind == fr.FrameKind.ACTIVATION else a.result_addr
-        if addr is None:
-            self._drop("no_route", f"no successor configured for block {frame.start_block}")
+        thread); blocks, up to ``send_timeout_ms``, only while that buffer is full. While it
+        waits it follows re-routes: every ``SEND_SLICE_MS`` it looks again where frames go
+        now, so a successor that died is left behind as soon as the source re-routes."""
+        if time.monotonic() < self._cut_until:
+            self.stats.dropped["link_cut"] += 1  # an injected cut: nothing leaves
             return
+        size, write = fr.frame_writer(frame, self.settings.key)
         t0 = time.perf_counter()
-        try:
-            size, write = fr.frame_writer(frame, self.settings.key)
-            self._outbox(addr).send_with(size, write,
-                                         timeout_ms=self.settings.send_timeout_ms)
-        except TransportError as exc:
-            # The source re-sends overdue requests; this node only reports and moves on.
-            self._drop("send_failed", f"to {addr}: {exc}")
-            return
+        deadline = t0 + self.settings.send_timeout_ms / 1000
+        activation = frame.kind == fr.FrameKind.ACTIVATION
+        while True:
+            a = self.assignment
+            addr = a.successor if activation else a.result_addr
+            if addr is None:
+                self._drop("no_route", f"no successor configured for block "
+                                       f"{frame.start_block}")
+                return
+            try:
+                self._outbox(addr).send_with(size, write, timeout_ms=SEND_SLICE_MS)
+                break
+            except TransportTimeout as exc:
+                if time.perf_counter() >= deadline or self._stop.is_set():
+                    self._drop("send_failed", f"to {addr}: {exc}")
+                    return
+            except TransportError as exc:
+                # The source re-sends overdue requests; this node only reports and moves on.
+                self._drop("send_failed", f"to {addr}: {exc}")
+                return
         send_s = time.perf_counter() - t0
         self.stats.observe("send_ms", send_s * 1000)
         if send_s > 0:

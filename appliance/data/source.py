@@ -14,12 +14,14 @@ request that cannot finish before its deadline fails with a clear error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import math
 import os
 import queue
+import signal
 import statistics
 import threading
 import time
@@ -52,7 +54,8 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
-from appliance.control.controller import ControllerSettings, should_rebalance
+from appliance.control.controller import should_rebalance
+from appliance.control.detector import DetectorSettings, PhiAccrual
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -76,7 +79,16 @@ from engines.repository import ModelRepository
 log = logging.getLogger("armdi.source")
 
 POLL_S = 0.2
-STALL_S = 10.0  # the pairs get this long to fix an imbalance before the source steps in
+STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
+REBALANCE_GAIN = 0.1  # ...and the source steps in only when the optimum is this much better
+
+
+class ConfigureError(ArmdiError):
+    """A worker did not take the blocks it was given (``node`` names it)."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class SourceSettings:
     min_workers: int = 0  # the first N live workers run at least one block each
     boundaries: tuple[int, ...] | None = None  # forced at start (benchmarks), else the optimum
     control_addr: str | None = None  # where workers reach the source (boundary moves)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
     max_frame_bytes: int = 64 << 20
     request_timeout_s: float = 10.0
     max_attempts: int = 3
@@ -141,6 +154,7 @@ class _WorkerState:
     last: msg.NodeStatus | None = None
     failures: int = 0
     reason: str = ""  # why it is idle, refused or down
+    detector: PhiAccrual = field(default_factory=PhiAccrual)
 
 
 @dataclass
@@ -164,7 +178,9 @@ class Source:
         self.fingerprint = fr.fingerprint_from_hex(self._manifest.fingerprint)
         self.blocks = self._manifest.blocks
         self.backend = self.repository.serving_backend(self._manifest, settings.backend)
-        self.workers = [_WorkerState(ref) for ref in settings.workers]
+        self.workers = [_WorkerState(ref, detector=PhiAccrual(settings.detector))
+                        for ref in settings.workers]
+        self._recovering = threading.Lock()  # one re-route at a time
         self.refusals: dict[str, str] = {}  # worker name -> why it was left out
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
@@ -204,6 +220,8 @@ class Source:
         self._stamper = Stamper()  # every frame made here gets a fresh stamp (no replays)
         self._replay = ReplayGuard(require=settings.key is not None)
         self._replay.expect(self._stamper.session)
+        self._beats = ReplayGuard(require=settings.key is not None,
+                                  max_sessions=2 * len(settings.workers) + 8)
 
     # ------------------------------------------------------------------ Pipeline API
     @property
@@ -504,7 +522,7 @@ class Source:
                 "" if n in allocation.used else "boundaries set by hand: no blocks")
         return allocation
 
-    def _configure(self, live: list[_WorkerState]) -> None:
+    def _configure(self, live: list[_WorkerState], timeout_ms: int = 30_000) -> None:
         assert self.allocation is not None
         b = self.allocation.boundaries
         names = [self.settings.name] + [w.ref.name for w in live]
@@ -531,10 +549,14 @@ class Source:
                 upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
                 downstream_latency_ms=down[1], session=self._stamper.session.hex())
             self._configures[name] = configure
-            reply = self._client(worker).request(configure, timeout_ms=30_000)
+            try:
+                reply = self._client(worker).request(configure, timeout_ms=timeout_ms)
+            except ArmdiError as exc:
+                raise ConfigureError(name, f"worker {name} did not take blocks [{start}, "
+                                           f"{end}): {exc}") from exc
             if not (isinstance(reply, msg.Ack) and reply.ok):
-                raise ArmdiError(f"worker {name} rejected blocks [{start}, {end}): "
-                                 f"{getattr(reply, 'reason', reply)}")
+                raise ConfigureError(name, f"worker {name} rejected blocks [{start}, {end}): "
+                                           f"{getattr(reply, 'reason', reply)}")
         for w in live:
             if w.ref.name in chain:
                 w.state = "up"
@@ -545,7 +567,7 @@ class Source:
                 self._client(w).request(msg.Configure(
                     node=w.ref.name, start=0, end=0, successor_addr=None,
                     result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
-                    chain=tuple(chain)), timeout_ms=30_000)
+                    chain=tuple(chain)), timeout_ms=timeout_ms)
         if route and route[0][0] == self.settings.name:
             self.engines.load_now(route[0][2], route[0][3])
         self._route = route
@@ -733,6 +755,10 @@ class Source:
                                     max_bytes=self.settings.max_frame_bytes)
             if frame.fingerprint != self.fingerprint:
                 raise fr.FrameError("result for another model fingerprint")
+            if frame.kind == fr.FrameKind.HEARTBEAT:  # each worker stamps its own beats
+                self._beats.check(frame, buf, tagged=self.settings.key is not None)
+                self._beat(frame.trace[0].node if frame.trace else "")
+                return
             if frame.kind == fr.FrameKind.ACTIVATION:
                 raise fr.FrameError("unexpected ACTIVATION frame at the source")
             expected = tuple(self._manifest.output.shape[1:])
@@ -786,9 +812,96 @@ class Source:
     def _watchdog_loop(self) -> None:
         while not self._stop.wait(0.05):
             try:
-                self._check_deadlines(time.monotonic())
+                now = time.monotonic()
+                if self.settings.mode == "armdi":  # edgepipe, the baseline, only re-sends
+                    self._check_liveness(now)
+                self._check_deadlines(now)
             except Exception as exc:
                 self._loop_error("watchdog", exc)
+
+    # ------------------------------------------------------------------ failures
+    def _beat(self, node: str) -> None:
+        w = next((w for w in self.workers if w.ref.name == node), None)
+        if w is not None:
+            w.detector.heartbeat(time.monotonic())
+
+    def _check_liveness(self, now: float) -> None:
+        """A worker of the chain whose heartbeats stopped is dead: route around it now."""
+        in_chain = {r[0] for r in self._route}
+        dead = [w for w in self.workers if w.ref.name in in_chain
+                and w.state not in ("dead", "refused") and w.detector.dead(now)]
+        for w in dead:
+            w.state = "dead"
+            w.reason = (f"silent for {(now - (w.detector.last or now)) * 1000:.0f} ms "
+                        f"(phi {w.detector.phi(now):.1f} > "
+                        f"{self.settings.detector.phi_threshold:g})")
+            self._metrics.counters["deaths"] += 1
+            log.error("worker %s is dead: %s; routing around it", w.ref.name, w.reason)
+            self._event("node_dead", node=w.ref.name, reason=w.reason)
+        if dead:
+            threading.Thread(target=self._reroute, args=("dead: " + ", ".join(
+                w.ref.name for w in dead),), name="reroute", daemon=True).start()
+
+    def _reroute(self, why: str) -> None:
+        """Place the boundaries over the live workers again, configure them, and replay
+        every request in flight (a result that was not lost after all is a duplicate and
+        is dropped: each request still gets exactly one)."""
+        with self._recovering, self._config_lock:
+            for _ in range(3):
+                live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
+                try:
+                    self.allocation = self._allocate(live)
+                    self._configure(live, timeout_ms=2000)
+                    break
+                except ConfigureError as exc:  # a worker that cannot be configured: out too
+                    log.warning("re-route: %s", exc)
+                    bad = next(w for w in live if w.ref.name == exc.node)
+                    bad.state, bad.reason = "dead", f"could not be configured: {exc}"
+            route = [r[0] for r in self._route]
+            self._metrics.counters["reroutes"] += 1
+            self._event("rerouted", why=why, boundaries=list(self.boundaries()), route=route)
+            log.warning("re-routed (%s): %s over %s", why, list(self.boundaries()), route)
+        now = time.monotonic()
+        with self._lock:
+            pending = list(self._pending.values())
+            for p in pending:
+                self._arm(p, now)
+        for p in pending:
+            self._metrics.retried += 1
+            self._dispatch(p, p.attempt)
+
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        """Inject a fault (tests, demos): kill, pause, resume or cut ``node``. A worker on
+        this machine gets real signals (SIGKILL, SIGSTOP/SIGCONT); another is told to
+        emulate the fault itself. Returns what was done."""
+        if action not in ("kill", "pause", "resume", "cut"):
+            raise ValueError(f"fault {action!r}: use kill, pause, resume or cut")
+        w = next((w for w in self.workers if w.ref.name == node), None)
+        if w is None:
+            raise KeyError(node)
+        pid = w.last.pid if w.last is not None else 0
+        local = pid > 0 and _is_local_worker(pid, node)
+        done = f"{action} {node}"
+        if local and action in ("kill", "pause", "resume"):
+            sig = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP,
+                   "resume": signal.SIGCONT}[action]
+            os.kill(pid, sig)
+            if action == "pause":
+                timer = threading.Timer(seconds, _signal_quietly, args=(pid, signal.SIGCONT))
+                timer.daemon = True
+                timer.start()
+                done += f" for {seconds:g} s"
+            done += f" (signal to pid {pid})"
+        else:
+            reply = self._client(w).request(msg.Fault(action=action,  # type: ignore[arg-type]
+                                                      seconds=seconds), timeout_ms=2000)
+            if not (isinstance(reply, msg.Ack) and reply.ok):
+                raise PipelineError(f"{node} refused the fault: "
+                                    f"{getattr(reply, 'reason', reply)}")
+            done += f" for {seconds:g} s (emulated by the node)" if action != "kill" else ""
+        self._metrics.counters["faults_injected"] += 1
+        self._event("fault", node=node, action=action, seconds=seconds, detail=done)
+        return done
 
     def _check_deadlines(self, now: float) -> None:
         with self._lock:
@@ -835,16 +948,16 @@ class Source:
         optimum, now = self.optimum, time.monotonic()
         live = self._live_bottleneck_ms()
         if (optimum is None or live is None or optimum.boundaries == self.boundaries()
-                or not should_rebalance(live, optimum.bottleneck_ms, ControllerSettings().big)
+                or not should_rebalance(live, optimum.bottleneck_ms, REBALANCE_GAIN)
                 or now - self._last_worker_move < STALL_S):
             self._stall_since = None  # the pairs are working on it, or nothing to fix
             return
         if self._stall_since is None:
             self._stall_since = now
         target = optimum.boundaries
-        if (now - self._stall_since < STALL_S or now - self._last_rebalance < 60.0
+        if (now - self._stall_since < 0.5 or now - self._last_rebalance < 60.0
                 or target == self._last_target):
-            return
+            return  # (seen on two polls in a row, so not a single noisy reading)
         self._last_rebalance, self._last_target = now, target
         before = list(self.boundaries())
         self.set_boundaries(target)
@@ -891,7 +1004,27 @@ class Source:
                 rows.append(list(snap.block_ms[n]))
         return solve(dataclasses.replace(snap, block_ms=tuple(tuple(r) for r in rows)))
 
+    def _rejoin(self, w: _WorkerState) -> None:
+        """A dead worker that answers again (restarted, resumed, reconnected) is given blocks
+        and the chain re-balances to use it."""
+        try:
+            reply = self._client(w).request(self._hello(), timeout_ms=300)
+        except ArmdiError:
+            return
+        if not (isinstance(reply, msg.HelloReply) and reply.ok):
+            return
+        w.detector.reset()
+        w.state, w.reason, w.last = "up", "", None
+        self._configures.pop(w.ref.name, None)
+        log.warning("worker %s answers again; it rejoins the chain", w.ref.name)
+        self._event("rejoined", node=w.ref.name)
+        self._metrics.counters["rejoins"] += 1
+        self._reroute(f"{w.ref.name} rejoined")
+
     def _poll(self, w: _WorkerState) -> None:
+        if w.state == "dead" and self.settings.mode == "armdi":
+            self._rejoin(w)
+            return
         try:
             reply = self._client(w).request(msg.StatusRequest(), timeout_ms=500)
         except ArmdiError:
@@ -924,6 +1057,8 @@ class Source:
         if came_back:
             self._event("node_up", node=w.ref.name)
         w.state = "up" if configure is not None else "idle"
+        if w.state == "up" and self._is_slow(w):
+            w.state = "slow"  # alive (its heartbeats come), but its blocks run slowly
 
     def _reconfigure(self, w: _WorkerState, configure: msg.Configure) -> None:
         hello = self._hello()
@@ -937,6 +1072,14 @@ class Source:
             log.info("worker %s rejoined; gave it blocks [%d, %d) again", w.ref.name,
                      configure.start, configure.end)
             self._event("rejoined", node=w.ref.name, blocks=[configure.start, configure.end])
+
+    def _is_slow(self, w: _WorkerState) -> bool:
+        """Measured over twice as slow against its profile as the others' median."""
+        speeds = [x.last.speed for x in self.workers if x is not w
+                  and x.last is not None and x.last.speed > 0 and x.state in ("up", "slow")]
+        if w.last is None or w.last.speed <= 0 or not speeds:
+            return False
+        return w.last.speed > 2.0 * statistics.median(speeds)
 
     # ------------------------------------------------------------------ status helpers
     def boundaries(self) -> tuple[int, ...]:
@@ -1006,6 +1149,20 @@ class Source:
                     if (loop, q) in self._subscribers:
                         self._subscribers.remove((loop, q))
 
+
+
+def _is_local_worker(pid: int, node: str) -> bool:
+    """Whether ``pid`` is the ``armdi node --name NODE`` process on this machine."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"node" in cmdline and node.encode() in cmdline
+
+
+def _signal_quietly(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def _resolve(future: Future[InferenceResult], result: InferenceResult | None = None,

@@ -7,7 +7,7 @@ move while frames are in flight. On the wire (all integers little-endian)::
     offset  size  field
     0       4     magic b"ARMD"
     4       1     format version (2)
-    5       1     kind            1 ACTIVATION, 2 RESULT, 3 ERROR
+    5       1     kind            1 ACTIVATION, 2 RESULT, 3 ERROR, 4 HEARTBEAT
     6       2     flags           bit 0: an HMAC tag follows the payload
     8       8     request id
     16      2     attempt
@@ -123,6 +123,7 @@ class FrameKind(enum.IntEnum):
     ACTIVATION = 1  # an intermediate activation, to be run from start_block on
     RESULT = 2  # the model output, on its way back to the source
     ERROR = 3  # a worker could not process the request; ``error`` says why
+    HEARTBEAT = 4  # a worker is alive (no request; its trace names the worker)
 
 
 _KINDS: Final[dict[int, FrameKind]] = {int(k): k for k in FrameKind}

@@ -131,6 +131,16 @@ class SetSlowdown(_Message):
     factor: float = Field(ge=1.0, le=1e6)
 
 
+class Fault(_Message):
+    """Fault injection on the node itself (tests and demos): ``kill`` exits at once as if
+    killed, ``pause`` stops serving (data, control, heartbeats) for ``seconds``, ``cut``
+    drops everything it would send for ``seconds``, ``resume`` ends a cut early."""
+
+    type: Literal["fault"] = "fault"
+    action: Literal["kill", "pause", "cut", "resume"]
+    seconds: float = Field(3.0, gt=0, le=3600)
+
+
 class Ack(_Message):
     type: Literal["ack"] = "ack"
     ok: bool
@@ -157,6 +167,7 @@ class NodeStatus(_BlockRange):
     moves: NonNegativeInt = 0  # boundary moves this node decided
     last_move: str = ""  # the latest one, in words
     swap_ms: NonNegativeFloat = 0.0  # last move: decision -> first frame run with the range
+    pid: NonNegativeInt = 0  # its process, for fault injection on the same machine
     fused_load_ms: NonNegativeFloat = 0.0  # last fused segment engine loaded in the background
 
 
@@ -183,14 +194,14 @@ class Shutdown(_Message):
 
 
 ControlMessage = Annotated[
-    Hello | HelloReply | Configure | MoveBoundary | SetSlowdown | Ack | StatusRequest
+    Hello | HelloReply | Configure | MoveBoundary | SetSlowdown | Fault | Ack | StatusRequest
     | NodeStatus | Heartbeat | StageReport | Shutdown,
     Field(discriminator="type"),
 ]
 _ADAPTER: Final[TypeAdapter[ControlMessage]] = TypeAdapter(ControlMessage)
 MESSAGE_TYPES: Final[frozenset[str]] = frozenset(
     cls.model_fields["type"].default
-    for cls in (Hello, HelloReply, Configure, MoveBoundary, SetSlowdown, Ack, StatusRequest,
+    for cls in (Hello, HelloReply, Configure, MoveBoundary, SetSlowdown, Fault, Ack, StatusRequest,
                 NodeStatus, Heartbeat, StageReport, Shutdown)
 )
 

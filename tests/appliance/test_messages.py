@@ -27,6 +27,7 @@ SAMPLES: list[m.ControlMessage] = [
                 upstream_latency_ms=0.5),
     m.MoveBoundary(node="w2", boundary=20, reason="w1 | w2: boundary 17 -> 20"),
     m.SetSlowdown(factor=4.0),
+    m.Fault(action="pause", seconds=3.0),
     m.Ack(ok=True),
     m.StatusRequest(),
     m.NodeStatus(node="w1", start=3, end=17, queue_depth=2, queue_capacity=8, processed=1000,

@@ -64,6 +64,8 @@ def test_build_writes_a_complete_manifest(built_tiny: BuiltModel) -> None:
         (i, j) for i in range(K) for j in range(i + 1, K + 1)}
     v = m.verification
     assert v.passed and v.max_abs_error <= 1e-5 and v.tolerance == 1e-4
+    assert v.max_relative_error is not None and v.max_relative_error <= 1e-5
+    assert v.min_cosine is not None and v.min_cosine > 0.9999
     assert v.top1_agreement == 1.0 and v.segments_checked == K * (K + 1) // 2
     (profile,) = m.profiles.values()
     assert profile.backend == "ort" and profile.threads == 1
@@ -224,11 +226,29 @@ def test_two_input_model_is_refused(two_input_onnx: Path, tmp_path: Path) -> Non
     assert ModelRepository(tmp_path / "repo").list_models() == []
 
 
-def test_unsorted_onnx_file_is_refused_as_invalid(tmp_path: Path) -> None:
+def test_unsorted_onnx_file_builds_like_the_sorted_one(tmp_path: Path) -> None:
+    """onnx.checker refuses a file whose nodes are stored out of topological order; the
+    build sorts them first, then finds the same cuts and the same outputs."""
     model = residual_net()
     backwards = save(reorder_nodes(model, list(range(len(model.graph.node)))[::-1]),
                      tmp_path / "backwards.onnx")
-    with pytest.raises(BuildError, match=r"backwards\.onnx: not a valid ONNX model"):
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(str(backwards))
+    repo, manifest = build_tiny(backwards, tmp_path / "repo", segments="blocks")
+    assert [c.name for c in manifest.cut_points] == list(RESIDUAL_CUTS)
+    assert manifest.verification.passed
+    full = repo / "backwards" / manifest.full_model
+    onnx.checker.check_model(str(full))  # what the build wrote is sorted
+    x = sample_batch((2, 3, 8, 8))
+    np.testing.assert_allclose(run_onnx(full, x)[0], run_onnx(model, x)[0], rtol=0, atol=1e-5)
+
+
+def test_a_file_that_is_invalid_when_sorted_is_still_refused(tmp_path: Path) -> None:
+    model = residual_net()
+    model.graph.node[0].op_type = "NoSuchOp"
+    backwards = save(reorder_nodes(model, list(range(len(model.graph.node)))[::-1]),
+                     tmp_path / "bad.onnx")
+    with pytest.raises(BuildError, match=r"bad\.onnx: not a valid ONNX model.*NoSuchOp"):
         build(BuildOptions(model=str(backwards), repo=tmp_path / "repo"))
 
 
@@ -257,7 +277,8 @@ def test_verification_failure_leaves_no_model(tiny_onnx: Path, tmp_path: Path,
     monkeypatch.setattr(build_mod, "OrtEngine", _NoisyEngine)
     repo = tmp_path / "repo"
     with pytest.raises(VerificationError,
-                       match=r"verification failed: max abs error .* in .*\(tolerance 0.0001\)"):
+                       match=r"verification failed: relative error .* in .*\(tolerance 0.0001 "
+                             r"of the output's scale"):
         build_tiny(tiny_onnx, repo, segments="window:2")
     assert not (repo / "tiny").exists()
     assert _staging_entries(repo) == []

@@ -1,6 +1,7 @@
-"""Real exported models, kept small enough for ``make test`` (about 20 s on 2 cores):
+"""Real exported models, kept small enough for ``make test`` (about 30 s on 2 cores):
 EfficientNet-Lite0 with its ImageNet weights still knows a cat when run as a chain of blocks,
-and MobileNetV2 (random weights) verifies with a window of segments."""
+MobileNetV2 (random weights) verifies with a window of segments, and verification fails for
+both when a segment's output is off by 1% of the output's scale."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import numpy as np
 import pytest
 
 from builder.build import BuildOptions, build
+from builder.progress import SilentReporter
+from builder.segments import segment_filename
+from builder.verify import sample_inputs, verify
+from engines.base import Engine
 from engines.chained import ChainedEngine
+from engines.errors import VerificationError
 from engines.manifest import Manifest
 from engines.ort import OrtEngine
 from engines.preprocess import preprocess
@@ -102,3 +108,56 @@ def test_mobilenet_v2_window_verifies(repo: Path, mobilenet: Manifest) -> None:
     assert scale > 0
     np.testing.assert_allclose(tail.infer(middle.infer(head.infer(x))), expected,
                                rtol=0, atol=1e-5 * scale)
+
+
+class _OnePercentOff(OrtEngine):
+    """A segment whose output is off by 1% of its scale in one element per sample."""
+
+    def _infer_impl(self, x: np.ndarray) -> np.ndarray:
+        out = super()._infer_impl(x).copy()
+        flat = out.reshape(len(out), -1)
+        flat[:, 0] += np.float32(0.01) * np.abs(flat).max(axis=1)
+        return out
+
+
+def _verify_with(repo: Path, manifest: Manifest, off: tuple[int, int] | None,
+                 fused: list[tuple[int, int]]) -> float:
+    """Run ``verify`` on the built files, with segment ``off`` perturbed; returns the
+    output's scale."""
+    folder = repo / manifest.model_id
+    k = manifest.blocks
+
+    def open_full() -> Engine:
+        return OrtEngine(folder / manifest.full_model, 0, k)
+
+    def open_segment(start: int, end: int) -> Engine:
+        kind = _OnePercentOff if (start, end) == off else OrtEngine
+        return kind(folder / segment_filename(start, end), start, end)
+
+    inputs = sample_inputs(manifest.input.shape, manifest.preprocessing)
+    result, activations = verify(open_full, open_segment, k, fused, inputs, SilentReporter())
+    assert result.passed
+    return float(np.abs(activations[-1]).max())
+
+
+@pytest.mark.parametrize("off", [(48, 49), (3, 5)], ids=["last block", "fused segment"])
+def test_verification_fails_a_one_percent_error_on_logits_near_1e_9(
+        repo: Path, mobilenet: Manifest, off: tuple[int, int]) -> None:
+    """Random MobileNetV2's logits are ~1e-9: a 1% error is ~1e-11 absolute, far below any
+    absolute tolerance, yet 100 times the relative one."""
+    k = mobilenet.blocks
+    off = (k - 1, k) if off == (48, 49) else off
+    fused = [(3, 5), (10, 12)]
+    scale = _verify_with(repo, mobilenet, None, fused)  # the true files pass
+    assert 0 < scale < 1e-6
+    with pytest.raises(VerificationError, match=r"relative error 0\.00[5-9]|relative error 0\.01"):
+        _verify_with(repo, mobilenet, off, fused)
+
+
+def test_verification_fails_a_one_percent_error_on_real_logits(repo: Path,
+                                                               lite0: Manifest) -> None:
+    k = lite0.blocks
+    scale = _verify_with(repo, lite0, None, [])
+    assert scale > 1  # trained ImageNet logits
+    with pytest.raises(VerificationError, match=r"tolerance 0\.0001 of the output's scale"):
+        _verify_with(repo, lite0, (k - 1, k), [])

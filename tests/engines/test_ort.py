@@ -48,6 +48,16 @@ def test_engine_specs_and_result(segments_dir: Path, activations: list[np.ndarra
     np.testing.assert_allclose(engine.infer(activations[2]), activations[5], rtol=0, atol=1e-5)
 
 
+def test_without_prepacking_the_result_is_the_same(segments_dir: Path,
+                                                    activations: list[np.ndarray]) -> None:
+    """The builder's verification opens engines without pre-packed weights (fast to open,
+    weights mapped from the file); they compute the same function."""
+    opts = session_options(prepacking=False)
+    assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+    engine = OrtEngine(segments_dir / segment_filename(2, 5), 2, 5, prepacking=False)
+    np.testing.assert_allclose(engine.infer(activations[2]), activations[5], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_dynamic_batch(segments_dir: Path, activations: list[np.ndarray], batch: int) -> None:
     engine = OrtEngine(segments_dir / "model.onnx", 0, K)

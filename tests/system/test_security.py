@@ -19,6 +19,7 @@ from appliance.data.source import Source, SourceSettings, WorkerRef
 from appliance.keys import init_keys
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
+from appliance.wire.replay import Stamper
 from appliance.wire.transport import (
     ControlClient,
     DataInbox,
@@ -194,9 +195,14 @@ def test_a_captured_frame_replayed_is_rejected(built_tiny: BuiltModel, tmp_path:
                                   start_block=built_tiny.manifest.blocks,
                                   tensor=np.zeros((1, 10), np.float32),
                                   ext=source._stamper.next())
+                # and a heartbeat (a worker stamps its own): replayed, it keeps nobody alive
+                beat = fr.Frame(kind=fr.FrameKind.HEARTBEAT, request_id=1, attempt=0,
+                                fingerprint=result.fingerprint, start_block=0,
+                                tensor=np.zeros(0, np.float32),
+                                trace=(fr.TraceEntry("w1", 0, 0, 0.0),), ext=Stamper().next())
                 to_source = DataOutbox(f"ipc://{tmp_path}/src.data")
-                for _ in range(2):
-                    to_source.send(fr.encode_frame(result, KEY), timeout_ms=3000)
+                for frame in (result, result, beat, beat):
+                    to_source.send(fr.encode_frame(frame, KEY), timeout_ms=3000)
                 to_source.close()
                 after = source.submit(_x(7)).result(timeout=20)  # new frames still pass
             status = worker.status()
@@ -210,7 +216,8 @@ def test_a_captured_frame_replayed_is_rejected(built_tiny: BuiltModel, tmp_path:
     assert status.processed == 4
     assert after.request_id == 4
     # the first copy of the result is new (an unknown request: a duplicate), the second a replay
-    assert counters.get("replay") == 1 and counters.get("duplicate_results") == 1, counters
+    # the second copies of the result and of the heartbeat are replays
+    assert counters.get("replay") == 2 and counters.get("duplicate_results") == 1, counters
 
 
 def test_a_tls_cluster_passes_the_same_correctness_test_as_a_plain_one(

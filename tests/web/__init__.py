@@ -70,6 +70,7 @@ class FakePipeline:
         self.fail_times: int | None = None  # None: fail every call while ``fail`` is set
         self.calls = 0
         self.slowdowns: list[tuple[str, float]] = []
+        self.faults: list[tuple[str, str, float]] = []
         self.event_list: list[dict[str, Any]] = events if events is not None else [
             {"type": "boundary_moved", "boundaries": [0, 2, 4]},
             {"type": "node_down", "node": "worker-1"},
@@ -128,6 +129,10 @@ class FakePipeline:
 
     def set_slowdown(self, node: str, factor: float) -> None:
         self.slowdowns.append((node, factor))
+
+    def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
+        self.faults.append((node, action, seconds))
+        return f"{action} {node}"
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         for event in self.event_list:

@@ -1,0 +1,305 @@
+"""``armdi bench adaptive``: AR-MDI against the static optimum (EdgePipe) and an equal split,
+on a local 3-worker cluster, through heterogeneity and a change at run time.
+
+Scenarios, each run once per mode on a cluster of its own:
+
+- **a** static heterogeneity: the workers are 1x / 2x / 4x slower from the start;
+- **bc** one worker (w2) goes from 1x to 4x at ``change_s`` (b), and back to 1x at
+  ``back_s`` (c).
+
+Modes: ``armdi`` (the controller moves the boundaries), ``edgepipe`` (the exact optimum at
+start, from the configured slowdowns, then static), ``equal`` (every worker the same number
+of blocks, static). The load is a closed loop keeping ``window`` requests in flight.
+
+Two workers and a source cannot compute in parallel faithfully on 2 cores, let alone three,
+so by default compute is **emulated**: a node waits its segment's profiled time (times
+``time_scale`` and its slowdown) and outputs zeros. That is labelled in the JSON and in the
+report; ``--real`` runs the same scenarios with real compute, for comparison.
+
+For each run: throughput per second over time, p50/p99 latency, boundary moves, failed
+requests, and the exact optimum's predicted throughput at the true speeds (the profile times
+the slowdowns, at every moment of the scenario). The summary has ``steady_ratio_to_optimum``
+(scenario a, armdi, over its second half), ``recovery_s`` (scenario b, armdi: from the change
+until a 1 s window is within 10 % of the new optimum and stays so for 2 s),
+``failed_requests`` per mode and ``moves_per_30s_steady`` (scenario a, armdi, second half).
+A benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.bench import load_avg, machine_info
+from appliance.control.allocator import even_split, snapshot_from_profile, solve
+from engines.errors import ArmdiError
+from engines.repository import ModelRepository
+
+MODES = ("armdi", "edgepipe", "equal")
+SLOW = 4.0
+
+
+@dataclass(frozen=True)
+class AdaptiveBenchOptions:
+    repo: Path
+    model: str = "efficientnet_lite0"
+    workers: int = 3
+    duration_s: float = 40.0
+    change_s: float = 10.0
+    back_s: float = 25.0
+    window: int = 8
+    emulate: bool = True
+    time_scale: float = 4.0
+    modes: tuple[str, ...] = MODES
+    scenarios: tuple[str, ...] = ("a", "bc")
+
+
+@dataclass(frozen=True)
+class _Scenario:
+    name: str
+    start: tuple[float, ...]
+    changes: tuple[tuple[float, str, float], ...]  # (at s, node, factor)
+
+
+def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
+    n = o.workers
+    static = tuple(float(2 ** min(i, 2)) for i in range(n))  # 1, 2, 4, 4, ...
+    return {
+        "a": _Scenario("a: static 1x/2x/4x", static, ()),
+        "bc": _Scenario(f"b/c: w2 1x -> {SLOW:g}x at {o.change_s:g} s, back at {o.back_s:g} s",
+                        (1.0,) * n, ((o.change_s, "w2", SLOW), (o.back_s, "w2", 1.0))),
+    }
+
+
+def _optimum_ips(block_ms: list[float], sizes: list[int], slowdowns: list[float],
+                 scale: float) -> float:
+    """Throughput of the exact optimum over the workers (the source runs no blocks)."""
+    from appliance.cluster import LOOPBACK_LATENCY_MS, LOOPBACK_MBPS
+
+    rows = [[t * scale for t in block_ms]] + [[t * scale * s for t in block_ms]
+                                              for s in slowdowns]
+    snap = snapshot_from_profile(rows, sizes, bandwidth_Bps=LOOPBACK_MBPS * 1e6 / 8,
+                                 latency_ms=LOOPBACK_LATENCY_MS,
+                                 max_blocks=[0] + [None] * len(slowdowns))
+    return solve(snap).throughput_per_s
+
+
+def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list[float],
+         sizes: list[int], say: Callable[[str], None]) -> dict[str, Any]:
+    from appliance.api import QueueFullError
+    from appliance.cluster import LocalClusterOptions, running
+    from appliance.data.source import Source
+    from appliance.settings import source_settings
+
+    blocks = len(block_ms)
+    options = LocalClusterOptions(
+        model=o.model, repo=o.repo, nodes=o.workers,
+        mode="armdi" if mode == "armdi" else "edgepipe", slowdown=scenario.start, port=0,
+        source_runs_blocks=False, min_workers=o.workers, emulate_compute=o.emulate,
+        emulate_scale=o.time_scale if o.emulate else 1.0, request_timeout_s=30.0)
+    completions: list[float] = []
+    latencies: list[tuple[float, float]] = []
+    failed = 0
+    snapshots: list[dict[str, Any]] = []
+    with running(options) as (_cluster, config):
+        settings = source_settings(config)
+        if mode == "equal":
+            settings = dataclasses.replace(settings,
+                                           boundaries=(0, *even_split(blocks, o.workers)))
+        source = Source(settings)
+        try:
+            source.start()
+            x = np.zeros((1, *source.manifest.input.shape[1:]), np.uint8)
+            pending: deque[tuple[float, Future[Any]]] = deque()
+            changes = list(scenario.changes)
+            slowdowns = list(scenario.start)
+            t0 = time.monotonic()
+            next_snapshot = 0.0
+            while True:
+                now = time.monotonic() - t0
+                if now >= o.duration_s:
+                    break
+                while changes and now >= changes[0][0]:
+                    _at, node, factor = changes.pop(0)
+                    source.set_slowdown(node, factor)
+                    slowdowns[int(node[1:]) - 1] = factor
+                    say(f"{mode}: t={now:.1f} s {node} -> {factor:g}x")
+                if now >= next_snapshot:
+                    status = source.status()
+                    snapshots.append({"t": round(now, 2), "boundaries": list(status.boundaries),
+                                      "optimum_ips": _optimum_ips(block_ms, sizes, slowdowns,
+                                                                  options.emulate_scale)})
+                    next_snapshot += 1.0
+                while len(pending) < o.window:
+                    try:
+                        pending.append((time.monotonic(), source.submit(x)))
+                    except QueueFullError:
+                        break
+                if not pending:
+                    time.sleep(0.001)
+                    continue
+                started, future = pending.popleft()
+                try:
+                    future.result(timeout=60)
+                    done = time.monotonic()
+                    completions.append(done - t0)
+                    latencies.append((done - t0, (done - started) * 1000))
+                except Exception:
+                    failed += 1
+            for _started, future in pending:
+                try:
+                    future.result(timeout=60)
+                except Exception:
+                    failed += 1
+            status = source.status()
+        finally:
+            source.close()
+    seconds = math.ceil(o.duration_s)
+    per_s = [0] * seconds
+    for t in completions:
+        if t < seconds:
+            per_s[int(t)] += 1
+    optimum_at = [s["optimum_ips"] for s in snapshots]
+    lat = sorted(ms for _t, ms in latencies)
+    return {
+        "mode": mode, "scenario": scenario.name, "throughput_per_s": per_s,
+        "optimum_ips": optimum_at, "boundaries": [s["boundaries"] for s in snapshots],
+        "p50_ms": _q(lat, 0.5), "p99_ms": _q(lat, 0.99), "completed": len(completions),
+        "failed_requests": failed + status.failed,
+        "moves": status.counters.get("boundary_moves", 0),
+        "rebalances": status.counters.get("rebalances", 0),
+        "move_times": _move_times(source),
+    }
+
+
+def _move_times(source: Any) -> list[float]:
+    events = list(source._events)
+    ready = next((e["time"] for e in events if e["type"] == "ready"), None)
+    return [round(e["time"] - ready, 2) for e in events
+            if ready is not None and e["type"] in ("boundary_moved", "rebalanced")]
+
+
+def _q(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _recovery_s(run: dict[str, Any], change_s: float, end_s: float) -> float | None:
+    """From the change until a 1 s window is within 10 % of the new optimum and stays so for
+    the next 2 s (None: never)."""
+    tput, opt = run["throughput_per_s"], run["optimum_ips"]
+    start = int(change_s)
+    for s in range(start + 1, min(int(end_s), len(tput)) - 2):
+        if all(tput[k] >= 0.9 * opt[min(k, len(opt) - 1)] for k in range(s, s + 3)):
+            return float(s - change_s)
+    return None
+
+
+def run_adaptive_bench(o: AdaptiveBenchOptions,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = progress or (lambda _m: None)
+    if o.workers < 2:
+        raise ArmdiError("--workers must be at least 2")
+    repository = ModelRepository(o.repo)
+    if not repository.has_model(o.model):
+        raise ArmdiError(f"model {o.model!r} is not built in {o.repo}; build it first: "
+                         f"armdi build {o.model} --repo {o.repo}")
+    manifest = repository.load_manifest(o.model)
+    profile = next(iter(manifest.profiles.values()), None)
+    if profile is None:
+        raise ArmdiError(f"{o.model} has no profile; rebuild it")
+    block_ms, sizes = list(profile.block_ms), manifest.activation_bytes()
+    load_start = load_avg()
+    runs: dict[str, dict[str, Any]] = {}
+    scenarios = _scenarios(o)
+    for key in o.scenarios:
+        for mode in o.modes:
+            say(f"scenario {key}, mode {mode}")
+            runs[f"{key}/{mode}"] = _run(o, mode, scenarios[key], block_ms, sizes, say)
+    summary: dict[str, Any] = {}
+    half = o.duration_s / 2
+    a = runs.get("a/armdi")
+    if a is not None:
+        tail = a["throughput_per_s"][int(half):int(o.duration_s)]
+        summary["steady_ratio_to_optimum"] = round(statistics.fmean(tail) / a["optimum_ips"][-1],
+                                                   3) if tail else None
+        late = [t for t in a["move_times"] if t >= half]
+        summary["moves_per_30s_steady"] = round(len(late) * 30 / (o.duration_s - half), 2)
+        for mode in ("edgepipe", "equal"):
+            other = runs.get(f"a/{mode}")
+            if other is not None:
+                tail = other["throughput_per_s"][int(half):int(o.duration_s)]
+                summary[f"steady_ratio_to_optimum_{mode}"] = round(
+                    statistics.fmean(tail) / other["optimum_ips"][-1], 3) if tail else None
+    for mode in o.modes:
+        b = runs.get(f"bc/{mode}")
+        if b is not None:
+            rec = _recovery_s(b, o.change_s, o.back_s)
+            summary[f"recovery_s_{mode}" if mode != "armdi" else "recovery_s"] = rec
+    summary["failed_requests"] = {k: r["failed_requests"] for k, r in runs.items()}
+    return {
+        "model": o.model, "machine": machine_info(),
+        "load_avg": {"start": load_start, "end": load_avg()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in dataclasses.asdict(o).items()},
+        "emulation": ("emulated compute: each node waits its segment's profiled time x "
+                      f"{o.time_scale:g} x its slowdown and outputs zeros" if o.emulate else
+                      "real compute (ONNX Runtime); all processes share this machine's cores"),
+        "runs": runs, "summary": summary,
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = [f"armdi bench adaptive: {result['model']}, {result['settings']['workers']} "
+             f"workers; {result['emulation']}", "",
+             f"{'run':<16} {'img/s':>7} {'optimum':>8} {'p50 ms':>7} {'p99 ms':>7} "
+             f"{'moves':>5} {'failed':>6}"]
+    for key, run in result["runs"].items():
+        tput = run["throughput_per_s"]
+        lines.append(f"{key:<16} {statistics.fmean(tput):>7.1f} "
+                     f"{statistics.fmean(run['optimum_ips']):>8.1f} {run['p50_ms']:>7.2f} "
+                     f"{run['p99_ms']:>7.2f} {run['moves'] + run['rebalances']:>5} "
+                     f"{run['failed_requests']:>6}")
+    lines += ["", "summary: " + json.dumps(result["summary"])]
+    return "\n".join(lines)
+
+
+def write_plot(result: dict[str, Any], path: Path) -> bool:
+    """Throughput over time per mode, one panel per scenario (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scenarios = sorted({k.split("/")[0] for k in result["runs"]})
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(9, 3.2 * len(scenarios)),
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], scenarios, strict=True):
+        for run_key, run in result["runs"].items():
+            if run_key.startswith(f"{key}/"):
+                ax.plot(run["throughput_per_s"], label=run["mode"])
+        first = next(r for k, r in result["runs"].items() if k.startswith(f"{key}/"))
+        ax.plot(first["optimum_ips"], "k--", linewidth=1, label="exact optimum")
+        ax.set_title(first["scenario"] + f" ({result['emulation'].split(':')[0]})")
+        ax.set_xlabel("s")
+        ax.set_ylabel("img/s")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
