@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint typecheck check bench zoo screenshot clean
+.PHONY: install up test fuzz lint typecheck check bench zoo screenshot clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ up: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fuzzers of `make test` (10,000 inputs per decoder, 2,000 API requests), 20x longer.
+FUZZ_SCALE ?= 20
+fuzz: install
+	ARMDI_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -m fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

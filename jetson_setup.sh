@@ -28,6 +28,7 @@ DATA_HOME=/var/lib
 REPO_DIR=$DATA_HOME/armdi
 CONF_DIR=/etc/armdi
 CONF_FILE=$CONF_DIR/cluster.toml
+KEYS_DIR=$CONF_DIR/keys
 UNIT_DIR=/etc/systemd/system
 SWAP_FILE=/swapfile
 FSTAB=/etc/fstab
@@ -48,6 +49,9 @@ Options:
   --name NAME          node name for 'armdi node' (default: this host's name)
   --model MODEL        model whose TensorRT engines are built (default: efficientnet_lite0,
                        or the model in --model-from)
+  --keys DIR           install this node's keys from DIR, made by 'armdi keys init': the
+                       cluster key, the CA certificate and nodes/NAME.pem, into
+                       $KEYS_DIR (directory 0700, private keys 0600; never ca.key)
   --model-from FILE    install the model from FILE, a pack made by 'armdi pack' on a machine
                        with the builder extra (verified by 'armdi unpack'); engines are then
                        built from its segment files, with no torch on this device
@@ -84,6 +88,7 @@ NODE_NAME=
 MODEL=efficientnet_lite0
 MODEL_GIVEN=0
 MODEL_FROM=
+KEYS_SRC=
 SKIP_BUILD=0
 POWER_MODE=
 CLOCKS=0
@@ -110,6 +115,8 @@ while [[ $# -gt 0 ]]; do
         --name=*) NODE_NAME=${1#*=}; shift ;;
         --model) need_arg "$@"; MODEL=$2; MODEL_GIVEN=1; shift 2 ;;
         --model=*) MODEL=${1#*=}; MODEL_GIVEN=1; shift ;;
+        --keys) need_arg "$@"; KEYS_SRC=$2; shift 2 ;;
+        --keys=*) KEYS_SRC=${1#*=}; shift ;;
         --model-from) need_arg "$@"; MODEL_FROM=$2; shift 2 ;;
         --model-from=*) MODEL_FROM=${1#*=}; shift ;;
         --skip-build) SKIP_BUILD=1; shift ;;
@@ -227,6 +234,12 @@ if [[ -n $CONFIG_SRC ]]; then
     [[ -f $CONFIG_SRC ]] || die "--config $CONFIG_SRC: no such file"
 elif [[ ! -f $ROOT$CONF_FILE ]]; then
     die "no cluster config: pass --config cluster.toml (it is copied to $CONF_FILE)"
+fi
+
+if [[ -n $KEYS_SRC ]]; then
+    for f in cluster.key ca.crt "nodes/$NODE_NAME.pem"; do
+        [[ -f $KEYS_SRC/$f ]] || die "--keys $KEYS_SRC: no $f (make the keys with: armdi keys init --out DIR --nodes ...,$NODE_NAME)"
+    done
 fi
 
 if [[ -n $POWER_MODE ]]; then
@@ -573,6 +586,30 @@ step_config() {
     fi
 }
 
+step_keys() {
+    [[ -n $KEYS_SRC ]] || return 0
+    local dir=$ROOT$KEYS_DIR src dest mode
+    if [[ -d $dir && $(stat -c %a "$dir") == 700 ]]; then
+        unchanged "keys directory $dir (0700)"
+    else
+        changing "make $dir (mode 0700)"
+        act mkdir -p "$dir"
+        act chmod 700 "$dir"
+    fi
+    for src in cluster.key ca.crt "nodes/$NODE_NAME.pem"; do
+        dest=$dir/$(basename "$src")
+        mode=0600
+        [[ $src == ca.crt ]] && mode=0644
+        if file_differs "$dest" <"$KEYS_SRC/$src" || [[ $(stat -c %a "$dest") != "${mode#0}" ]]; then
+            changing "install $dest (mode $mode)"
+            install_file "$dest" "$mode"
+            RESTART_REASONS+=("keys changed")
+        else
+            unchanged "$dest (mode $mode)"
+        fi
+    done
+}
+
 render_unit() {
     local text
     text=$(<"$TEMPLATE")
@@ -632,6 +669,7 @@ run_steps() {
     step_model
     step_engines
     step_config
+    step_keys
     step_units
     IN_STEPS=0
 }

@@ -18,6 +18,12 @@ One run, one process start, the same input for everything:
    message at a time. ``hop_cost_ratio = frame_ms / raw_ms``. The same for the input tensor
    (the source's hop) is reported as ``transfer_input``.
 
+5. **security** (``--security``, or alone with ``--security-only``): the 2-worker pipeline over
+   loopback TCP with every combination of mutual TLS (``tls+tcp://``, keys from ``armdi keys
+   init``) and HMAC-SHA256 tags on frames and control messages, side by side:
+   ``tls_throughput_ratio = throughput(TLS) / throughput(plain TCP)`` and
+   ``hmac_throughput_ratio = throughput(HMAC) / throughput(none)``, with the latencies.
+
 The configurations are measured in turn, in a rotating order, ``repeats`` times, each
 pipeline on a cluster of its own started for the repetition (and warmed up) and stopped after
 it, so only one runs at a time, as deployed; each figure is the median over the repetitions.
@@ -62,6 +68,8 @@ GOALS: dict[str, tuple[str, float]] = {
 
 Progress = Callable[[str], None]
 
+BENCH_KEY_HEX = "a5" * 32  # the HMAC key of the security section's clusters (a benchmark's)
+
 TRANSFER_BLOCK = 25
 """Messages of one kind sent in a row before the transfer benchmark switches kind."""
 
@@ -81,6 +89,10 @@ class PipelineBenchOptions:
     transfer_messages: int = 300
     """Messages per transfer measurement and repetition."""
     request_timeout_s: float = 30.0
+    security: bool = False
+    """Also measure TLS against plain TCP and HMAC against none (section 5)."""
+    security_only: bool = False
+    """Measure section 5 alone (the other figures are left out of the result)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,8 @@ class _PipelineSpec:
     label: str
     cpus: tuple[tuple[int, ...] | None, ...]
     boundaries: tuple[int, ...] | None = None  # None: the allocator's optimum
+    transport: str = "ipc"  # ipc | tcp | tls (appliance.cluster)
+    hmac: bool = False  # frames and control messages tagged under a cluster key
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -281,7 +295,8 @@ def _pipeline(spec: _PipelineSpec, options: PipelineBenchOptions) -> Iterator[_P
     cluster_options = LocalClusterOptions(
         model=options.model, repo=options.repo, nodes=len(spec.cpus), mode="edgepipe",
         cpus=spec.cpus, port=0, source_runs_blocks=False, min_workers=len(spec.cpus),
-        request_timeout_s=options.request_timeout_s)
+        request_timeout_s=options.request_timeout_s, transport=spec.transport,
+        key_hex=BENCH_KEY_HEX if spec.hmac else None)
     with running(cluster_options) as (cluster, config):
         settings = dataclasses.replace(source_settings(config), boundaries=spec.boundaries)
         source = Source(settings)
@@ -308,6 +323,61 @@ def _pipeline_specs(balanced: int | None, blocks: int) -> list[_PipelineSpec]:
         specs.append(_PipelineSpec("pipeline_2node_balanced", f"{label}, balanced boundary",
                                    _two_cpus(), (0, 0, balanced, blocks)))
     return specs
+
+
+def _security_specs() -> list[_PipelineSpec]:
+    two = _two_cpus()
+    return [_PipelineSpec(f"security_{name}", label, two, transport=transport, hmac=hmac)
+            for name, label, transport, hmac in (
+                ("plain", "tcp://, no HMAC", "tcp", False),
+                ("hmac", "tcp://, HMAC", "tcp", True),
+                ("tls", "tls+tcp://, no HMAC", "tls", False),
+                ("tls_hmac", "tls+tcp://, HMAC", "tls", True))]
+
+
+def run_security_bench(options: PipelineBenchOptions, pixels: np.ndarray,
+                       say: Progress) -> dict[str, Any]:
+    """Section 5: the same 2-worker pipeline with and without TLS and HMAC, in rotation."""
+    specs = _security_specs()
+    reps: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in specs}
+    timeout = options.request_timeout_s
+    for rep in range(options.repeats):
+        order = specs[rep % len(specs):] + specs[:rep % len(specs)]
+        for spec in order:
+            say(f"security {rep + 1}/{options.repeats}: {spec.label}")
+            with _pipeline(spec, options) as pipe:
+                pipe.latency(pixels, options.warmup, timeout)
+                pipe.throughput(pixels, options.warmup, options.window, timeout)
+                reps[spec.key].append(pipe.measure(pixels, options.requests, options.window,
+                                                   timeout))
+    out: dict[str, Any] = {spec.key: {"label": spec.label, "transport": spec.transport,
+                                      "hmac": spec.hmac, **_summarise(reps[spec.key])}
+                           for spec in specs}
+
+    def ratio(a: str, b: str, key: str = "throughput_ips") -> float:
+        return _round(out[f"security_{a}"][key] / out[f"security_{b}"][key], 3)
+
+    out["ratios"] = {
+        "tls_throughput_ratio": ratio("tls", "plain"),
+        "tls_p50_ratio": ratio("tls", "plain", "p50_ms"),
+        "hmac_throughput_ratio": ratio("hmac", "plain"),
+        "hmac_p50_ratio": ratio("hmac", "plain", "p50_ms"),
+        "tls_hmac_throughput_ratio": ratio("tls_hmac", "plain"),
+        "tls_hmac_p50_ratio": ratio("tls_hmac", "plain", "p50_ms"),
+    }
+    return out
+
+
+def format_security(section: dict[str, Any]) -> list[str]:
+    lines = ["", "security: 2 workers (CPUs 0|1), static boundary, loopback TCP",
+             f"{'configuration':<38} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'overhead':>8}"]
+    for key in ("security_plain", "security_hmac", "security_tls", "security_tls_hmac"):
+        r = section[key]
+        lines.append(f"{r['label']:<38} {r['throughput_ips']:>7.1f} {r['p50_ms']:>7.2f} "
+                     f"{r['p99_ms']:>7.2f} {r.get('overhead_p50_ms', math.nan):>8.2f}")
+    ratios = section["ratios"]
+    lines.append("against plain tcp://: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    return lines
 
 
 # ---------------------------------------------------------------------------- balance
@@ -533,6 +603,13 @@ def run_pipeline_bench(options: PipelineBenchOptions,
     # first worker normalises them (that counts as overhead); ORT alone gets float32.
     pixels = np.random.default_rng(0).integers(0, 256, (1, *manifest.input.shape[1:]),
                                                dtype=np.uint8)
+    if options.security_only:
+        security = run_security_bench(options, pixels, say)
+        return {"model": options.model, "machine": machine_info(),
+                "load_avg": {"start": load_start, "end": load_avg()},
+                "settings": {"requests": options.requests, "repeats": options.repeats,
+                             "warmup": options.warmup, "window": options.window},
+                "security": security}
     x = Normaliser(manifest.preprocessing)(pixels)
     timeout = options.request_timeout_s
     direct = _Direct(repository.model_dir(options.model) / manifest.full_model)
@@ -602,6 +679,8 @@ def run_pipeline_bench(options: PipelineBenchOptions,
                             **_summarise(reps[spec.key])}
     result["transfer"] = transfer
     result["transfer_input"] = transfer_input
+    if options.security:
+        result["security"] = run_security_bench(options, pixels, say)
     result["balance"] = balance
     direct_p50 = result["direct"]["p50_ms"]
     one_pinned = result["pipeline_1node_pinned"]["throughput_ips"]
@@ -628,6 +707,14 @@ def format_report(result: dict[str, Any]) -> str:
     """The human-readable table of a ``run_pipeline_bench`` result."""
     m = result["machine"]
     load = result["load_avg"]
+    if "direct" not in result:  # --security-only
+        return "\n".join([
+            f"armdi bench pipeline --security-only: {result['model']} on {m['cpu_count']} x "
+            f"{m['cpu_model']}; load avg {load['start']} -> {load['end']}",
+            f"{result['settings']['requests']} requests x {result['settings']['repeats']} "
+            f"repetitions (median), window {result['settings']['window']} in flight for "
+            "throughput, 1 in flight for latency",
+            *format_security(result["security"])])
     lines = [
         f"armdi bench pipeline: {result['model']} on {m['cpu_count']} x {m['cpu_model']}; "
         f"load avg {load['start']} -> {load['end']}",
@@ -677,6 +764,8 @@ def format_report(result: dict[str, Any]) -> str:
                  f"speedup_2node at the balanced boundary, {s['speedup_2node_static']:.3f} at "
                  "the static one; cpu_ratio = CPU of every process per image, 1 worker, "
                  "against ORT alone)")
+    if "security" in result:
+        lines += format_security(result["security"])
     b = result.get("balance")
     if b:
         lines.append(f"balanced boundary: {b['balanced']} (static {b['static']}); "

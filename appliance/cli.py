@@ -356,10 +356,22 @@ def node(
     from appliance.data.node import Node
     from appliance.settings import node_settings
 
-    settings = node_settings(load_config(config), name, parent_pid)
+    cfg = load_config(config)
+    _warn_readable_secrets(cfg, name)
+    settings = node_settings(cfg, name, parent_pid)
     worker = Node(settings)
     stop = _stop_on_signals()
     worker.run(stop)
+
+
+def _warn_readable_secrets(cfg: Any, name: str) -> None:
+    """Say so when the cluster key or this node's TLS key can be read by other users."""
+    from appliance.keys import check_private_file
+
+    for path in (cfg.cluster.key_file, cfg.node(name).tls_cert):
+        warning = check_private_file(path) if path is not None else None
+        if warning:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 def _stale_named_model(repository: Any, model: str) -> str | None:
@@ -446,6 +458,7 @@ def serve(config: ConfigOption, api_token_file: TokenFileOption = None) -> None:
 
     token = api_token(api_token_file)
     cfg = load_config(config)
+    _warn_readable_secrets(cfg, cfg.source.name)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # from here on, SIGTERM cleans up too
     sock = listen(cfg.source.http_host, cfg.source.http_port)
     repository = ModelRepository(cfg.cluster.repo)
@@ -613,6 +626,46 @@ def fault(
     typer.echo(result["done"])
 
 
+keys_app = typer.Typer(no_args_is_help=True,
+                       help="Cluster keys: the HMAC key and the certificates of TLS links.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the keys to (made "
+                                                    "with mode 0700).")] = Path("armdi-keys"),
+    nodes: Annotated[str | None, typer.Option(
+        help="Node names, e.g. source,w1,w2 (default: those of --config).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="cluster.toml: its node names, and the hosts of their addresses for "
+                         "the certificates.")] = None,
+    days: Annotated[int, typer.Option(help="Days the certificates are valid.")] = 3650,
+) -> None:
+    """Create a cluster key, a small CA and a certificate per node (private keys 0600)."""
+    from appliance.keys import host_of, init_keys
+
+    names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
+    hosts: dict[str, list[str]] = {}
+    if config is not None:
+        from appliance.config import load_config
+
+        cfg = load_config(config)
+        for node_cfg in cfg.nodes:
+            if not nodes:
+                names.append(node_cfg.name)
+            found = (host_of(node_cfg.data_addr), host_of(node_cfg.control_addr))
+            hosts[node_cfg.name] = [h for h in found if h]
+    if days < 1:
+        _fail("--days must be at least 1")
+    keys = init_keys(out, names, hosts, days=days)
+    typer.echo(f"wrote the cluster key, a CA and certificates for {', '.join(names)} to "
+               f"{keys.out} (private keys mode 0600; keep ca.key off the nodes)")
+    typer.echo(f"add to cluster.toml (also in {keys.out / 'cluster-security.toml'}), and use "
+               "tls+tcp:// addresses for TLS links:")
+    typer.echo(keys.toml_snippet())
+
+
 bench_app = typer.Typer(no_args_is_help=True,
                         help="Benchmarks: figures measured side by side on this machine.")
 app.add_typer(bench_app, name="bench")
@@ -632,13 +685,20 @@ def bench_pipeline(
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
                                                                   "JSON to this file.")]
     = None,
+    security: Annotated[bool, typer.Option(
+        help="Also measure the 2-worker pipeline with TLS against plain TCP and with HMAC "
+             "against none.")] = False,
+    security_only: Annotated[bool, typer.Option(
+        help="Measure only that (TLS and HMAC, side by side).")] = False,
     repo: RepoOption = None,
 ) -> None:
     """Direct ONNX Runtime vs 1- and 2-worker pipelines vs raw pynng, with the ratios."""
     from appliance.bench import PipelineBenchOptions, format_report, run_pipeline_bench, write_json
 
     options = PipelineBenchOptions(repo=_repo_path(repo), model=model, requests=requests,
-                                   repeats=repeats, window=window, warmup=warmup)
+                                   repeats=repeats, window=window, warmup=warmup,
+                                   security=security or security_only,
+                                   security_only=security_only)
     result = run_pipeline_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,9 @@ class LocalClusterOptions:
     emulate_compute: bool = False  # benches: wait the profiled time instead of computing
     emulate_scale: float = 1.0
     log_level: str = "WARNING"  # of the worker processes
+    # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
+    # mutual TLS with keys made by armdi keys init into the run dir.
+    transport: str = "ipc"
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -94,15 +98,57 @@ def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ..
     return tuple(out + [None] * (nodes - len(out)))
 
 
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports nobody listens on now (all held open while they are
+    picked; another process may still take one before it is used: for local clusters)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    return free_tcp_ports(1, host)[0]
+
+
+def _addresses(options: LocalClusterOptions, run_dir: Path, name: str,
+               ports: Iterator[int]) -> dict[str, str]:
+    if options.transport == "ipc":
+        return {"data_addr": f"ipc://{run_dir}/{name}.data",
+                "control_addr": f"ipc://{run_dir}/{name}.ctl"}
+    if options.transport == "tcp":
+        return {"data_addr": f"tcp://127.0.0.1:{next(ports)}",
+                "control_addr": f"tcp://127.0.0.1:{next(ports)}"}
+    if options.transport != "tls":
+        raise ArmdiError(f"transport {options.transport!r}: use ipc, tcp or tls")
+    return {"data_addr": f"tls+tcp://127.0.0.1:{next(ports)}",
+            "control_addr": f"tls+tcp://127.0.0.1:{next(ports)}",
+            "tls_cert": str(run_dir / "keys" / "nodes" / f"{name}.pem")}
+
+
 def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
-    """The cluster.toml of a local cluster, as a validated config."""
+    """The cluster.toml of a local cluster, as a validated config. With
+    ``transport="tls"``, ``armdi keys init`` is run into ``run_dir/keys`` first and every
+    link is mutual TLS."""
+    names = ["source"] + [f"w{i + 1}" for i in range(options.nodes)]
+    tls = options.transport == "tls"
+    if tls and not (run_dir / "keys" / "ca.crt").exists():
+        from appliance.keys import init_keys
+
+        init_keys(run_dir / "keys", names)
+    ports = iter(free_tcp_ports(2 * len(names)) if options.transport != "ipc" else [])
     workers = []
     for i in range(options.nodes):
         name = f"w{i + 1}"
         worker: dict[str, object] = {
             "name": name,
-            "data_addr": f"ipc://{run_dir}/{name}.data",
-            "control_addr": f"ipc://{run_dir}/{name}.ctl",
+            **_addresses(options, run_dir, name, ports),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
             "threads": options.threads,
             "bandwidth_mbps": LOOPBACK_MBPS,
@@ -121,12 +167,13 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
     }
     if options.key_hex:
         cluster["key"] = options.key_hex
+    if tls:
+        cluster["tls_ca"] = str(run_dir / "keys" / "ca.crt")
     data = {
         "cluster": cluster,
         "source": {
             "name": "source",
-            "data_addr": f"ipc://{run_dir}/source.data",
-            "control_addr": f"ipc://{run_dir}/source.ctl",
+            **_addresses(options, run_dir, "source", ports),
             "run_blocks": options.source_runs_blocks or options.mode == "local",
             "http_host": options.host,
             "http_port": options.port,
@@ -202,6 +249,7 @@ class LocalCluster:
         for worker in self.config.workers:
             self.procs.append(self._spawn(worker.name))
         key = self.config.cluster.hmac_key()
+        tls = self.config.tls_files(self.config.source.name)
         waiting = dict(zip(self.config.workers, self.procs, strict=True))
         deadline = time.monotonic() + timeout_s
         while waiting:
@@ -210,7 +258,7 @@ class LocalCluster:
                     raise ArmdiError(f"worker {worker.name} exited at start (status "
                                      f"{proc.returncode}); see its error above")
                 try:
-                    with ControlClient(worker.control_addr, key=key) as client:
+                    with ControlClient(worker.control_addr, key=key, tls=tls) as client:
                         client.request(msg.StatusRequest(), timeout_ms=200)
                 except ArmdiError:
                     continue

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from appliance.wire.transport import TlsFiles
 from engines.errors import ArmdiError
 from engines.repository import default_repo
 
@@ -54,7 +55,7 @@ __all__ = [
     "parse_config",
 ]
 
-ADDRESS_SCHEMES = ("tcp://", "ipc://", "inproc://")
+ADDRESS_SCHEMES = ("tcp://", "tls+tcp://", "ipc://", "inproc://")
 MIN_KEY_BYTES = 16
 
 Mode = Literal["armdi", "edgepipe", "ddi", "local"]
@@ -87,14 +88,15 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
 
 def _check_address(value: str) -> str:
     if not value.startswith(ADDRESS_SCHEMES):
-        raise ValueError("must start with tcp://, ipc:// or inproc://")
+        raise ValueError("must start with tcp://, tls+tcp://, ipc:// or inproc://")
     scheme, rest = value.split("://", 1)
     if not rest or any(c.isspace() for c in value):
         raise ValueError(f"{scheme}:// address needs a non-empty name without spaces")
-    if scheme == "tcp":
+    if scheme in ("tcp", "tls+tcp"):
         host, colon, port = rest.rpartition(":")
         if not (colon and host and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError("tcp address must be tcp://HOST:PORT with a port in 1..65535")
+            raise ValueError(f"{scheme} address must be {scheme}://HOST:PORT with a port in "
+                             "1..65535")
     return value
 
 
@@ -149,8 +151,11 @@ class ClusterSection(_Frozen):
         description="the first N workers each run at least one block, even where the optimum "
                     "would leave them out (for demos and tests)"
     )
+    tls_ca: Path | None = Field(
+        None, description="CA certificate (PEM) of tls+tcp:// links, from armdi keys init"
+    )
 
-    @field_validator("repo", "key_file")
+    @field_validator("repo", "key_file", "tls_ca")
     @classmethod
     def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else _resolve(value, info)
@@ -224,11 +229,23 @@ class NodeConfig(_Frozen):
     max_blocks: int | None = Field(
         None, ge=0, description="memory cap: the most blocks this node may run"
     )
+    tls_cert: Path | None = Field(
+        None, description="this node's private key and certificate, one PEM file (mode 0600)"
+    )
 
     @field_validator("data_addr", "control_addr")
     @classmethod
     def _address(cls, value: str) -> str:
         return _check_address(value)
+
+    @field_validator("tls_cert")
+    @classmethod
+    def _cert_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @property
+    def uses_tls(self) -> bool:
+        return any(a.startswith("tls+tcp://") for a in (self.data_addr, self.control_addr))
 
     @field_validator("cpus")
     @classmethod
@@ -265,6 +282,13 @@ class WorkerConfig(NodeConfig):
 class ClusterConfig(_Frozen):
     """The whole ``cluster.toml``."""
 
+    def tls_files(self, name: str) -> TlsFiles | None:
+        """Node ``name``'s TLS files when the cluster's links use TLS, else None."""
+        node = self.node(name)
+        if not node.uses_tls or self.cluster.tls_ca is None or node.tls_cert is None:
+            return None
+        return TlsFiles(ca=self.cluster.tls_ca, cert_key=node.tls_cert)
+
     cluster: ClusterSection
     source: SourceConfig
     workers: tuple[WorkerConfig, ...] = ()
@@ -288,6 +312,18 @@ class ClusterConfig(_Frozen):
                         f"{addresses[address]}"
                     )
                 addresses.setdefault(address, f"{where}.{field}")
+        tls_nodes = [(where, node) for where, node in self._located_nodes() if node.uses_tls]
+        if tls_nodes and self.cluster.tls_ca is None:
+            problems.append(f"cluster.tls_ca: {tls_nodes[0][0]} uses tls+tcp://, which needs "
+                            "the cluster's CA certificate (armdi keys init writes ca.crt)")
+        for where, node in tls_nodes:
+            if node.tls_cert is None:
+                problems.append(f"{where}.tls_cert: a tls+tcp:// node needs its key and "
+                                f"certificate (armdi keys init writes nodes/{node.name}.pem)")
+        if tls_nodes and len(tls_nodes) != len(self._located_nodes()):
+            plain = next(w for w, n in self._located_nodes() if not n.uses_tls)
+            problems.append(f"{plain}: every node must use tls+tcp:// once one does "
+                            f"({tls_nodes[0][0]} does)")
         mode = self.cluster.mode
         if mode in MODES_NEEDING_WORKERS and not self.workers:
             problems.append(

@@ -26,7 +26,7 @@ def node_settings(config: ClusterConfig, name: str,
         repo=c.repo, model_id=c.model, backend=resolve_backend(c.backend),
         threads=worker.threads, slowdown=worker.slowdown, cpus=worker.cpus,
         key=c.hmac_key(), max_frame_bytes=c.max_frame_bytes, queue_depth=c.queue_depth,
-        parent_pid=parent_pid,
+        parent_pid=parent_pid, tls=config.tls_files(worker.name),
         emulate=c.emulate_compute, emulate_scale=c.emulate_scale,
         heartbeat_ms=c.heartbeat_ms,
     )
@@ -50,4 +50,5 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
                                   acceptable_pause_ms=c.acceptable_pause_ms),
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
+        tls=config.tls_files(s.name),
     )

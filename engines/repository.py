@@ -91,8 +91,18 @@ class ModelRepository:
                 f"run: armdi build {model_id} --repo {self.root}"
             )
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ManifestError(f"{path}: unreadable manifest ({exc}); rebuild: "
+                                f"armdi build {model_id} --repo {self.root}") from exc
+        return self.parse_manifest(raw, model_id, path)
+
+    def parse_manifest(self, raw: bytes, model_id: str, path: Path | str = MANIFEST) -> Manifest:
+        """Check and parse the bytes of ``model_id``'s manifest (``path`` names it in errors):
+        any problem is a ``ManifestError`` that says how to rebuild."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # digits, nesting
             raise ManifestError(f"{path}: unreadable manifest ({exc}); rebuild: "
                                 f"armdi build {model_id} --repo {self.root}") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None

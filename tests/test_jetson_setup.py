@@ -12,6 +12,7 @@ import os
 import pty
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -677,3 +678,29 @@ def test_model_from_refusals_come_before_any_change(jetson: Jetson, tiny_pack: P
     assert message in res.err
     assert res.mutating == []
     assert jetson.tree() == {}
+
+
+def test_keys_are_installed_with_safe_modes_and_a_second_run_changes_nothing(
+        jetson: Jetson) -> None:
+    keys = jetson.tmp / "keys"  # stand-ins for what armdi keys init writes
+    (keys / "nodes").mkdir(parents=True)
+    (keys / "cluster.key").write_text("ab" * 32 + "\n")
+    (keys / "ca.crt").write_text("CA CERTIFICATE\n")
+    (keys / "ca.key").write_text("CA PRIVATE KEY\n")
+    (keys / "nodes" / "edge1.pem").write_text("EDGE1 KEY AND CERTIFICATE\n")
+    (keys / "nodes" / "edge2.pem").write_text("EDGE2 KEY AND CERTIFICATE\n")
+    args = ("--yes", "--skip-build", "--config", str(jetson.config), "--name", "edge1",
+            "--keys", str(keys))
+    res = jetson.run(*args)
+    assert res.rc == 0, res.err
+    installed = jetson.root / "etc/armdi/keys"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in installed.iterdir()}
+    assert modes == {"cluster.key": 0o600, "ca.crt": 0o644, "edge1.pem": 0o600}
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o700
+    assert (installed / "edge1.pem").read_text() == "EDGE1 KEY AND CERTIFICATE\n"
+    again = jetson.run(*args)
+    assert again.rc == 0 and again.mutating == [], again.out
+    assert f"unchanged: {installed}/edge1.pem (mode 0600)" in again.out, again.out
+    assert "keys changed" not in again.out
+    missing = jetson.run("--yes", "--skip-build", "--name", "edge3", "--keys", str(keys))
+    assert missing.rc != 0 and "nodes/edge3.pem" in missing.err

@@ -34,10 +34,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.api import NotReadyError, Pipeline, QueueFullError, RequestTimeoutError
 from engines.errors import ArmdiError, InputSpecError
 from web import auth
+from web.limits import ApiLimits, LimitsMiddleware
 from web.routers import WebSettings, classify, metrics, nodes, server_version, v2
 from web.routers import pipeline as pipeline_routes
 
-__all__ = ["WebSettings", "create_app"]
+__all__ = ["ApiLimits", "WebSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,22 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def create_app(pipeline: Pipeline, *, title: str = "armdi",
                metrics_registry: CollectorRegistry | None = None,
-               settings: WebSettings | None = None) -> FastAPI:
+               settings: WebSettings | None = None,
+               limits: ApiLimits | None = None) -> FastAPI:
     """The FastAPI app serving ``pipeline``.
 
     ``metrics_registry``: where the HTTP and pipeline metrics are registered (a fresh registry
-    by default; never the process-global one). ``settings``: limits, and the API token that
-    turns on bearer authentication (``web.auth``).
+    by default; never the process-global one). ``settings``: upload and body limits, and the
+    API token that turns on bearer authentication (``web.auth``). ``limits``: per-client
+    rate, batch, time and SSE limits (``web.limits``; safe defaults).
     """
+    limits = limits if limits is not None else ApiLimits()
     settings = settings if settings is not None else WebSettings()
     registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
     app = FastAPI(title=title, version=server_version(), redoc_url=None)
     app.state.pipeline = pipeline
     app.state.settings = settings
+    app.state.limits = limits
     app.state.metrics_registry = registry
 
     for router in (classify.router, v2.router, pipeline_routes.router, nodes.router,
@@ -78,6 +83,7 @@ def create_app(pipeline: Pipeline, *, title: str = "armdi",
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_token is not None:
         app.add_middleware(auth.AuthMiddleware, token=settings.api_token)
+    app.add_middleware(LimitsMiddleware, limits=limits)  # 429s before a token or a body
     app.add_middleware(metrics.MetricsMiddleware, metrics=http_metrics, routes=app.routes)
     return app
 

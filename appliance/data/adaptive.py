@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from appliance.control.controller import BoundaryController, ControllerSettings, Move, transfer_ms
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
-from appliance.wire.transport import ControlClient
+from appliance.wire.transport import ControlClient, TlsFiles
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.adaptive")
@@ -31,12 +31,14 @@ class LeftBoundary:
                  prepare: Callable[[int, int], object] = lambda start, end: None,
                  lock: threading.Lock | None = None,
                  current_end: Callable[[], int] | None = None,
-                 committed: Callable[[int], None] = lambda boundary: None) -> None:
+                 committed: Callable[[int], None] = lambda boundary: None,
+                 tls: TlsFiles | None = None) -> None:
         assert configure.predecessor and configure.predecessor_control_addr
         self.node = node
         self.predecessor = configure.predecessor
         self.address = configure.predecessor_control_addr
         self.key = key
+        self.tls = tls
         self.settings = settings
         self.prepare = prepare  # loads this node's engine for a range before a move
         # Moves of this node's two boundaries never interleave: the node's successor moving
@@ -76,7 +78,7 @@ class LeftBoundary:
             self._queue.put((move, frame.start_block, end))
 
     def _send_loop(self) -> None:
-        client = ControlClient(self.address, key=self.key)
+        client = ControlClient(self.address, key=self.key, tls=self.tls)
         try:
             while (item := self._queue.get()) is not None:
                 move, old, end = item

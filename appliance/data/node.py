@@ -33,10 +33,12 @@ from appliance.data.engines import EngineCache
 from appliance.data.fused_builds import FusedBuilds
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
+from appliance.wire.replay import ReplayGuard, Stamper
 from appliance.wire.transport import (
     ControlServer,
     DataInbox,
     DataOutbox,
+    TlsFiles,
     TransportClosed,
     TransportError,
     TransportTimeout,
@@ -84,6 +86,7 @@ class NodeSettings:
     heartbeat_ms: float = 100.0  # a heartbeat to the source this often, from its own thread
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
+    tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
 
 
 @dataclass
@@ -155,6 +158,8 @@ class Node:
         self._sample_shapes = [tuple(c.shape[1:]) for c in self.manifest.cut_points]
         self._normalise = Normaliser(self.manifest.preprocessing)
         self._prefix = fr.node_prefix(settings.name)
+        self.replay = ReplayGuard(require=settings.key is not None)
+        self._beat_stamps = Stamper()  # this node's own session, for its heartbeats
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -163,10 +168,10 @@ class Node:
         if self.settings.cpus:
             os.sched_setaffinity(0, set(self.settings.cpus))
         inbox = DataInbox(self.settings.data_addr, max_bytes=self.settings.max_frame_bytes,
-                          recv_buffer=self.settings.queue_depth)
+                          recv_buffer=self.settings.queue_depth, tls=self.settings.tls)
         try:
-            control = ControlServer(self.settings.control_addr,
-                                    max_bytes=1 << 20, key=self.settings.key)
+            control = ControlServer(self.settings.control_addr, max_bytes=1 << 20,
+                                    key=self.settings.key, tls=self.settings.tls)
         except BaseException:
             inbox.close()
             raise
@@ -263,7 +268,9 @@ class Node:
                                 self.manifest.activation_bytes(), m, self.settings.controller,
                                 prepare=self._prepare, lock=self._move_lock,
                                 current_end=lambda: self.assignment.end,
-                                committed=self._start_committed)
+                                committed=self._start_committed, tls=self.settings.tls)
+        if m.session is not None:  # frames of this source run only, from now on
+            self.replay.expect(bytes.fromhex(m.session))
         with self._lock:
             old, self._left = self._left, left
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
@@ -308,12 +315,13 @@ class Node:
                 if target != addr:
                     if box is not None:
                         box.close()
-                    box, addr = DataOutbox(target, send_buffer=4), target
+                    box, addr = DataOutbox(target, send_buffer=4, tls=self.settings.tls), target
                 seq += 1
                 beat = fr.Frame(kind=fr.FrameKind.HEARTBEAT, request_id=seq, attempt=0,
                                 fingerprint=self.fingerprint, start_block=0,
                                 tensor=np.zeros(0, np.float32),
-                                trace=(fr.TraceEntry(self.settings.name, 0, 0, 0.0),))
+                                trace=(fr.TraceEntry(self.settings.name, 0, 0, 0.0),),
+                                ext=self._beat_stamps.next())  # a replayed beat is dropped
                 assert box is not None
                 with contextlib.suppress(TransportError):  # the source is away: next beat
                     box.send_with(*fr.frame_writer(beat, self.settings.key), timeout_ms=0)
@@ -424,6 +432,7 @@ class Node:
             frame = fr.decode_frame(buf, key=self.settings.key,
                                     max_bytes=self.settings.max_frame_bytes)
             self.check_frame(frame)
+            self.replay.check(frame, buf, tagged=self.settings.key is not None)
         except fr.FrameError as exc:
             self._drop(exc.reason, str(exc))
             return
@@ -518,7 +527,8 @@ class Node:
     def _outbox(self, addr: str) -> DataOutbox:
         box = self._outboxes.get(addr)
         if box is None:
-            box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth)
+            box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth,
+                                                    tls=self.settings.tls)
         return box
 
     def _send_one(self, frame: fr.Frame, a: Assignment) -> None:

@@ -60,11 +60,13 @@ from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.messages import MessageError
+from appliance.wire.replay import ReplayError, ReplayGuard, Stamper
 from appliance.wire.transport import (
     ControlClient,
     ControlServer,
     DataInbox,
     DataOutbox,
+    TlsFiles,
     TransportError,
     TransportTimeout,
 )
@@ -131,6 +133,7 @@ class SourceSettings:
     send_timeout_ms: int = 2000
     send_buffer: int = 8  # frames NNG buffers towards the first worker
     connect_timeout_s: float = 30.0
+    tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
 
 
 @dataclass
@@ -214,6 +217,11 @@ class Source:
         self._events: deque[dict[str, Any]] = deque(maxlen=500)
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[dict[str, Any]]]]
         self._subscribers = []
+        self._stamper = Stamper()  # every frame made here gets a fresh stamp (no replays)
+        self._replay = ReplayGuard(require=settings.key is not None)
+        self._replay.expect(self._stamper.session)
+        self._beats = ReplayGuard(require=settings.key is not None,
+                                  max_sessions=2 * len(settings.workers) + 8)
 
     # ------------------------------------------------------------------ Pipeline API
     @property
@@ -376,9 +384,9 @@ class Source:
             os.sched_setaffinity(0, set(s.cpus))
         self._started = time.monotonic()
         self._inbox = DataInbox(s.data_addr, max_bytes=s.max_frame_bytes,
-                                recv_buffer=s.send_buffer)
+                                recv_buffer=s.send_buffer, tls=s.tls)
         if s.control_addr and s.mode == "armdi":
-            self._control = ControlServer(s.control_addr, key=s.key)
+            self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
         live = self._handshake() if s.mode != "local" else []
         self.allocation = self._allocate(live)
         self._configure(live)
@@ -419,7 +427,8 @@ class Source:
         with self._lock:
             client = self._clients.get(w.ref.name)
             if client is None:
-                client = ControlClient(w.ref.control_addr, key=self.settings.key)
+                client = ControlClient(w.ref.control_addr, key=self.settings.key,
+                                       tls=self.settings.tls)
                 self._clients[w.ref.name] = client
             return client
 
@@ -452,12 +461,14 @@ class Source:
                     self._refuse(w, reply)
             if waiting:
                 time.sleep(0.1)
+        tls_hint = (" (over TLS: is its certificate one of this cluster's CA?)"
+                    if self.settings.tls is not None else "")
         for w in waiting:
             w.state = "down"
             w.reason = (f"did not answer at {w.ref.control_addr} within "
-                        f"{self.settings.connect_timeout_s:.0f} s")
-            log.error("worker %s did not answer at %s within %.0f s; continuing without it",
-                      w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s)
+                        f"{self.settings.connect_timeout_s:.0f} s{tls_hint}")
+            log.error("worker %s did not answer at %s within %.0f s%s; continuing without it",
+                      w.ref.name, w.ref.control_addr, self.settings.connect_timeout_s, tls_hint)
             self._event("unreachable", node=w.ref.name, address=w.ref.control_addr)
         return [w for w in self.workers if w in live]
 
@@ -536,7 +547,7 @@ class Source:
                 chain=tuple(chain), adaptive=self.settings.mode == "armdi" and prev is not None
                 and prev_ctl is not None, predecessor=prev, predecessor_control_addr=prev_ctl,
                 upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
-                downstream_latency_ms=down[1])
+                downstream_latency_ms=down[1], session=self._stamper.session.hex())
             self._configures[name] = configure
             try:
                 reply = self._client(worker).request(configure, timeout_ms=timeout_ms)
@@ -652,7 +663,7 @@ class Source:
             x = fr.cast_for_wire(x, self.settings.wire_dtype)
         frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=pending.request_id,
                          attempt=pending.attempt, fingerprint=self.fingerprint,
-                         start_block=end, tensor=x, trace=trace)
+                         start_block=end, tensor=x, trace=trace, ext=self._stamper.next())
         try:
             self._outbox(nxt).send_with(*fr.frame_writer(frame, self.settings.key),
                                         timeout_ms=timeout_ms)
@@ -673,7 +684,7 @@ class Source:
                 box = self._outboxes.get(addr)
                 if box is None:
                     box = self._outboxes[addr] = DataOutbox(
-                        addr, send_buffer=self.settings.send_buffer)
+                        addr, send_buffer=self.settings.send_buffer, tls=self.settings.tls)
         return box
 
     def _control_loop(self) -> None:
@@ -745,7 +756,8 @@ class Source:
                                     max_bytes=self.settings.max_frame_bytes)
             if frame.fingerprint != self.fingerprint:
                 raise fr.FrameError("result for another model fingerprint")
-            if frame.kind == fr.FrameKind.HEARTBEAT:
+            if frame.kind == fr.FrameKind.HEARTBEAT:  # each worker stamps its own beats
+                self._beats.check(frame, buf, tagged=self.settings.key is not None)
                 self._beat(frame.trace[0].node if frame.trace else "")
                 return
             if frame.kind == fr.FrameKind.ACTIVATION:
@@ -756,8 +768,9 @@ class Source:
                     or tuple(frame.tensor.shape[1:]) != expected):
                 raise fr.FrameError(f"result of shape {tuple(frame.tensor.shape)}, the model "
                                     f"outputs {('1', *expected)}")
+            self._replay.check(frame, buf, tagged=self.settings.key is not None)
         except fr.FrameError as exc:
-            self._metrics.counters["bad_frame"] += 1
+            self._metrics.counters[exc.reason if isinstance(exc, ReplayError) else "bad_frame"] += 1
             log.warning("dropped a result frame: %s", exc)
             return
         if frame.kind == fr.FrameKind.ERROR:  # a worker could not run it: no use re-sending

@@ -48,7 +48,9 @@ class MessageError(ArmdiError):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No infinities or NaN: JSON has none, pydantic would write them as null, and the
+    # receiver would refuse the message (found by fuzzing the decoder).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     v: int = MESSAGE_VERSION
 
@@ -107,6 +109,9 @@ class Configure(_BlockRange):
     upstream_latency_ms: NonNegativeFloat = 0.0
     downstream_Bps: float | None = Field(default=None, gt=0)  # its own outgoing link (None: free)
     downstream_latency_ms: NonNegativeFloat = 0.0
+    # The source run whose frames this node accepts from now on (hex of the stamp's session,
+    # appliance.wire.replay); None: any.
+    session: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
 
 class MoveBoundary(_Message):
@@ -228,12 +233,13 @@ def decode_message(data: bytes | bytearray | memoryview, key: bytes | None,
     body = _check_tag(raw, tagged=bool(flags & FLAG_TAGGED), key=key)
     try:
         obj: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: too many
+        # digits in an integer (and JSONDecodeError); RecursionError: nesting too deep
         raise MessageError(f"control message is not valid JSON: {err}") from err
     if not isinstance(obj, dict):
         raise MessageError(f"control message is a JSON {type(obj).__name__}, not an object")
     kind = obj.get("type")
-    if kind not in MESSAGE_TYPES:
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:  # a list is not even hashable
         raise MessageError(f"unknown control message type {kind!r:.80}")
     version = obj.get("v", MESSAGE_VERSION)
     if version != MESSAGE_VERSION:

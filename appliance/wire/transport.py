@@ -41,6 +41,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -60,11 +62,42 @@ from appliance.wire.messages import (
 from engines.errors import ArmdiError
 
 IPC_PREFIX: Final = "ipc://"
+TLS_PREFIX: Final = "tls+tcp://"
+TLS_SERVER_NAME: Final = "armdi-node"  # every node certificate names it (appliance.keys)
 MAX_IPC_PATH_BYTES: Final = 107  # sun_path is 108 bytes with its terminating NUL
 DEFAULT_RECONNECT_MIN_MS: Final = 20
 DEFAULT_RECONNECT_MAX_MS: Final = 1000
 
 Handler = Callable[[ControlMessage], ControlMessage]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS for ``tls+tcp://`` links: the cluster's CA certificate, and this node's
+    private key and certificate in one PEM file (``armdi keys init`` writes both).
+
+    Both ends present a certificate and check the other's against the CA; a peer without
+    one signed by it never completes the handshake, so none of its messages arrive."""
+
+    ca: Path
+    cert_key: Path
+
+    def config(self, *, server: bool) -> pynng.TLSConfig:
+        """A pynng TLS configuration for a listening (``server``) or dialling socket."""
+        mode = pynng.TLSConfig.MODE_SERVER if server else pynng.TLSConfig.MODE_CLIENT
+        try:
+            return pynng.TLSConfig(mode, ca_files=[str(self.ca)],
+                                   cert_key_file=str(self.cert_key),
+                                   auth_mode=pynng.TLSConfig.AUTH_MODE_REQUIRED,
+                                   server_name=None if server else TLS_SERVER_NAME)
+        except pynng.NNGException as err:
+            raise TransportError(f"cannot load the TLS files {self.ca} and {self.cert_key}: "
+                                 f"{err} (made by armdi keys init?)") from err
+
+
+def _tls_options(tls: TlsFiles | None, *, server: bool) -> dict[str, Any]:
+    """The socket option that turns TLS on (pynng applies it to tls+tcp:// endpoints only)."""
+    return {} if tls is None else {"tls_config": tls.config(server=server)}
 
 
 class TransportError(ArmdiError):
@@ -134,7 +167,7 @@ class _Socket:
         """Listen on ``address``; returns it with a tcp port 0 replaced by the bound port."""
         with _mapped(f"cannot listen on {address}"):
             listener = self._sock.listen(_check_address(address))
-        if address.startswith("tcp://") and address.endswith(":0"):
+        if address.startswith(("tcp://", TLS_PREFIX)) and address.endswith(":0"):
             # str() of pynng's InAddr is right; its .port is in network byte order.
             bound = str(listener.local_address).rsplit(":", 1)[1]
             address = f"{address[:-2]}:{bound}"
@@ -161,10 +194,12 @@ class DataInbox(_Socket):
     ``inproc://`` does not enforce the limit at all, so ``decode_frame`` checks it again.
     """
 
-    def __init__(self, address: str, *, max_bytes: int, recv_buffer: int | None = None) -> None:
+    def __init__(self, address: str, *, max_bytes: int, recv_buffer: int | None = None,
+                 tls: TlsFiles | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")  # 0 is NNG's 'no limit'
-        super().__init__(pynng.Pull0(recv_max_size=max_bytes), f"data inbox {address}")
+        super().__init__(pynng.Pull0(recv_max_size=max_bytes,
+                                     **_tls_options(tls, server=True)), f"data inbox {address}")
         try:
             if recv_buffer is not None:
                 with _mapped(f"data inbox {address}: set receive buffer"):
@@ -213,9 +248,11 @@ class DataOutbox(_Socket):
     def __init__(self, addresses: str | Sequence[str] = (), *,
                  send_buffer: int | None = None,
                  reconnect_min_ms: int = DEFAULT_RECONNECT_MIN_MS,
-                 reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS) -> None:
+                 reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
+                 tls: TlsFiles | None = None) -> None:
         sock = pynng.Push0(reconnect_time_min=reconnect_min_ms,
-                           reconnect_time_max=reconnect_max_ms)
+                           reconnect_time_max=reconnect_max_ms,
+                           **_tls_options(tls, server=False))
         super().__init__(sock, "data outbox")
         self._lock = threading.Lock()
         self._dialers: dict[str, pynng.Dialer] = {}
@@ -299,10 +336,12 @@ class ControlServer(_Socket):
     """Answers control messages: a Rep0 socket listening on ``address``."""
 
     def __init__(self, address: str, *, key: bytes | None,
-                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: TlsFiles | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-        super().__init__(pynng.Rep0(recv_max_size=max_bytes), f"control server {address}")
+        super().__init__(pynng.Rep0(recv_max_size=max_bytes, **_tls_options(tls, server=True)),
+                         f"control server {address}")
         try:
             self.address = self._listen(address)
         except BaseException:
@@ -358,12 +397,14 @@ class ControlClient(_Socket):
     def __init__(self, address: str, *, key: bytes | None,
                  max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  reconnect_min_ms: int = DEFAULT_RECONNECT_MIN_MS,
-                 reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS) -> None:
+                 reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
+                 tls: TlsFiles | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         sock = pynng.Req0(recv_max_size=max_bytes, resend_time=-1,
                           reconnect_time_min=reconnect_min_ms,
-                          reconnect_time_max=reconnect_max_ms)
+                          reconnect_time_max=reconnect_max_ms,
+                          **_tls_options(tls, server=False))
         super().__init__(sock, f"control client {address}")
         try:
             with _mapped(f"cannot dial {address}"):

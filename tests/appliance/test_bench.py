@@ -130,3 +130,19 @@ def test_bench_faults_counts_every_request(built_tiny: BuiltModel) -> None:
     assert run["time_to_next_completion_s"] is not None and run["reroutes"] >= 1
     assert result["summary"]["lost"] == 0
     assert "armdi/kill_middle" in format_report(result)
+
+
+def test_bench_security_only_measures_tls_and_hmac_side_by_side(built_tiny: BuiltModel) -> None:
+    model = built_tiny.manifest.model_id
+    options = PipelineBenchOptions(repo=built_tiny.repo, model=model, requests=3, repeats=1,
+                                   warmup=1, window=2, security_only=True)
+    data = json.loads(json.dumps(run_pipeline_bench(options)))
+    section = data["security"]
+    expected = {"security_plain": ("tcp", False), "security_hmac": ("tcp", True),
+                "security_tls": ("tls", False), "security_tls_hmac": ("tls", True)}
+    for key, (transport, hmac) in expected.items():
+        assert (section[key]["transport"], section[key]["hmac"]) == (transport, hmac)
+        assert _positive(section[key]["throughput_ips"]) and _positive(section[key]["p50_ms"])
+    assert all(_positive(v) for v in section["ratios"].values())
+    text = format_report(data)
+    assert "tls+tcp://, HMAC" in text and "tls_throughput_ratio" in text

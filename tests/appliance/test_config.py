@@ -203,7 +203,7 @@ def test_toml_syntax_error_gives_the_line(tmp_path: Path) -> None:
         (
             'data_addr = "tcp://192.168.1.11:5600"',
             'data_addr = "udp://192.168.1.11:5600"',
-            "workers[0].data_addr: must start with tcp://, ipc:// or inproc://",
+            "workers[0].data_addr: must start with tcp://, tls+tcp://, ipc:// or inproc://",
         ),
         (
             'data_addr = "ipc:///tmp/armdi-w2.data"',

@@ -13,11 +13,13 @@ from appliance.data.node import Node, NodeSettings
 from appliance.data.source import Source, SourceSettings, WorkerRef
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
+from appliance.wire.replay import Stamper
 from appliance.wire.transport import ControlClient, DataInbox, DataOutbox
 from engines.repository import ModelRepository
 from tests.conftest import BuiltModel, other_version
 
 KEY = bytes(range(32))
+STAMPS = Stamper()  # under a cluster key every frame carries a replay stamp
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[tuple[Node, BuiltMo
 def _frame(manifest_fp: bytes, start: int, tensor: np.ndarray, **kw: object) -> fr.Frame:
     args: dict[str, object] = {"kind": fr.FrameKind.ACTIVATION, "request_id": 7, "attempt": 1,
                                "fingerprint": manifest_fp, "start_block": start,
-                               "tensor": tensor, **kw}
+                               "tensor": tensor, "ext": STAMPS.next(), **kw}
     return fr.Frame(**args)  # type: ignore[arg-type]
 
 

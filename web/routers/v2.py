@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from appliance.api import Pipeline
 from engines.errors import InputSpecError
 from engines.manifest import Manifest, TensorInfo
+from web.limits import check_batch
 from web.routers import PipelineDep, SettingsDep, server_version
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -143,11 +144,13 @@ async def infer(model: str, request: Request, pipeline: PipelineDep, settings: S
     header_length = _header_length(request.headers.get(HEADER_LENGTH))
     if image:
         images = await run_in_threadpool(parse_image_request, body, header_length, manifest)
+        check_batch(images.images, request.app.state.limits)
         batch = await run_in_threadpool(_prepare_images, pipeline, images.images)
         parsed = InferRequest(id=images.id, batch=batch, outputs=images.outputs)
     else:
         parsed = await _maybe_in_thread(_json_bytes(body, header_length),
                                         parse_infer_request, body, header_length, manifest)
+    check_batch(parsed.batch, request.app.state.limits)
     outputs = await _run_batch(pipeline, parsed.batch)
     as_json = sum(not binary for _, binary in parsed.outputs) * outputs.size * 12
     content, header_length = await _maybe_in_thread(as_json, encode_infer_response, parsed,
