@@ -273,6 +273,7 @@ def run_rest_bench(pipeline: Pipeline, options: RestBenchOptions,
     """Measure ``pipeline`` (started, ready) with and without the HTTP front end."""
     from engines.preprocess import decode_image, preprocess
     from web.app import create_app
+    from web.limits import ApiLimits  # one client address drives the whole benchmark
 
     manifest = pipeline.manifest
     jpeg = sample_jpeg(options.image)
@@ -281,7 +282,7 @@ def run_rest_bench(pipeline: Pipeline, options: RestBenchOptions,
     body, header_length = v2_binary_request(tensor, manifest)
     recorder = RecordingPipeline(pipeline)
     with tempfile.TemporaryDirectory(prefix="armdi-bench-rest-") as tmp, \
-            _served(create_app(recorder)) as url:
+            _served(create_app(recorder, limits=ApiLimits(rate_per_s=0))) as url:
         jpeg_file, v2_file = Path(tmp) / "image.jpg", Path(tmp) / "v2.bin"
         jpeg_file.write_bytes(jpeg)
         v2_file.write_bytes(body)

@@ -90,13 +90,14 @@ class RateLimiter:
 
 
 def check_batch(batch: Any, limits: ApiLimits) -> None:
-    """A v2 request's input batch: 413 over ``limits.max_batch`` samples, 400 when a value is
-    not finite (NaN or infinite inputs make non-JSON outputs; an FP32 cast of a large JSON
-    number is infinite)."""
+    """A v2 request's input batch (a float tensor, or a list of encoded images): 413 over
+    ``limits.max_batch`` samples, 400 when a float value is not finite (NaN or infinite
+    inputs make non-JSON outputs; an FP32 cast of a large JSON number is infinite)."""
     if len(batch) > limits.max_batch:
         raise HTTPException(413, f"a batch of {len(batch)} samples is over the limit of "
                                  f"{limits.max_batch}; send smaller batches")
-    if not np.isfinite(batch).all():
+    if (isinstance(batch, np.ndarray) and batch.dtype.kind == "f"
+            and not np.isfinite(batch).all()):
         raise HTTPException(400, "the input holds NaN or infinite values (FP32 reaches "
                                  "+-3.4e38)")
 
