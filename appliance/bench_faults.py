@@ -15,6 +15,7 @@ really runs its blocks (all processes share this machine's cores). A benchmark, 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -116,6 +117,8 @@ def _run(o: FaultBenchOptions, mode: str, fault: str, pixels: np.ndarray,
         finally:
             source.close()
     after = [t for t in done_at if t > o.fault_s]
+    window = [o.fault_s, *(t for t in after if t <= o.fault_s + 5.0)]
+    stall = max((b - a for a, b in itertools.pairwise(window)), default=None)
     per_s = [0] * math.ceil(o.duration_s)
     for t in done_at:
         per_s[min(int(t), len(per_s) - 1)] += 1
@@ -128,6 +131,8 @@ def _run(o: FaultBenchOptions, mode: str, fault: str, pixels: np.ndarray,
     return {"mode": mode, "fault": fault, "sent": sent, "returned": returned, "lost": lost,
             "duplicated": duplicated, "wrong": wrong,
             "time_to_next_completion_s": round(after[0] - o.fault_s, 3) if after else None,
+            # the longest wait between two completions in the 5 s after the fault: the stall
+            "longest_stall_s": round(stall, 3) if stall is not None else None,
             "time_to_recovered_s": recovered, "throughput_per_s": per_s,
             "optimum_ips": [round(x, 1) for x in optimum_ips],
             "duplicates_dropped": counters.get("duplicate_results", 0),
@@ -159,11 +164,13 @@ def run_fault_bench(o: FaultBenchOptions,
     armdi = [r for r in runs if r["mode"] == "armdi"]
     nexts = [r["time_to_next_completion_s"] for r in armdi
              if r["time_to_next_completion_s"] is not None]
+    stalls = [r["longest_stall_s"] for r in armdi if r["longest_stall_s"] is not None]
     recs = [r["time_to_recovered_s"] for r in armdi]
     summary = {
         "lost": sum(r["lost"] for r in armdi), "duplicated": sum(r["duplicated"] for r in armdi),
         "wrong": sum(r["wrong"] for r in armdi),
         "max_time_to_next_completion_s": max(nexts) if nexts else None,
+        "max_stall_s": max(stalls) if stalls else None,
         "max_time_to_recovered_s": (None if any(r is None for r in recs) or not recs
                                     else max(recs)),
         "edgepipe_lost": sum(r["lost"] for r in runs if r["mode"] == "edgepipe"),
@@ -178,13 +185,15 @@ def run_fault_bench(o: FaultBenchOptions,
 def format_report(result: dict[str, Any]) -> str:
     lines = [f"armdi bench faults: {result['model']}, 4 workers, real compute", "",
              f"{'mode/fault':<24} {'sent':>5} {'ret':>5} {'lost':>5} {'dup':>4} {'wrong':>5} "
-             f"{'next s':>7} {'recov s':>7}"]
+             f"{'next s':>7} {'stall s':>7} {'recov s':>7}"]
     for r in result["runs"]:
         nxt = r["time_to_next_completion_s"]
         rec = r["time_to_recovered_s"]
+        stall = r["longest_stall_s"]
         lines.append(f"{r['mode'] + '/' + r['fault']:<24} {r['sent']:>5} {r['returned']:>5} "
                      f"{r['lost']:>5} {r['duplicated']:>4} {r['wrong']:>5} "
                      f"{'-' if nxt is None else f'{nxt:.2f}':>7} "
+                     f"{'-' if stall is None else f'{stall:.2f}':>7} "
                      f"{'-' if rec is None else f'{rec:.0f}':>7}")
     lines += ["", f"summary (armdi runs): {result['summary']}"]
     return "\n".join(lines)
