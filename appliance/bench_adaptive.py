@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.bench import load_avg, machine_info
+from appliance.bench import _quantile, load_avg, machine_info
 from appliance.control.allocator import even_split, snapshot_from_profile, solve
 from engines.errors import ArmdiError
 from engines.repository import ModelRepository
@@ -175,7 +175,8 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
     return {
         "mode": mode, "scenario": scenario.name, "throughput_per_s": per_s,
         "optimum_ips": optimum_at, "boundaries": [s["boundaries"] for s in snapshots],
-        "p50_ms": _q(lat, 0.5), "p99_ms": _q(lat, 0.99), "completed": len(completions),
+        "p50_ms": _quantile(lat, 0.5), "p99_ms": _quantile(lat, 0.99),
+        "completed": len(completions),
         "failed_requests": failed + status.failed,
         "moves": status.counters.get("boundary_moves", 0),
         "rebalances": status.counters.get("rebalances", 0),
@@ -188,12 +189,6 @@ def _move_times(source: Any) -> list[float]:
     ready = next((e["time"] for e in events if e["type"] == "ready"), None)
     return [round(e["time"] - ready, 2) for e in events
             if ready is not None and e["type"] in ("boundary_moved", "rebalanced")]
-
-
-def _q(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _recovery_s(run: dict[str, Any], change_s: float, end_s: float) -> float | None:
