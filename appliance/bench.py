@@ -13,8 +13,8 @@ One run, one process start, the same input for everything:
    emulates one device per core; the source process is not pinned and shares both cores.
 4. **transfer**: the activation at the 2-worker boundary sent between two processes over
    ``ipc://`` (pinned to CPUs 0 and 1, like the hop): raw pynng (``nng_send`` of the array,
-   ``nng_recvmsg`` with no copy) against the pipeline's hop (``Frame`` + ``frame_writer`` +
-   ``DataOutbox.send_with``, ``DataInbox.recv`` + ``decode_frame``), each timed one way, one
+   ``nng_recvmsg`` with no copy) against the pipeline's hop (``Frame`` + ``frame_parts`` +
+   ``DataOutbox.send_frame``, ``DataInbox.recv`` + ``decode_frame``), each timed one way, one
    message at a time. ``hop_cost_ratio = frame_ms / raw_ms``. The same for the input tensor
    (the source's hop) is reported as ``transfer_input``.
 
@@ -514,7 +514,7 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
                         frame = fr.decode_frame(inbox.recv(timeout_ms=timeout), key=None,
                                                 max_bytes=1 << 30)
                         t1 = time.perf_counter_ns()
-                        t0 = frame.request_id
+                        (t0,) = stamp.unpack_from(frame.tensor.reshape(-1).view(np.uint8).data)
                         del frame
                     ack.send(stamp.pack(t1 - t0))
         finally:
@@ -529,24 +529,25 @@ def _transfer_child(role: str, spec: dict[str, Any]) -> None:
     shape = tuple(spec["shape"])
     tensor = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     head = tensor.reshape(-1).view(np.uint8)[:8]
-    fingerprint = bytes(32)
-    trace = (fr.TraceEntry(node="w1", start=0, end=1, ms=1.0),)
+    # What a worker does per hop: the frame it received, forwarded with its own trace entry.
+    received = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=1, attempt=1,
+                        fingerprint=bytes(32), start_block=0, tensor=tensor,
+                        trace=(fr.TraceEntry(node="w0", start=0, end=0, ms=0.0),))
+    prefix = fr.node_prefix("w1")
     times: dict[tuple[int, str], list[float]] = {}
     try:
         for mode, warm, count, rnd in spec["schedule"]:
             kept = times.setdefault((rnd, mode), [])
             for i in range(warm + count):
+                t0 = time.perf_counter_ns()
+                head[:] = np.frombuffer(stamp.pack(t0), np.uint8)
                 if mode == "raw":
-                    t0 = time.perf_counter_ns()
-                    head[:] = np.frombuffer(stamp.pack(t0), np.uint8)
                     data = ffi.from_buffer(tensor)
                     pynng.check_err(lib.nng_send(raw_out.socket, data, len(data), 0))
                 else:
-                    t0 = time.perf_counter_ns()
-                    frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=t0, attempt=1,
-                                     fingerprint=fingerprint, start_block=1, tensor=tensor,
-                                     trace=trace)
-                    outbox.send_with(*fr.frame_writer(frame, None), timeout_ms=timeout)
+                    frame = received.forward(fr.FrameKind.ACTIVATION, 1, tensor,
+                                             fr.hop_wire(prefix, 0, 1, 1.0))
+                    outbox.send_frame(fr.frame_parts(frame, None), timeout_ms=timeout)
                 (dt,) = stamp.unpack(ack_in.recv())
                 if i >= warm:
                     kept.append(dt / 1e6)

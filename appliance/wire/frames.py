@@ -51,9 +51,11 @@ import enum
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NoReturn
+from math import prod
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -189,35 +191,51 @@ def hop_wire(prefix: bytes, start: int, end: int, ms: float) -> bytes:
     return prefix + _TRACE_TAIL.pack(start, end, ms)
 
 
-_SLOTS: Final = ("kind", "request_id", "attempt", "fingerprint", "start_block", "tensor",
-                 "error", "ext", "_trace", "_trace_wire", "_trace_count")
+_FIELDS: Final = ("kind", "request_id", "attempt", "fingerprint", "start_block", "tensor",
+                  "error", "ext", "trace_wire", "_trace_count")
 
 
-class Frame:
+class Frame(tuple):  # type: ignore[type-arg]
     """One frame. ``tensor`` is the payload; a decoded frame's tensor is a view of the
     received buffer (read it, copy it if it must outlive the frame's use).
 
     Immutable. Built by the constructor, every field is checked (a sender's bug is an
     ``InvalidFrameError``); ``decode_frame`` and ``forward`` build frames from checked parts
-    without checking again. ``trace`` is parsed from the wire only when someone reads it.
+    without checking again. The trace travels as bytes (``trace_wire``); ``trace`` parses
+    them when someone reads it (the source, once per result).
+
+    A tuple underneath (its fields by position, read through C-level properties): making one
+    is a single call, which matters on a path that makes two per hop. It compares and hashes
+    by identity, as a plain object would.
     """
 
-    __slots__ = _SLOTS
-    kind: FrameKind
-    request_id: int
-    attempt: int
-    fingerprint: bytes
-    start_block: int
-    tensor: Tensor
-    error: str
-    ext: bytes
-    _trace: tuple[TraceEntry, ...] | None
-    _trace_wire: bytes | None
-    _trace_count: int
+    __slots__ = ()
+    if TYPE_CHECKING:
+        kind: FrameKind
+        request_id: int
+        attempt: int
+        fingerprint: bytes
+        start_block: int
+        tensor: Tensor
+        error: str
+        ext: bytes
+        trace_wire: bytes
+        _trace_count: int
+    else:
+        kind = property(itemgetter(0), doc="the frame's kind")
+        request_id = property(itemgetter(1), doc="the source's id of the request")
+        attempt = property(itemgetter(2), doc="which attempt at the request (1, 2, ...)")
+        fingerprint = property(itemgetter(3), doc="the model's fingerprint, raw sha256")
+        start_block = property(itemgetter(4), doc="the first block not yet computed")
+        tensor = property(itemgetter(5), doc="the payload")
+        error = property(itemgetter(6), doc="why a worker failed (ERROR frames)")
+        ext = property(itemgetter(7), doc="the extension section, carried hop to hop")
+        trace_wire = property(itemgetter(8), doc="the trace section as it travels")
+        _trace_count = property(itemgetter(9))
 
-    def __init__(self, kind: FrameKind, request_id: int, attempt: int, fingerprint: bytes,
-                 start_block: int, tensor: Tensor, trace: Iterable[TraceEntry] = (),
-                 error: str = "", ext: bytes = b"") -> None:
+    def __new__(cls, kind: FrameKind, request_id: int, attempt: int, fingerprint: bytes,
+                start_block: int, tensor: Tensor, trace: Iterable[TraceEntry] = (),
+                error: str = "", ext: bytes = b"") -> Frame:
         if not isinstance(kind, FrameKind):
             raise InvalidFrameError(f"kind must be a FrameKind, got {kind!r}")
         _check_range("request_id", request_id, _U64_MAX)
@@ -248,27 +266,19 @@ class Frame:
             raise InvalidFrameError(f"error message is over {MAX_ERROR_BYTES} utf-8 bytes")
         if not isinstance(ext, bytes) or len(ext) > MAX_EXT_BYTES:
             raise InvalidFrameError(f"ext must be bytes, at most {MAX_EXT_BYTES}")
-        _init(self, kind, int(request_id), int(attempt), fingerprint, int(start_block), tensor,
-              error, ext, entries, None, len(entries))
+        return _new(cls, (kind, int(request_id), int(attempt), fingerprint, int(start_block),
+                          tensor, error, ext, b"".join(e.wire() for e in entries), len(entries)))
+
+    __eq__ = object.__eq__  # identity, as for any object: tuple's would compare tensors
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
     # -- reading
     @property
     def trace(self) -> tuple[TraceEntry, ...]:
-        """The hops so far (parsed from the wire on first use; ``MalformedFrameError`` if
-        the trace section of a received frame does not parse)."""
-        if self._trace is None:
-            object.__setattr__(self, "_trace", _parse_trace(self._trace_wire or b""))
-        assert self._trace is not None
-        return self._trace
-
-    @property
-    def trace_wire(self) -> bytes:
-        """The trace section as it travels."""
-        if self._trace_wire is None:
-            object.__setattr__(self, "_trace_wire",
-                               b"".join(e.wire() for e in self._trace or ()))
-        assert self._trace_wire is not None
-        return self._trace_wire
+        """The hops so far, parsed from the wire (``MalformedFrameError`` if the trace
+        section of a received frame does not parse)."""
+        return _parse_trace(self[8])
 
     # -- new frames from this one
     def replace(self, **changes: Any) -> Frame:
@@ -287,19 +297,19 @@ class Frame:
 
         The hot path of every hop: nothing already checked is checked again. ``tensor``
         must have a wire dtype (an engine's float32 output does)."""
-        if self._trace_count >= MAX_TRACE:
+        count = self[9]
+        if count >= MAX_TRACE:
             raise InvalidFrameError(f"trace has {MAX_TRACE} entries already")
         if error:
             if kind != FrameKind.ERROR:
                 raise InvalidFrameError("an error message is only allowed on ERROR frames")
             error = error.encode("utf-8", errors="replace")[:MAX_ERROR_BYTES].decode(
                 "utf-8", errors="ignore")
-        if _dtype_code(tensor.dtype) is None or tensor.ndim > MAX_NDIM:
+        if tensor.ndim > MAX_NDIM or (tensor.dtype not in _CODE_BY_DTYPE
+                                      and _dtype_code(tensor.dtype) is None):
             raise InvalidFrameError(f"tensor {tensor.dtype}{tensor.shape} cannot travel")
-        frame = Frame.__new__(Frame)
-        _init(frame, kind, self.request_id, self.attempt, self.fingerprint, start_block, tensor,
-              error, self.ext, None, self.trace_wire + hop, self._trace_count + 1)
-        return frame
+        return _new(Frame, (kind, self[1], self[2], self[3], start_block, tensor, error, self[7],
+                            self[8] + hop, count + 1))
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"Frame is immutable (cannot set {name!r}); use replace()")
@@ -309,21 +319,7 @@ class Frame:
                 f"start_block {self.start_block}, {self.tensor.dtype}{list(self.tensor.shape)})")
 
 
-def _init(frame: Frame, kind: FrameKind, request_id: int, attempt: int, fingerprint: bytes,
-          start_block: int, tensor: Tensor, error: str, ext: bytes,
-          trace: tuple[TraceEntry, ...] | None, trace_wire: bytes | None, count: int) -> None:
-    set_ = object.__setattr__
-    set_(frame, "kind", kind)
-    set_(frame, "request_id", request_id)
-    set_(frame, "attempt", attempt)
-    set_(frame, "fingerprint", fingerprint)
-    set_(frame, "start_block", start_block)
-    set_(frame, "tensor", tensor)
-    set_(frame, "error", error)
-    set_(frame, "ext", ext)
-    set_(frame, "_trace", trace)
-    set_(frame, "_trace_wire", trace_wire)
-    set_(frame, "_trace_count", count)
+_new: Final = tuple.__new__
 
 
 def _check_range(name: str, value: int, upper: int) -> None:
@@ -364,68 +360,57 @@ def to_compute_dtype(array: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- encode
-def encode_frame(frame: Frame, key: bytes | None) -> bytearray:
-    """Serialise ``frame``, tagged with HMAC-SHA256 under ``key`` when one is given.
+FrameParts = tuple[bytes, "Tensor | None", bytes]
 
-    The payload is copied exactly once, straight from the tensor into the final buffer
-    (any strides and byte order are converted by that same copy).
+
+def frame_parts(frame: Frame, key: bytes | None) -> FrameParts:
+    """``(head, payload, tag)``: a frame's bytes in three pieces, for
+    ``DataOutbox.send_frame`` to copy into one NNG message, so the payload goes from the
+    tensor into the message in that one copy. ``payload`` is the tensor itself when it is
+    C-contiguous in the wire's byte order (None when it holds no bytes); ``tag`` is the
+    HMAC-SHA256 over head and payload under ``key`` (empty without one).
+
+    ``encode_frame`` joins the same three pieces.
     """
-    size, write = frame_writer(frame, key)
-    out = bytearray(size)
-    write(memoryview(out))
-    return out
-
-
-def frame_writer(frame: Frame, key: bytes | None) -> tuple[int, Callable[[memoryview], None]]:
-    """``(size, write)``: the encoded size of ``frame``, and a function that encodes it into
-    a writable buffer of exactly that size (``encode_frame``'s bytes, byte for byte).
-
-    For senders that own the destination, e.g. an NNG message (``DataOutbox.send_with``):
-    the payload goes straight from the tensor into the message, with no buffer in between.
-    """
-    tensor = frame.tensor
-    code = _dtype_code(tensor.dtype)
-    assert code is not None  # the constructor and forward() refused the others
-    trace = frame.trace_wire
-    error = frame.error.encode("utf-8", errors="replace") if frame.error else b""
-    ext = frame.ext
+    tensor = frame[5]
+    dtype = tensor.dtype
+    code = _CODE_BY_DTYPE.get(dtype)
+    if code is None:
+        code = _dtype_code(dtype)
+        assert code is not None  # the constructor and forward() refused the others
+    trace = frame[8]
+    error = frame[6].encode("utf-8", errors="replace") if frame[6] else b""
+    ext = frame[7]
     ndim = tensor.ndim
     variable = HEADER_BYTES + 4 * ndim + len(trace) + len(error) + len(ext)
-    payload_len = tensor.nbytes
+    payload: Tensor | None = tensor
+    if not (tensor.flags.c_contiguous and dtype is _DTYPE_BY_CODE[code]):
+        # strides or byte order to convert (rare: engines give native C-order arrays)
+        payload = np.ascontiguousarray(tensor, dtype=_DTYPE_BY_CODE[code])
+    nbytes = tensor.nbytes
     head = b"".join((
-        _FIXED.pack(MAGIC, FORMAT_VERSION, frame.kind, FLAG_TAGGED if key is not None else 0,
-                    frame.request_id, frame.attempt, frame.start_block, code, ndim, len(trace),
-                    len(error), len(ext), 0, frame.fingerprint),
+        _FIXED.pack(MAGIC, FORMAT_VERSION, frame[0], 0 if key is None else FLAG_TAGGED,
+                    frame[1], frame[2], frame[4], code, ndim, len(trace), len(error), len(ext),
+                    0, frame[3]),
         _SHAPES[ndim].pack(*tensor.shape), trace, error, ext,
-        _ZEROS[:_padding(variable)], _U64.pack(payload_len)))
-    start = len(head)
-    total = start + payload_len + (TAG_BYTES if key is not None else 0)
-
-    def write(out: memoryview) -> None:
-        if len(out) != total:
-            raise InvalidFrameError(f"frame buffer of {len(out)} bytes, the frame is {total}")
-        out[:start] = head
-        if payload_len:
-            wire = _DTYPE_BY_CODE[code]
-            if ndim and tensor.dtype == wire and tensor.flags.c_contiguous:
-                out[start : start + payload_len] = tensor.data.cast("B")  # one memcpy
-            else:  # strides or byte order to convert: numpy does it in the same single copy
-                dst = np.frombuffer(out, dtype=wire, count=tensor.size, offset=start)
-                np.copyto(dst.reshape(tensor.shape), tensor, casting="equiv")
-                del dst  # release the export of ``out`` before handing it over
-        if key is not None:
-            body_end = total - TAG_BYTES
-            out[body_end:] = hmac.digest(key, out[:body_end], hashlib.sha256)
-
-    return total, write
+        _ZEROS[:-(variable + 8) % PAYLOAD_ALIGN], _U64.pack(nbytes)))
+    if not nbytes:
+        payload = None
+    if key is None:
+        return head, payload, b""
+    mac = hmac.new(key, head, hashlib.sha256)
+    if payload is not None:
+        mac.update(payload.data)
+    return head, payload, mac.digest()
 
 
-def _padding(offset: int) -> int:
-    """Zero bytes after ``offset`` so the payload (after the u64 length) starts aligned."""
-    return -(offset + _U64.size) % PAYLOAD_ALIGN
+def encode_frame(frame: Frame, key: bytes | None) -> bytearray:
+    """Serialise ``frame``, tagged with HMAC-SHA256 under ``key`` when one is given (the
+    bytes ``DataOutbox.send_frame`` sends)."""
+    head, payload, tag = frame_parts(frame, key)
+    return bytearray().join((head, b"" if payload is None else payload.data, tag))
 
 
-# ---------------------------------------------------------------------------- decode
 def _truncated(what: str, need: int, size: int) -> NoReturn:
     raise TruncatedFrameError(f"truncated frame: {what} needs bytes up to {need}, the frame "
                               f"has {size}")
@@ -437,11 +422,14 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
 
     With ``key`` every frame must carry a valid tag; without one a tagged frame is refused
     too (a cluster half-configured with a key is a mistake worth hearing about).
+
+    Every hop runs this once, so the checks of a good frame are few compound tests; a frame
+    that fails one is looked at again by ``_header_error`` for the exact reason.
     """
     view = memoryview(buf)
-    if not view.c_contiguous:
-        raise InvalidFrameError("decode_frame needs a contiguous buffer")
     if view.ndim != 1 or view.itemsize != 1:
+        if not view.c_contiguous:
+            raise InvalidFrameError("decode_frame needs a contiguous buffer")
         view = view.cast("B")
     size = len(view)
     if size > max_bytes:
@@ -450,8 +438,53 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
         if size >= 4 and bytes(view[:4]) != MAGIC:
             raise MalformedFrameError(f"bad magic {bytes(view[:4])!r}: not an armdi frame")
         _truncated("the fixed header", HEADER_BYTES, size)
+    header = _FIXED.unpack_from(view)
     (magic, version, kind_code, flags, request_id, attempt, start_block, dtype_code, ndim,
-     trace_len, error_len, ext_len, reserved, fingerprint) = _FIXED.unpack_from(view)
+     trace_len, error_len, ext_len, reserved, fingerprint) = header
+    kind = _KINDS.get(kind_code)
+    dtype = _DTYPE_BY_CODE.get(dtype_code)
+    if (magic != MAGIC or version != FORMAT_VERSION or kind is None or dtype is None
+            or flags & ~KNOWN_FLAGS or ndim > MAX_NDIM or reserved
+            or error_len > MAX_ERROR_BYTES or ext_len > MAX_EXT_BYTES
+            or (error_len and kind is not FrameKind.ERROR)):
+        _header_error(header)
+    assert kind is not None and dtype is not None
+    trace_at = HEADER_BYTES + 4 * ndim
+    error_at = trace_at + trace_len
+    ext_at = error_at + error_len
+    variable_end = ext_at + ext_len
+    length_at = variable_end + (-(variable_end + 8) % PAYLOAD_ALIGN)
+    payload_at = length_at + 8
+    if payload_at > size:
+        _truncated("the header's variable parts", payload_at, size)
+    shape = _SHAPES[ndim].unpack_from(view, HEADER_BYTES)
+    trace_wire = view[trace_at:error_at].tobytes()
+    count = _check_trace(trace_wire) if trace_len else 0
+    error = _utf8(view[error_at:ext_at], "error message") if error_len else ""
+    ext = view[ext_at:variable_end].tobytes() if ext_len else b""
+    (payload_len,) = _U64.unpack_from(view, length_at)
+    if length_at > variable_end and any(view[variable_end:length_at]):
+        raise MalformedFrameError("non-zero padding before the payload")
+    tagged = flags & FLAG_TAGGED
+    declared = payload_at + payload_len + (TAG_BYTES if tagged else 0)
+    if declared != size:
+        _size_error(declared, size, payload_len, max_bytes)
+    items = prod(shape)
+    if payload_len != dtype.itemsize * items:
+        raise MalformedFrameError(
+            f"payload of {payload_len} bytes does not match shape {shape} of {dtype.name} "
+            f"({dtype.itemsize * items} bytes)")
+    if tagged or key is not None:
+        _check_tag(view, tagged=bool(tagged), key=key)
+    tensor: Tensor = np.ndarray(shape, dtype, view, payload_at)  # a view: no copy
+    return _new(Frame, (kind, request_id, attempt, fingerprint, start_block, tensor, error, ext,
+                        trace_wire, count))
+
+
+def _header_error(header: tuple[Any, ...]) -> NoReturn:
+    """The exact reason a fixed header failed ``decode_frame``'s compound check."""
+    (magic, version, kind_code, flags, _request_id, _attempt, _start_block, dtype_code, ndim,
+     _trace_len, error_len, ext_len, reserved, _fingerprint) = header
     if magic != MAGIC:
         raise MalformedFrameError(f"bad magic {magic!r}: not an armdi frame")
     if version != FORMAT_VERSION:
@@ -462,8 +495,7 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
         raise MalformedFrameError(f"unknown frame kind {kind_code}")
     if flags & ~KNOWN_FLAGS:
         raise MalformedFrameError(f"unknown flags {flags:#06x}")
-    dtype = _DTYPE_BY_CODE.get(dtype_code)
-    if dtype is None:
+    if dtype_code not in _DTYPE_BY_CODE:
         raise MalformedFrameError(f"unknown dtype code {dtype_code}")
     if ndim > MAX_NDIM:
         raise MalformedFrameError(f"frame declares {ndim} dims, at most {MAX_NDIM}")
@@ -471,79 +503,61 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
         raise MalformedFrameError(f"reserved header field is {reserved:#x}, not 0")
     if error_len > MAX_ERROR_BYTES:
         raise MalformedFrameError(f"error message of {error_len} bytes, at most {MAX_ERROR_BYTES}")
-    if error_len and kind != FrameKind.ERROR:
+    if error_len:
         raise MalformedFrameError("frame fields are invalid: an error message is only allowed "
                                   f"on ERROR frames, not {kind.name}")
-    if ext_len > MAX_EXT_BYTES:
-        raise MalformedFrameError(f"extension of {ext_len} bytes, at most {MAX_EXT_BYTES}")
-    trace_at = HEADER_BYTES + 4 * ndim
-    error_at = trace_at + trace_len
-    ext_at = error_at + error_len
-    variable_end = ext_at + ext_len
-    length_at = variable_end + _padding(variable_end)
-    payload_at = length_at + _U64.size
-    if payload_at > size:
-        _truncated("the header's variable parts", payload_at, size)
-    shape = _SHAPES[ndim].unpack_from(view, HEADER_BYTES)
-    trace_wire = bytes(view[trace_at:error_at])
-    count = _check_trace(trace_wire)
-    error = _utf8(view[error_at:ext_at], "error message") if error_len else ""
-    ext = bytes(view[ext_at:variable_end]) if ext_len else b""
-    if view[variable_end:length_at] != _ZEROS[: length_at - variable_end]:
-        raise MalformedFrameError("non-zero padding before the payload")
-    (payload_len,) = _U64.unpack_from(view, length_at)
+    raise MalformedFrameError(f"extension of {ext_len} bytes, at most {MAX_EXT_BYTES}")
 
-    tagged = flags & FLAG_TAGGED
-    declared = payload_at + payload_len + (TAG_BYTES if tagged else 0)
+
+def _size_error(declared: int, size: int, payload_len: int, max_bytes: int) -> NoReturn:
     if declared > max_bytes:
         raise OversizeFrameError(f"frame declares {declared} bytes, over the {max_bytes} limit")
     if declared > size:
         raise TruncatedFrameError(
             f"truncated frame: it declares {declared} bytes ({payload_len} of payload), "
             f"only {size} arrived")
-    if declared < size:
-        raise MalformedFrameError(f"{size - declared} unexpected bytes after the frame")
-    items = 1
-    for dim in shape:
-        items *= dim
-    if payload_len != dtype.itemsize * items:
-        raise MalformedFrameError(
-            f"payload of {payload_len} bytes does not match shape {shape} of {dtype.name} "
-            f"({dtype.itemsize * items} bytes)")
-    _check_tag(view, tagged=bool(tagged), key=key)
-    tensor = np.frombuffer(view[payload_at : payload_at + payload_len], dtype=dtype)
-    frame = Frame.__new__(Frame)
-    _init(frame, kind, request_id, attempt, fingerprint, start_block, tensor.reshape(shape),
-          error, ext, None, trace_wire, count)
-    return frame
+    raise MalformedFrameError(f"{size - declared} unexpected bytes after the frame")
 
 
 def _check_trace(wire: bytes) -> int:
     """Walk a trace section without building it: its entries' count, or MalformedFrameError.
     Names must be utf-8 and ranges ranges, so ``Frame.trace`` cannot fail later."""
     pos, count, size = 0, 0, len(wire)
+    names = _GOOD_NAMES
+    unpack = _TRACE_TAIL.unpack_from
     while pos < size:
-        if count == MAX_TRACE:
-            raise MalformedFrameError(f"frame declares over {MAX_TRACE} trace entries, at most "
-                                      f"{MAX_TRACE}")
         name_len = wire[pos]
-        if not 0 < name_len <= MAX_NODE_NAME_BYTES:
-            raise MalformedFrameError(
-                f"trace entry {count} has a {name_len}-byte node name "
-                f"(1..{MAX_NODE_NAME_BYTES} allowed)")
         tail = pos + 1 + name_len
-        if tail + _TRACE_TAIL.size > size:
-            raise MalformedFrameError(f"trace entry {count} runs past the trace section")
-        try:
-            wire[pos + 1 : tail].decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise MalformedFrameError(f"trace entry {count} name is not utf-8") from err
-        start, end, _ms = _TRACE_TAIL.unpack_from(wire, tail)
+        if count == MAX_TRACE or not 0 < name_len <= MAX_NODE_NAME_BYTES or tail + 8 > size:
+            _trace_error(count, name_len)
+        name = wire[pos + 1 : tail]
+        if name not in names:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise MalformedFrameError(f"trace entry {count} name is not utf-8") from err
+            if len(names) < 1024:  # the cluster's node names; a flood of others is not kept
+                names.add(name)
+        start, end, _ms = unpack(wire, tail)
         if start > end:
             raise MalformedFrameError(f"trace entry {count} has blocks [{start}, {end})")
-        pos = tail + _TRACE_TAIL.size
+        pos = tail + 8
         count += 1
     return count
+
+
+_GOOD_NAMES: Final[set[bytes]] = set()  # node names already seen to be utf-8
+
+
+def _trace_error(count: int, name_len: int) -> NoReturn:
+    if count == MAX_TRACE:
+        raise MalformedFrameError(f"frame declares over {MAX_TRACE} trace entries, at most "
+                                  f"{MAX_TRACE}")
+    if not 0 < name_len <= MAX_NODE_NAME_BYTES:
+        raise MalformedFrameError(
+            f"trace entry {count} has a {name_len}-byte node name "
+            f"(1..{MAX_NODE_NAME_BYTES} allowed)")
+    raise MalformedFrameError(f"trace entry {count} runs past the trace section")
 
 
 def _parse_trace(wire: bytes) -> tuple[TraceEntry, ...]:

@@ -44,13 +44,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import numpy.typing as npt
 import pynng
 from pynng import ffi, lib
 from typing_extensions import Buffer, Self
 
+from appliance.wire.frames import FrameParts
 from appliance.wire.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
@@ -125,6 +126,13 @@ def _mapped(what: str, timeout_ms: int | None = None) -> Iterator[None]:
         raise TransportError(f"{what}: {err}") from err
 
 
+def _fail(rv: int, what: str, timeout_ms: int | None = None) -> NoReturn:
+    """Raise ours for NNG's error code ``rv`` (not 0) of a call made straight into NNG."""
+    with _mapped(what, timeout_ms):
+        pynng.check_err(rv)
+    raise TransportError(f"{what}: NNG error {rv}")
+
+
 def _check_timeout(timeout_ms: int) -> int:
     if timeout_ms < 0:
         raise ValueError(f"timeout_ms must be >= 0, got {timeout_ms}")
@@ -150,6 +158,7 @@ class _Socket:
         self._description = description
         self._recv_timeout: int | None = None
         self._send_timeout: int | None = None
+        self._nng = sock.socket  # the nng_socket handle, for calls into NNG's C API
 
     def _set_recv_timeout(self, timeout_ms: int) -> None:
         if timeout_ms != self._recv_timeout:
@@ -216,10 +225,12 @@ class DataInbox(_Socket):
         No copy: the view owns the NNG message, which is freed when the last thing that
         refers to it (the view, a slice of it, a numpy array made from it) is collected.
         """
-        self._set_recv_timeout(_check_timeout(timeout_ms))
+        if timeout_ms != self._recv_timeout:
+            self._set_recv_timeout(_check_timeout(timeout_ms))
         msg_p = ffi.new("nng_msg **")
-        with _mapped(f"receive on {self.address}", timeout_ms):
-            pynng.check_err(lib.nng_recvmsg(self._sock.socket, msg_p, 0))
+        rv = lib.nng_recvmsg(self._nng, msg_p, 0)
+        if rv:
+            _fail(rv, f"receive on {self.address}", timeout_ms)
         return _owning_view(msg_p[0])
 
 
@@ -305,27 +316,35 @@ class DataOutbox(_Socket):
         with _mapped(self._send_what(), timeout_ms):
             pynng.check_err(lib.nng_send(self._sock.socket, data, len(data), 0))
 
-    def send_with(self, size: int, write: Callable[[memoryview], None], timeout_ms: int) -> None:
-        """Like ``send``, for a message that ``write`` fills in place: NNG allocates a message
-        of ``size`` bytes, ``write`` gets a writable view of its body, and the message itself
-        is sent, so the bytes are written once (``send`` copies its buffer into a message).
+    def send_frame(self, parts: FrameParts, timeout_ms: int) -> None:
+        """Send one frame, given as ``frame_parts`` makes it: NNG allocates a message of the
+        frame's size, the three parts are copied into it (the payload straight from the
+        tensor: its one copy on this side) and the message itself is sent.
+
+        Returns once NNG has queued it for a connected peer; raises ``TransportTimeout``
+        when no peer took it within ``timeout_ms`` (none connected, or all busy).
         """
-        self._set_send_timeout(_check_timeout(timeout_ms))
+        head, payload, tag = parts
+        if timeout_ms != self._send_timeout:
+            self._set_send_timeout(_check_timeout(timeout_ms))
+        n_head = len(head)
+        n_payload = 0 if payload is None else payload.nbytes
+        size = n_head + n_payload + len(tag)
         msg_p = ffi.new("nng_msg **")
-        with _mapped("data outbox: allocate a message"):
-            pynng.check_err(lib.nng_msg_alloc(msg_p, size))
+        rv = lib.nng_msg_alloc(msg_p, size)
+        if rv:
+            _fail(rv, "data outbox: allocate a message")
         msg = msg_p[0]
-        sent = False
-        try:
-            if size:
-                with memoryview(ffi.buffer(lib.nng_msg_body(msg), size)) as body:
-                    write(body)
-            with _mapped(self._send_what(), timeout_ms):
-                pynng.check_err(lib.nng_sendmsg(self._sock.socket, msg, 0))
-            sent = True  # NNG owns the message now
-        finally:
-            if not sent:
-                lib.nng_msg_free(msg)
+        body = ffi.cast("char *", lib.nng_msg_body(msg))
+        ffi.memmove(body, head, n_head)
+        if n_payload:
+            ffi.memmove(body + n_head, payload, n_payload)
+        if tag:
+            ffi.memmove(body + n_head + n_payload, tag, len(tag))
+        rv = lib.nng_sendmsg(self._nng, msg, 0)
+        if rv:  # not sent: the message is still ours
+            lib.nng_msg_free(msg)
+            _fail(rv, self._send_what(), timeout_ms)
 
     def _send_what(self) -> str:
         return f"send to {', '.join(self.addresses) or '(no peer)'}"
