@@ -5,7 +5,11 @@ Scenarios, each run once per mode on a cluster of its own:
 
 - **a** static heterogeneity: the workers are 1x / 2x / 4x slower from the start;
 - **bc** one worker (w2) goes from 1x to 4x at ``change_s`` (b), and back to 1x at
-  ``back_s`` (c).
+  ``back_s`` (c);
+- **h** two identical workers at rest, pinned to one core each, always with real compute:
+  block times profiled one by one misjudge fused segments, so the profile's split is off
+  even here; the summary's ``homogeneous_spread`` is how far armdi's final stage times are
+  from equal (max / min - 1).
 
 Modes: ``armdi`` (the controller moves the boundaries), ``edgepipe`` (the exact optimum at
 start, from the configured slowdowns, then static), ``equal`` (every worker the same number
@@ -21,7 +25,10 @@ requests, and the exact optimum's predicted throughput at the true speeds (the p
 the slowdowns, at every moment of the scenario). The summary has ``steady_ratio_to_optimum``
 (scenario a, armdi, over its second half), ``recovery_s`` (scenario b, armdi: from the change
 until a 1 s window is within 10 % of the new optimum and stays so for 2 s),
-``failed_requests`` per mode and ``moves_per_30s_steady`` (scenario a, armdi, second half).
+``failed_requests`` per mode and ``moves_per_30s_steady`` (scenario a, armdi, second half),
+``homogeneous_spread`` (scenario h), and the time from a move's decision to the first frame
+run with the new range (``swap_ms``) and the fused engines' load times (``fused_load_ms``),
+over every armdi run.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -47,6 +55,7 @@ from engines.errors import ArmdiError
 from engines.repository import ModelRepository
 
 MODES = ("armdi", "edgepipe", "equal")
+SCENARIOS = ("a", "bc", "h")
 SLOW = 4.0
 
 
@@ -62,7 +71,7 @@ class AdaptiveBenchOptions:
     emulate: bool = True
     time_scale: float = 4.0
     modes: tuple[str, ...] = MODES
-    scenarios: tuple[str, ...] = ("a", "bc")
+    scenarios: tuple[str, ...] = ("a", "bc", "h")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class _Scenario:
     name: str
     start: tuple[float, ...]
     changes: tuple[tuple[float, str, float], ...]  # (at s, node, factor)
+    workers: int | None = None  # None: the options' number
+    pinned: bool = False  # worker i on CPU i (one core each, as separate devices)
+    real: bool = False  # real compute whatever the options say
 
 
 def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
@@ -79,6 +91,10 @@ def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
         "a": _Scenario("a: static 1x/2x/4x", static, ()),
         "bc": _Scenario(f"b/c: w2 1x -> {SLOW:g}x at {o.change_s:g} s, back at {o.back_s:g} s",
                         (1.0,) * n, ((o.change_s, "w2", SLOW), (o.back_s, "w2", 1.0))),
+        # The case the profile gets wrong: two identical workers, one core each, real compute
+        # (emulated compute would be balanced by construction: it waits the profiled times).
+        "h": _Scenario("h: 2 identical workers at rest, CPUs 0|1, real compute", (1.0, 1.0),
+                       (), workers=2, pinned=True, real=True),
     }
 
 
@@ -103,11 +119,16 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
     from appliance.settings import source_settings
 
     blocks = len(block_ms)
+    workers = scenario.workers or o.workers
+    emulate = o.emulate and not scenario.real
+    two = (os.cpu_count() or 1) >= 2
     options = LocalClusterOptions(
-        model=o.model, repo=o.repo, nodes=o.workers,
+        model=o.model, repo=o.repo, nodes=workers,
         mode="armdi" if mode == "armdi" else "edgepipe", slowdown=scenario.start, port=0,
-        source_runs_blocks=False, min_workers=o.workers, emulate_compute=o.emulate,
-        emulate_scale=o.time_scale if o.emulate else 1.0, request_timeout_s=30.0)
+        cpus=tuple((i % (os.cpu_count() or 1),) for i in range(workers))
+        if scenario.pinned and two else (),
+        source_runs_blocks=False, min_workers=workers, emulate_compute=emulate,
+        emulate_scale=o.time_scale if emulate else 1.0, request_timeout_s=30.0)
     completions: list[float] = []
     latencies: list[tuple[float, float]] = []
     failed = 0
@@ -116,7 +137,7 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         settings = source_settings(config)
         if mode == "equal":
             settings = dataclasses.replace(settings,
-                                           boundaries=(0, *even_split(blocks, o.workers)))
+                                           boundaries=(0, *even_split(blocks, workers)))
         source = Source(settings)
         try:
             source.start()
@@ -181,7 +202,21 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         "moves": status.counters.get("boundary_moves", 0),
         "rebalances": status.counters.get("rebalances", 0),
         "move_times": _move_times(source),
+        "move_costs": _move_costs(source),
+        "emulated": emulate,
+        "final_boundaries": list(status.boundaries),
+        "stage_ms": {v.name: (round(v.stage_ms, 3) if v.stage_ms is not None else None)
+                     for v in status.nodes if v.role != "source"},
     }
+
+
+def _move_costs(source: Any) -> dict[str, list[float]]:
+    """Per boundary move: decision to the first frame run with the new range (``swap_ms``)
+    and the fused engine's load time (``fused_load_ms``), as the workers report them."""
+    moved = [e for e in list(source._events) if e["type"] == "boundary_moved"]
+    return {"swap_ms": [float(e["swap_ms"]) for e in moved if e.get("swap_ms")],
+            "fused_load_ms": [float(e["fused_load_ms"]) for e in moved
+                              if e.get("fused_load_ms")]}
 
 
 def _move_times(source: Any) -> list[float]:
@@ -221,6 +256,8 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
     scenarios = _scenarios(o)
     for key in o.scenarios:
         for mode in o.modes:
+            if key == "h" and mode == "equal":
+                continue  # equal stage times is what scenario h measures against
             say(f"scenario {key}, mode {mode}")
             runs[f"{key}/{mode}"] = _run(o, mode, scenarios[key], block_ms, sizes, say)
     summary: dict[str, Any] = {}
@@ -243,6 +280,31 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
         if b is not None:
             rec = _recovery_s(b, o.change_s, o.back_s)
             summary[f"recovery_s_{mode}" if mode != "armdi" else "recovery_s"] = rec
+    h = runs.get("h/armdi")
+    if h is not None:
+        stages = [t for t in h["stage_ms"].values() if t]
+        if len(stages) >= 2:
+            # how far the final split is from equal stage times (goal: within 5 %)
+            summary["homogeneous_stage_ms"] = stages
+            summary["homogeneous_spread"] = round(max(stages) / min(stages) - 1, 3)
+            summary["homogeneous_boundaries"] = h["final_boundaries"]
+        late = [t for t in h["move_times"] if t >= half]
+        summary["moves_per_30s_rest_real"] = round(len(late) * 30 / (o.duration_s - half), 2)
+    swaps = [v for k, r in runs.items() if k.endswith("/armdi")
+             for v in r["move_costs"]["swap_ms"]]
+    loads = [v for k, r in runs.items() if k.endswith("/armdi")
+             for v in r["move_costs"]["fused_load_ms"]]
+    if swaps:
+        s_sorted = sorted(swaps)
+        summary["swap_ms"] = {"moves": len(swaps), "p50": round(_quantile(s_sorted, 0.5), 2),
+                              "p90": round(_quantile(s_sorted, 0.9), 2),
+                              "max": round(s_sorted[-1], 2)}
+    if loads:
+        l_sorted = sorted(loads)
+        summary["fused_load_ms"] = {"loads": len(loads),
+                                    "p50": round(_quantile(l_sorted, 0.5), 2),
+                                    "p90": round(_quantile(l_sorted, 0.9), 2),
+                                    "max": round(l_sorted[-1], 2)}
     summary["failed_requests"] = {k: r["failed_requests"] for k, r in runs.items()}
     return {
         "model": o.model, "machine": machine_info(),

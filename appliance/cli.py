@@ -786,6 +786,9 @@ def bench_adaptive(
                                               )] = 4.0,
     modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe,equal.")]
     = "armdi,edgepipe,equal",
+    scenarios: Annotated[str, typer.Option(
+        help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), h (two "
+             "identical workers at rest, one core each, real compute).")] = "a,bc,h",
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
                                                                   "(and a PNG plot beside it)."
                                                    )] = None,
@@ -795,6 +798,7 @@ def bench_adaptive(
     from appliance.bench import write_json
     from appliance.bench_adaptive import (
         MODES,
+        SCENARIOS,
         AdaptiveBenchOptions,
         format_report,
         run_adaptive_bench,
@@ -804,10 +808,14 @@ def bench_adaptive(
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     if not chosen or any(m not in MODES for m in chosen):
         _fail(f"--modes {modes!r}: choose from {', '.join(MODES)}")
+    picked = tuple(m.strip() for m in scenarios.split(",") if m.strip())
+    if not picked or any(m not in SCENARIOS for m in picked):
+        _fail(f"--scenarios {scenarios!r}: choose from {', '.join(SCENARIOS)}")
     change, back = duration / 4, duration * 5 / 8
     options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
                                    duration_s=duration, change_s=change, back_s=back,
-                                   emulate=not real, time_scale=time_scale, modes=chosen)
+                                   emulate=not real, time_scale=time_scale, modes=chosen,
+                                   scenarios=picked)
     result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:

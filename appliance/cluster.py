@@ -55,6 +55,7 @@ class LocalClusterOptions:
     supervise: bool = False  # restart a worker that dies, with back-off (armdi up)
     emulate_compute: bool = False  # benches: wait the profiled time instead of computing
     emulate_scale: float = 1.0
+    link_mbps: float | None = None  # emulate every node's outgoing link at this rate
     log_level: str = "WARNING"  # of the worker processes
     # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
     # mutual TLS with keys made by armdi keys init into the run dir.
@@ -151,7 +152,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
             **_addresses(options, run_dir, name, ports),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
             "threads": options.threads,
-            "bandwidth_mbps": LOOPBACK_MBPS,
+            "bandwidth_mbps": options.link_mbps or LOOPBACK_MBPS,
             "latency_ms": LOOPBACK_LATENCY_MS,
         }
         cpus = options.cpus[i] if i < len(options.cpus) else None
@@ -164,6 +165,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "queue_depth": options.queue_depth,
         "min_workers": options.min_workers if options.mode != "local" else 0,
         "emulate_compute": options.emulate_compute, "emulate_scale": options.emulate_scale,
+        "emulate_links": options.link_mbps is not None,
     }
     if options.key_hex:
         cluster["key"] = options.key_hex
@@ -177,7 +179,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
             "run_blocks": options.source_runs_blocks or options.mode == "local",
             "http_host": options.host,
             "http_port": options.port,
-            "bandwidth_mbps": LOOPBACK_MBPS,
+            "bandwidth_mbps": options.link_mbps or LOOPBACK_MBPS,
             "latency_ms": LOOPBACK_LATENCY_MS,
         },
         "workers": workers if options.mode != "local" else [],

@@ -138,6 +138,11 @@ class ClusterSection(_Frozen):
     heartbeat_ms: float = Field(
         100.0, gt=0, le=10_000, description="workers send the source a heartbeat this often"
     )
+    emulate_links: bool = Field(
+        False, description="benchmarks: each node's sends occupy its outgoing link "
+                           "(bandwidth_mbps) for size / rate, one after another, as a slow link "
+                           "would; links on one machine then behave like the configured ones"
+    )
     phi_threshold: float = Field(
         8.0, gt=0, description="a worker is declared dead when the failure detector's phi "
                                "(how improbable its silence is) passes this"

@@ -29,6 +29,7 @@ def node_settings(config: ClusterConfig, name: str,
         parent_pid=parent_pid, tls=config.tls_files(worker.name),
         emulate=c.emulate_compute, emulate_scale=c.emulate_scale,
         heartbeat_ms=c.heartbeat_ms,
+        link_Bps=_emulated_link(c.emulate_links, worker.bandwidth_Bps),
     )
 
 
@@ -51,4 +52,12 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         max_frame_bytes=c.max_frame_bytes, request_timeout_s=c.request_timeout_s,
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
         tls=config.tls_files(s.name),
+        link_Bps=_emulated_link(c.emulate_links, s.bandwidth_Bps),
     )
+
+
+def _emulated_link(emulate: bool, bandwidth_Bps: float) -> float | None:
+    """The rate a node's transport enforces on its sends (None: as fast as the link goes)."""
+    if not emulate or bandwidth_Bps == float("inf"):
+        return None
+    return bandwidth_Bps

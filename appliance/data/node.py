@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from appliance.control.controller import ControllerSettings
 from appliance.data.adaptive import LeftBoundary
 from appliance.data.engines import EngineCache
 from appliance.data.fused_builds import FusedBuilds
+from appliance.wire import ext as frame_ext
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.replay import ReplayGuard, Stamper
@@ -53,6 +54,7 @@ log = logging.getLogger("armdi.node")
 
 POLL_MS = 200
 SEND_SLICE_MS = 100  # a blocked send looks again where frames go (a re-route) this often
+SEEN_ATTEMPTS = 4096  # requests whose newest attempt a node remembers (to drop older ones)
 
 
 class FrameRejected(fr.FrameError):
@@ -87,6 +89,7 @@ class NodeSettings:
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
+    link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Node:
         self._start_seen: int | None = None
         self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
         self._link_Bps: float | None = None
+        self._attempts: OrderedDict[int, int] = OrderedDict()  # request id -> newest attempt
         self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
         self._move_lock = threading.Lock()  # moves of our start and of our end, one at a time
         self._paused_until = 0.0  # injected faults (monotonic deadlines)
@@ -420,14 +424,17 @@ class Node:
                 log.warning("%s: receive failed: %s", self.settings.name, exc)
                 continue
             try:
-                self.handle(buf)
+                self.handle(buf, time.monotonic())
             except Exception as exc:  # a bug: never let it end the data loop
                 self._drop("internal_error", f"handling a frame: {exc!r}")
             finally:
                 self._busy = False
 
-    def handle(self, buf: memoryview) -> None:
-        """Decode and check one received frame, run it, and send the outcome on."""
+    def handle(self, buf: memoryview, arrived: float | None = None) -> None:
+        """Decode and check one received frame (``arrived``: when, ``time.monotonic()``),
+        run it, and send the outcome on."""
+        if arrived is None:
+            arrived = time.monotonic()
         try:
             frame = fr.decode_frame(buf, key=self.settings.key,
                                     max_bytes=self.settings.max_frame_bytes)
@@ -437,11 +444,13 @@ class Node:
         except fr.FrameError as exc:
             self._drop(exc.reason, str(exc))
             return
+        if self._unwanted(frame, arrived):
+            return
         self._busy = True
         a = self.assignment  # replaced whole by Configure: one consistent read
         if frame.start_block >= a.end:  # our range moved past it: it needs none of ours
             self.stats.passed += 1
-            self._send_one(frame, a)
+            self._send_one(frame, a, arrived)
             return
         try:
             out = self.compute(frame, a.end, a.wire_dtype)
@@ -454,7 +463,27 @@ class Node:
                               0.0)
             out = frame.forward(fr.FrameKind.ERROR, frame.start_block, np.zeros(0, np.float32),
                                 hop, error=f"{type(exc).__name__}: {exc}")
-        self._send_one(out, a)
+        self._send_one(out, a, arrived)
+
+    def _unwanted(self, frame: fr.Frame, arrived: float) -> bool:
+        """Drop (and count) a frame whose work is no longer wanted: an older attempt of a
+        request this node has seen a newer attempt of (``superseded``: the source re-sent
+        it), or one whose attempt's budget ran out while it waited here (``expired``)."""
+        rid, attempt = frame.request_id, frame.attempt
+        attempts = self._attempts
+        seen = attempts.get(rid)
+        if seen is None or attempt > seen:
+            attempts[rid] = attempt
+            if len(attempts) > SEEN_ATTEMPTS:
+                attempts.popitem(last=False)
+        elif attempt < seen:
+            self.stats.dropped["superseded"] += 1
+            return True
+        budget = frame_ext.budget_ms(frame.ext)
+        if budget is not None and (time.monotonic() - arrived) * 1000 >= budget:
+            self.stats.dropped["expired"] += 1
+            return True
+        return False
 
     def check_frame(self, frame: fr.Frame) -> None:
         """Raise ``FrameError`` unless this node can run this frame."""
@@ -529,19 +558,29 @@ class Node:
         box = self._outboxes.get(addr)
         if box is None:
             box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth,
+                                                    rate_Bps=self.settings.link_Bps,
                                                     tls=self.settings.tls)
         return box
 
-    def _send_one(self, frame: fr.Frame, a: Assignment) -> None:
+    def _send_one(self, frame: fr.Frame, a: Assignment, arrived: float | None = None) -> None:
         """Encode and send one frame to where it goes next; failures are counted.
 
         Returns once the frame is in NNG's send buffer (NNG writes it out on its own
         thread); blocks, up to ``send_timeout_ms``, only while that buffer is full. While it
         waits it follows re-routes: every ``SEND_SLICE_MS`` it looks again where frames go
         now, so a successor that died is left behind as soon as the source re-routes."""
-        if time.monotonic() < self._cut_until:
+        now = time.monotonic()
+        if now < self._cut_until:
             self.stats.dropped["link_cut"] += 1  # an injected cut: nothing leaves
             return
+        if arrived is not None and frame.kind != fr.FrameKind.ERROR:
+            budget = frame_ext.budget_ms(frame.ext)
+            if budget is not None:  # what is left of it once the frame leaves here
+                left = budget - (now - arrived) * 1000
+                if left <= 0:
+                    self.stats.dropped["expired"] += 1
+                    return
+                frame = frame.with_ext(frame_ext.with_budget(frame.ext, left))
         parts = fr.frame_parts(frame, self.settings.key)
         t0 = time.perf_counter()
         deadline = t0 + self.settings.send_timeout_ms / 1000

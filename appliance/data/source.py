@@ -59,6 +59,7 @@ from appliance.control.detector import DetectorSettings, PhiAccrual
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
+from appliance.wire.ext import deadline_record
 from appliance.wire.messages import MessageError
 from appliance.wire.replay import ReplayError, ReplayGuard, Stamper
 from appliance.wire.transport import (
@@ -134,6 +135,7 @@ class SourceSettings:
     send_buffer: int = 8  # frames NNG buffers towards the first worker
     connect_timeout_s: float = 30.0
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
+    link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
 
 
 @dataclass
@@ -316,8 +318,9 @@ class Source:
 
     def _dispatch(self, pending: _Pending, attempt: int) -> None:
         """Start an attempt: here, when the source only ships the input (no hand-off to
-        another thread), or on the source thread when it runs blocks first."""
-        if self._first_hop()[0] > 0:  # the source computes first: not on the caller's thread
+        another thread), or on the source thread when it runs blocks first or emulates a slow
+        link (neither may block a caller, which may be an event loop)."""
+        if self._first_hop()[0] > 0 or self.settings.link_Bps is not None:
             self._work.put_nowait((pending, attempt))
         else:
             self._attempt(pending, attempt, timeout_ms=0)
@@ -663,7 +666,9 @@ class Source:
             x = fr.cast_for_wire(x, self.settings.wire_dtype)
         frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=pending.request_id,
                          attempt=pending.attempt, fingerprint=self.fingerprint,
-                         start_block=end, tensor=x, trace=trace, ext=self._stamper.next())
+                         start_block=end, tensor=x, trace=trace,
+                         ext=deadline_record((pending.attempt_deadline - time.monotonic()) * 1000)
+                         + self._stamper.next())
         try:
             self._outbox(nxt).send_frame(fr.frame_parts(frame, self.settings.key),
                                          timeout_ms=timeout_ms)
@@ -684,7 +689,8 @@ class Source:
                 box = self._outboxes.get(addr)
                 if box is None:
                     box = self._outboxes[addr] = DataOutbox(
-                        addr, send_buffer=self.settings.send_buffer, tls=self.settings.tls)
+                        addr, send_buffer=self.settings.send_buffer, tls=self.settings.tls,
+                        rate_Bps=self.settings.link_Bps)
         return box
 
     def _control_loop(self) -> None:

@@ -311,6 +311,12 @@ class Frame(tuple):  # type: ignore[type-arg]
         return _new(Frame, (kind, self[1], self[2], self[3], start_block, tensor, error, self[7],
                             self[8] + hop, count + 1))
 
+    def with_ext(self, ext: bytes) -> Frame:
+        """This frame with another extension section (a node updating a record in it)."""
+        if len(ext) > MAX_EXT_BYTES:
+            raise InvalidFrameError(f"ext must be bytes, at most {MAX_EXT_BYTES}")
+        return _new(Frame, (*self[:7], ext, self[8], self[9]))
+
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError(f"Frame is immutable (cannot set {name!r}); use replace()")
 

@@ -250,6 +250,31 @@ def _owning_view(msg: Any) -> memoryview:
     return memoryview(ffi.buffer(body, size))
 
 
+class LinkEmulation:
+    """A link of ``rate_Bps`` bytes/s emulated on the sending side: each message occupies the
+    link for ``size / rate_Bps`` seconds, one after another, and the sender waits until its
+    message has gone out, as it would behind a slow NIC with a small buffer. For benches and
+    experiments on one machine (``[cluster] emulate_links``); real links need none."""
+
+    def __init__(self, rate_Bps: float) -> None:
+        if not rate_Bps > 0:
+            raise ValueError(f"rate_Bps must be > 0, got {rate_Bps}")
+        self.rate_Bps = float(rate_Bps)
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def transmit(self, size: int) -> float:
+        """Wait while ``size`` bytes cross the link; returns the seconds waited."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = done = start + size / self.rate_Bps
+        wait = done - now
+        if wait > 0:
+            time.sleep(wait)
+        return max(wait, 0.0)
+
+
 class DataOutbox(_Socket):
     """Sends data frames: a Push0 socket dialling ``addresses`` (non-blocking dials).
 
@@ -260,12 +285,13 @@ class DataOutbox(_Socket):
                  send_buffer: int | None = None,
                  reconnect_min_ms: int = DEFAULT_RECONNECT_MIN_MS,
                  reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, rate_Bps: float | None = None) -> None:
         sock = pynng.Push0(reconnect_time_min=reconnect_min_ms,
                            reconnect_time_max=reconnect_max_ms,
                            **_tls_options(tls, server=False))
         super().__init__(sock, "data outbox")
         self._lock = threading.Lock()
+        self._link = None if rate_Bps is None else LinkEmulation(rate_Bps)
         self._dialers: dict[str, pynng.Dialer] = {}
         try:
             if send_buffer is not None:
@@ -313,6 +339,8 @@ class DataOutbox(_Socket):
         """
         self._set_send_timeout(_check_timeout(timeout_ms))
         data = ffi.from_buffer(buf)
+        if self._link is not None:
+            self._link.transmit(len(data))
         with _mapped(self._send_what(), timeout_ms):
             pynng.check_err(lib.nng_send(self._sock.socket, data, len(data), 0))
 
@@ -330,6 +358,8 @@ class DataOutbox(_Socket):
         n_head = len(head)
         n_payload = 0 if payload is None else payload.nbytes
         size = n_head + n_payload + len(tag)
+        if self._link is not None:
+            self._link.transmit(size)
         msg_p = ffi.new("nng_msg **")
         rv = lib.nng_msg_alloc(msg_p, size)
         if rv:

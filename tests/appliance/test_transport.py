@@ -377,3 +377,27 @@ def test_two_processes_50_frames_of_1_mib_over_ipc(short_tmp: Path) -> None:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
+
+
+def test_an_emulated_link_spaces_messages_by_size_over_rate() -> None:
+    """Back-to-back sends queue behind each other on the link: each starts when the previous
+    one is through (time measured, but only against the link's own arithmetic)."""
+    from appliance.wire.transport import LinkEmulation
+
+    link = LinkEmulation(rate_Bps=1e9)
+    waits = [link.transmit(1_000_000) for _ in range(3)]  # 1 ms each at 1 GB/s
+    assert all(w > 0 for w in waits)
+    assert link._free_at >= 0.003  # three messages' worth of link time, one after another
+    with pytest.raises(ValueError, match="rate_Bps"):
+        LinkEmulation(0)
+
+
+def test_an_emulated_link_is_applied_to_sends(short_tmp: Path) -> None:
+    addr = f"ipc://{short_tmp}/link"
+    with DataInbox(addr, max_bytes=1 << 20) as inbox, \
+            DataOutbox(addr, rate_Bps=50_000.0) as outbox:
+        assert outbox._link is not None
+        t0 = time.monotonic()
+        outbox.send(b"x" * 5_000, timeout_ms=2000)  # 0.1 s of link time at 50 kB/s
+        assert time.monotonic() - t0 >= 0.09  # the sender waited for the link: never less
+        assert bytes(inbox.recv(timeout_ms=2000)) == b"x" * 5_000

@@ -174,3 +174,50 @@ def test_repository_check_runs_before_serving(built_tiny: BuiltModel) -> None:
                           control_addr="ipc:///tmp/unused.ctl", repo=built_tiny.repo,
                           model_id="tiny"))
     assert ModelRepository(built_tiny.repo).has_model("tiny")
+
+
+def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(node) -> None:
+    """Attempt 2 of a request seen: attempt 1 arriving later is dropped (``superseded``). A
+    frame whose attempt budget is used up is dropped (``expired``) instead of computed. A
+    frame in time is computed, and leaves with its budget less the time it spent here."""
+    from appliance.wire import ext
+
+    _worker, built, tmp = node
+    manifest = built.manifest
+    fp = bytes.fromhex(manifest.fingerprint)
+    start = 3
+    shape = (1, *manifest.cut_points[start].shape[1:])
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
+            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
+            DataOutbox(f"ipc://{tmp}/w1.data") as out:
+        ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
+                                        successor_addr=None,
+                                        result_addr=f"ipc://{tmp}/result.data"),
+                          timeout_ms=10_000)
+        assert isinstance(ack, msg.Ack) and ack.ok, ack
+
+        def send(request_id: int, attempt: int, budget_ms: float) -> None:
+            frame = _frame(fp, start, x, request_id=request_id, attempt=attempt,
+                           ext=ext.deadline_record(budget_ms) + STAMPS.next())
+            out.send(fr.encode_frame(frame, KEY), timeout_ms=5000)
+
+        send(20, 2, 60_000)
+        send(20, 1, 60_000)  # the older attempt, after the newer one: superseded
+        send(21, 1, 0)  # no time left: expired
+        send(22, 1, 60_000)
+        got = []
+        while len(got) < 2:
+            frame = fr.decode_frame(results.recv(timeout_ms=10_000), key=KEY,
+                                    max_bytes=1 << 20)
+            if frame.kind != fr.FrameKind.HEARTBEAT:
+                got.append(frame)
+        status = ctl.request(msg.StatusRequest(), timeout_ms=5000)
+    assert [(f.request_id, f.attempt) for f in got] == [(20, 2), (22, 1)]
+    for frame in got:
+        left = ext.budget_ms(frame.ext)
+        assert left is not None and 0 < left < 60_000  # what is left, less its time here
+    assert isinstance(status, msg.NodeStatus)
+    assert status.processed == 2
+    assert status.dropped.get("superseded") == 1 and status.dropped.get("expired") == 1, \
+        status.dropped
