@@ -832,6 +832,12 @@ def bench_faults(
     duration: Annotated[float, typer.Option(help="Seconds per run (the fault at 4 s).")] = 14.0,
     modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe.")]
     = "armdi,edgepipe",
+    emulate: Annotated[bool, typer.Option(
+        "--emulate", help="Emulated compute (each node waits its blocks' profiled time x "
+                          "--time-scale): four workers then run in parallel faithfully on few "
+                          "cores; answers are zeros, so 'wrong' is not checked.")] = False,
+    time_scale: Annotated[float, typer.Option(help="With --emulate: profiled times x this.")
+                          ] = 4.0,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
                                                                   "JSON.")] = None,
     repo: RepoOption = None,
@@ -844,7 +850,8 @@ def bench_faults(
     if not chosen or any(m not in ("armdi", "edgepipe") for m in chosen):
         _fail(f"--modes {modes!r}: choose from armdi, edgepipe")
     options = FaultBenchOptions(repo=_repo_path(repo), model=model, duration_s=duration,
-                                modes=chosen)
+                                modes=chosen, emulate=emulate, time_scale=time_scale,
+                                window=8 if emulate else 4)
     result = run_fault_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:
