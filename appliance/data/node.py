@@ -150,6 +150,7 @@ class Node:
         self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
         self._link_Bps: float | None = None
         self._attempts: OrderedDict[int, int] = OrderedDict()  # request id -> newest attempt
+        self._session: str | None = None  # the source run whose requests those are
         self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
         self._move_lock = threading.Lock()  # moves of our start and of our end, one at a time
         self._paused_until = 0.0  # injected faults (monotonic deadlines)
@@ -275,6 +276,9 @@ class Node:
                                 committed=self._start_committed, tls=self.settings.tls)
         if m.session is not None:  # frames of this source run only, from now on
             self.replay.expect(bytes.fromhex(m.session))
+            if m.session != self._session:  # a new source run numbers its requests afresh
+                self._session = m.session
+                self._attempts = OrderedDict()
         with self._lock:
             old, self._left = self._left, left
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
