@@ -72,6 +72,7 @@ class AdaptiveBenchOptions:
     time_scale: float = 4.0
     modes: tuple[str, ...] = MODES
     scenarios: tuple[str, ...] = ("a", "bc", "h")
+    hysteresis: float | None = None  # the controller's (None: the default)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         cpus=tuple((i % (os.cpu_count() or 1),) for i in range(workers))
         if scenario.pinned and two else (),
         source_runs_blocks=False, min_workers=workers, emulate_compute=emulate,
-        emulate_scale=o.time_scale if emulate else 1.0, request_timeout_s=30.0)
+        emulate_scale=o.time_scale if emulate else 1.0, request_timeout_s=30.0,
+        hysteresis=o.hysteresis)
     completions: list[float] = []
     latencies: list[tuple[float, float]] = []
     failed = 0

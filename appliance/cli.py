@@ -789,6 +789,8 @@ def bench_adaptive(
     scenarios: Annotated[str, typer.Option(
         help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), h (two "
              "identical workers at rest, one core each, real compute).")] = "a,bc,h",
+    hysteresis: Annotated[float | None, typer.Option(
+        help="The controller's hysteresis (default: the config's, 0.05).")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
                                                                   "(and a PNG plot beside it)."
                                                    )] = None,
@@ -815,7 +817,7 @@ def bench_adaptive(
     options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
                                    duration_s=duration, change_s=change, back_s=back,
                                    emulate=not real, time_scale=time_scale, modes=chosen,
-                                   scenarios=picked)
+                                   scenarios=picked, hysteresis=hysteresis)
     result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:

@@ -56,6 +56,7 @@ class LocalClusterOptions:
     emulate_compute: bool = False  # benches: wait the profiled time instead of computing
     emulate_scale: float = 1.0
     link_mbps: float | None = None  # emulate every node's outgoing link at this rate
+    hysteresis: float | None = None  # mode armdi's (None: the config's default)
     log_level: str = "WARNING"  # of the worker processes
     # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
     # mutual TLS with keys made by armdi keys init into the run dir.
@@ -167,6 +168,8 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "emulate_compute": options.emulate_compute, "emulate_scale": options.emulate_scale,
         "emulate_links": options.link_mbps is not None,
     }
+    if options.hysteresis is not None:
+        cluster["hysteresis"] = options.hysteresis
     if options.key_hex:
         cluster["key"] = options.key_hex
     if tls:
