@@ -129,7 +129,7 @@ def test_bench_adaptive_homogeneous_scenario_reports_the_spread(built_tiny: Buil
     assert run["emulated"] is False and set(run["stage_ms"]) == {"w1", "w2"}
     assert run["failed_requests"] == 0
     summary = result["summary"]
-    assert summary["homogeneous_spread"] >= 0 and len(summary["homogeneous_stage_ms"]) == 2
+    assert summary["homogeneous_spread"] >= 0 and len(summary["homogeneous_compute_ms"]) == 2
 
 
 @pytest.mark.parametrize("emulate", [False, True])
