@@ -794,6 +794,12 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write ``result``, with the command line that made it (``armdi bench report`` shows
+    it) unless it has one."""
+    import shlex
+
+    if "command" not in result and sys.argv and sys.argv[0]:
+        result = {"command": shlex.join(["armdi", *sys.argv[1:]]), **result}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
 

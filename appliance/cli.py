@@ -880,6 +880,30 @@ def bench_faults(
         typer.echo(f"wrote {json_file}")
 
 
+@bench_app.command("report")
+def bench_report(
+    out: Annotated[Path, typer.Option(help="The Markdown page to write.")]
+    = Path("docs/benchmarks.md"),
+    results: Annotated[Path, typer.Option(help="Where the benches' JSON files are "
+                                               "(pipeline.json, adaptive.json, faults.json, "
+                                               "mdi-vs-ddi.json).")] = Path("docs/results"),
+    template: Annotated[Path, typer.Option(help="The page's prose, with {{placeholders}} "
+                                                "for the generated tables and plots.")]
+    = Path("docs/benchmarks.template.md"),
+    plots: Annotated[Path | None, typer.Option(help="Where the PNGs go (default: plots/ "
+                                                    "beside --out).")] = None,
+) -> None:
+    """One Markdown page with PNG plots from the JSON of every bench (runs no bench)."""
+    from appliance.report import ReportOptions, generate
+
+    report = generate(ReportOptions(results=results, template=template, out=out, plots=plots))
+    for name in report.missing:
+        typer.echo(f"note: no {name} in {results}: its section says so")
+    typer.echo(f"wrote {out}" + (f" and {len(report.plots)} plots: "
+                                 + ", ".join(str(p) for p in report.plots)
+                                 if report.plots else ""))
+
+
 def main() -> None:
     try:
         app()
