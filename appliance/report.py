@@ -449,7 +449,7 @@ def win_map_section(data: dict[str, Any], plots: Path, page_dir: Path,
     plt = _plt()
     grid = [[math.log2(ratios[k][x]) if x in ratios[k] else math.nan for x in links]
             for k in keys]
-    fig, ax = plt.subplots(figsize=(1.6 * len(links) + 3, 0.5 * len(keys) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(links) + 4), 0.5 * len(keys) + 2))
     bound = max((abs(v) for row in grid for v in row if not math.isnan(v)), default=1.0) or 1.0
     image = ax.imshow(grid, cmap="coolwarm_r", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xticks(range(len(links)), [f"{_num(x, 0)} Mbit/s" for x in links])
@@ -458,8 +458,8 @@ def win_map_section(data: dict[str, Any], plots: Path, page_dir: Path,
         for j, x in enumerate(links):
             if x in ratios[k]:
                 ax.text(j, i, word(ratios[k][x]), ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=ax, label="log2(DDI time / MDI time): > 0 MDI wins")
-    ax.set_title("where MDI beats DDI")
+    fig.colorbar(image, ax=ax, label="log2(DDI time / MDI time)")
+    ax.set_title("where MDI beats DDI (blue: MDI faster, red: DDI faster)")
     fig.tight_layout()
     png = _save(fig, plots / "win-map.png")
     made.append(png)
