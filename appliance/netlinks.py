@@ -208,10 +208,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def tbf_command(dev: str, link: LinkSpec) -> list[str]:
+GSO_BYTES = 16 * 1024
+"""The largest segment the kernel hands a shaped veth (``gso_max_size``): a bucket must hold
+one, and whatever the bucket holds leaves at once, ahead of the rate. 64 KiB (the default)
+made a 150 KB message on an idle 20 Mbit/s link arrive in 37 ms instead of 60; 16 KiB, 56 ms,
+at the same throughput. Smaller segments (MTU-sized) lost a third of the rate at 100 Mbit/s
+and more at 1 Gbit/s on a 2-core machine."""
+
+
+def tbf_command(dev: str, link: LinkSpec, segment: int = GSO_BYTES) -> list[str]:
     """``tc qdisc add dev DEV root tbf ...`` for ``link``'s rate: a bucket of 4 ms of
-    traffic (at least 64 KiB, so one TSO segment passes) and at most 50 ms queued."""
-    burst = max(64 * 1024, int(link.bytes_per_s * 0.004))
+    traffic, at least one ``segment`` (plus headers), and at most 50 ms queued."""
+    burst = max(segment + 2048, int(link.bytes_per_s * 0.004))
     return ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(link.rate_bps)}bit",
             "burst", str(burst), "latency", "50ms"]
 
@@ -300,7 +308,7 @@ class ShapedNetwork:
         run(["ip", "-n", self.hub, "link", "set", "dev", "source", "master", "br0", "up"])
         run(["ip", "addr", "add", f"{self.ip('source')}/{prefix}", "dev", self.source_dev])
         run(["ip", "link", "set", self.source_dev, "up"])
-        run(tbf_command(self.source_dev, self.link))
+        self._shape([], self.source_dev)
         for worker in self.workers:
             ns = self.namespace(worker)
             self._add_namespace(ns)
@@ -310,7 +318,19 @@ class ShapedNetwork:
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
             run(["ip", "-n", ns, "addr", "add", f"{self.ip(worker)}/{prefix}", "dev", "eth0"])
             run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-            run(["ip", "netns", "exec", ns, *tbf_command("eth0", self.link)])
+            self._shape(["ip", "netns", "exec", ns], "eth0")
+
+    def _shape(self, inside: list[str], dev: str) -> None:
+        """tbf on ``dev`` (run through ``inside``), with its segments cut to ``GSO_BYTES``
+        where the kernel lets us, else with a bucket that holds a 64 KiB segment."""
+        try:
+            self._run([*inside, "ip", "link", "set", "dev", dev, "gso_max_size",
+                       str(GSO_BYTES)])
+            segment = GSO_BYTES
+        except LinkError as exc:
+            log.info("%s: segments stay 64 KiB (%s)", dev, exc)
+            segment = 64 * 1024
+        self._run([*inside, *tbf_command(dev, self.link, segment)])
 
     def _add_namespace(self, name: str) -> None:
         self._run(["ip", "netns", "add", name])

@@ -178,3 +178,40 @@ def test_what_a_killed_run_left_is_removed_at_the_next_start(built_tiny: BuiltMo
     net.up()  # removes the dead run's namespaces and links first
     net.down()
     assert left_by(child.pid) == []
+
+
+ACKER = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket()
+    s.bind((sys.argv[1], 7101))
+    s.listen(1)
+    print("ready", flush=True)
+    conn, _ = s.accept()
+    size, got = int(sys.argv[2]), 0
+    while got < size:
+        got += len(conn.recv(1 << 16))
+    conn.sendall(b"k")
+""")
+
+
+def test_a_message_on_an_idle_link_takes_about_its_size_over_the_rate() -> None:
+    """The bucket lets little through ahead of the rate: 150 KB on an idle 20 Mbit/s link
+    takes close to 60 ms, not the ~37 ms a 64 KiB bucket gave (a lower bound only: a busy
+    machine can only make it slower)."""
+    size = 150_000
+    net = ShapedNetwork(parse_link("20mbit"), ["w1"])
+    net.up()
+    try:
+        child = subprocess.Popen(net.wrap("w1", [sys.executable, "-c", ACKER, net.ip("w1"),
+                                                 str(size)]),
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with socket.create_connection((net.ip("w1"), 7101), timeout=30) as conn:
+            start = time.monotonic()
+            conn.sendall(b"x" * size)
+            assert conn.recv(1) == b"k"
+            elapsed = time.monotonic() - start
+        assert child.wait(timeout=10) == 0
+    finally:
+        net.down()
+    assert elapsed >= 0.8 * size * 8 / 20e6, f"{elapsed * 1000:.1f} ms"
