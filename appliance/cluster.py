@@ -227,6 +227,9 @@ def shape_links(options: LocalClusterOptions) -> tuple[ShapedNetwork | None, str
     link = options.link
     if link is None:
         return None, "links: not shaped"
+    if options.link_mbps is not None:
+        raise ArmdiError("give links either as link (shaped) or as link_mbps (emulated in "
+                         "the transport), not both")
     if options.link_shaping not in ("auto", "tc", "transport"):
         raise ArmdiError(f"link shaping {options.link_shaping!r}: use auto, tc or transport")
     delay = (f"; the {link.delay_ms:g} ms delay is added to data frames by the transport"
