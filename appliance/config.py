@@ -149,6 +149,12 @@ class ClusterSection(_Frozen):
                            "(bandwidth_mbps) for size / rate, one after another, as a slow link "
                            "would; links on one machine then behave like the configured ones"
     )
+    link_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="benchmarks: every data frame reaches the next node "
+                                          "this much later (an emulated one-way delay, added "
+                                          "by the sender's transport; control messages are not "
+                                          "delayed)"
+    )
     phi_threshold: float = Field(
         8.0, gt=0, description="a worker is declared dead when the failure detector's phi "
                                "(how improbable its silence is) passes this"

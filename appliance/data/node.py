@@ -90,6 +90,7 @@ class NodeSettings:
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
     link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
+    link_delay_s: float = 0.0  # emulated one-way delay of data frames (benches)
 
 
 @dataclass
@@ -563,6 +564,7 @@ class Node:
         if box is None:
             box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth,
                                                     rate_Bps=self.settings.link_Bps,
+                                                    delay_s=self.settings.link_delay_s,
                                                     tls=self.settings.tls)
         return box
 

@@ -137,6 +137,7 @@ class SourceSettings:
     connect_timeout_s: float = 30.0
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
     link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
+    link_delay_s: float = 0.0  # emulated one-way delay of data frames (benches)
 
 
 @dataclass
@@ -691,7 +692,7 @@ class Source:
                 if box is None:
                     box = self._outboxes[addr] = DataOutbox(
                         addr, send_buffer=self.settings.send_buffer, tls=self.settings.tls,
-                        rate_Bps=self.settings.link_Bps)
+                        rate_Bps=self.settings.link_Bps, delay_s=self.settings.link_delay_s)
         return box
 
     def _control_loop(self) -> None:
