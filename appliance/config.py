@@ -163,6 +163,14 @@ class ClusterSection(_Frozen):
         100.0, ge=0, description="silence the failure detector always tolerates (GC, a busy "
                                  "scheduler), on top of the usual heartbeat interval"
     )
+    successors: int = Field(
+        2, ge=1, le=16, description="membership: each worker knows its next N live successors "
+                                    "and fails over to the next when one stops taking frames"
+    )
+    stabilise_ms: float = Field(
+        200.0, gt=0, le=60_000, description="membership: each worker asks its successor for "
+                                            "its successor list this often and repairs its own"
+    )
     min_workers: int = Field(
         0, ge=0,
         description="the first N workers each run at least one block, even where the optimum "

@@ -90,6 +90,15 @@ class HelloReply(_Message):
     reason: str = ""
 
 
+class MemberInfo(_Message):
+    """A worker as its peers reach it (membership: ``appliance.control.membership``)."""
+
+    name: NodeName
+    data_addr: str
+    control_addr: str
+    rank: NonNegativeInt = 0  # its place in the line (larger: further from the source)
+
+
 class Configure(_BlockRange):
     """Assign ``node`` the blocks ``[start, end)`` and say where its output goes:
     activations to ``successor_addr``, results (when ``end`` is K) to ``result_addr``."""
@@ -112,6 +121,12 @@ class Configure(_BlockRange):
     # The source run whose frames this node accepts from now on (hex of the stamp's session,
     # appliance.wire.replay); None: any.
     session: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    # Membership (Chord-like): this node as a member, and its next live successors, nearest
+    # first (the first is ``successor_addr``'s node); empty: it is the last, or an old source.
+    me: MemberInfo | None = None
+    successors: tuple[MemberInfo, ...] = ()
+    predecessor_member: MemberInfo | None = None
+    anchor_control_addr: str | None = None  # the source's control listener (joins, repairs)
 
 
 class MoveBoundary(_Message):
@@ -169,6 +184,8 @@ class NodeStatus(_BlockRange):
     swap_ms: NonNegativeFloat = 0.0  # last move: decision -> first frame run with the range
     pid: NonNegativeInt = 0  # its process, for fault injection on the same machine
     fused_load_ms: NonNegativeFloat = 0.0  # last fused segment engine loaded in the background
+    failovers: NonNegativeInt = 0  # frames it sent past a successor that stopped taking them
+    successors: tuple[NodeName, ...] = ()  # its successor list now (membership)
 
 
 class Heartbeat(_Message):
@@ -188,6 +205,36 @@ class StageReport(_BlockRange):
     samples: NonNegativeInt
 
 
+class Stabilise(_Message):
+    """Worker -> its successor, every ``stabilise_ms``: who are your predecessor and
+    successors? Doubles as Chord's notify: ``caller`` thinks it is your predecessor. The
+    source's control listener answers it too (the anchor: the live members after
+    ``caller``)."""
+
+    type: Literal["stabilise"] = "stabilise"
+    caller: MemberInfo
+
+
+class StabiliseReply(_Message):
+    type: Literal["stabilise_reply"] = "stabilise_reply"
+    node: NodeName
+    predecessor: MemberInfo | None = None
+    successors: tuple[MemberInfo, ...] = ()
+
+
+class Join(_Message):
+    """A new or restarted worker asks to join, through any member's control address; a
+    worker forwards it towards the source, which checks the model version, admits it and
+    re-allocates. ``hops`` counts the forwards (a loop is refused)."""
+
+    type: Literal["join"] = "join"
+    member: MemberInfo
+    fingerprint: Fingerprint
+    model_id: str
+    pid: NonNegativeInt = 0
+    hops: NonNegativeInt = Field(0, le=16)
+
+
 class Shutdown(_Message):
     type: Literal["shutdown"] = "shutdown"
     reason: str = ""
@@ -195,14 +242,14 @@ class Shutdown(_Message):
 
 ControlMessage = Annotated[
     Hello | HelloReply | Configure | MoveBoundary | SetSlowdown | Fault | Ack | StatusRequest
-    | NodeStatus | Heartbeat | StageReport | Shutdown,
+    | NodeStatus | Heartbeat | StageReport | Stabilise | StabiliseReply | Join | Shutdown,
     Field(discriminator="type"),
 ]
 _ADAPTER: Final[TypeAdapter[ControlMessage]] = TypeAdapter(ControlMessage)
 MESSAGE_TYPES: Final[frozenset[str]] = frozenset(
     cls.model_fields["type"].default
     for cls in (Hello, HelloReply, Configure, MoveBoundary, SetSlowdown, Fault, Ack, StatusRequest,
-                NodeStatus, Heartbeat, StageReport, Shutdown)
+                NodeStatus, Heartbeat, StageReport, Stabilise, StabiliseReply, Join, Shutdown)
 )
 
 

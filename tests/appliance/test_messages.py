@@ -37,8 +37,28 @@ SAMPLES: list[m.ControlMessage] = [
                  fused_load_ms=80.0),
     m.Heartbeat(node="w2", seq=7, sent_at=1_700_000_000.25),
     m.StageReport(node="w1", start=3, end=17, compute_ms=4.4, send_ms=0.8, samples=32),
+    m.Configure(node="w1", start=0, end=4, successor_addr="ipc:///tmp/w2.data",
+                result_addr="ipc:///tmp/source.data",
+                me=m.MemberInfo(name="w1", data_addr="ipc:///tmp/w1.data",
+                                control_addr="ipc:///tmp/w1.ctl", rank=1 << 20),
+                successors=(m.MemberInfo(name="w2", data_addr="ipc:///tmp/w2.data",
+                                         control_addr="ipc:///tmp/w2.ctl", rank=2 << 20),),
+                anchor_control_addr="ipc:///tmp/source.ctl"),
+    m.Stabilise(caller=m.MemberInfo(name="w1", data_addr="d", control_addr="c", rank=5)),
+    m.StabiliseReply(node="w2", predecessor=None, successors=(
+        m.MemberInfo(name="w3", data_addr="d3", control_addr="c3", rank=7),)),
+    m.Join(member=m.MemberInfo(name="w9", data_addr="tcp://10.0.0.9:5001",
+                               control_addr="tcp://10.0.0.9:5002"),
+           fingerprint=FP, model_id="tiny", pid=42, hops=1),
     m.Shutdown(reason="operator asked"),
 ]
+
+
+def test_an_old_configure_without_membership_fields_still_parses() -> None:
+    old = {"type": "configure", "v": 1, "node": "w1", "start": 0, "end": 2,
+           "successor_addr": None, "result_addr": "ipc:///tmp/s"}
+    got = m.decode_message(envelope(old), None)
+    assert isinstance(got, m.Configure) and got.successors == () and got.me is None
 
 
 def body(data: bytes, key: bytes | None) -> bytes:
