@@ -370,8 +370,14 @@ def node(
     name: Annotated[str, typer.Option("--name", help="This worker's name in the config.")],
     parent_pid: Annotated[int | None, typer.Option(
         hidden=True, help="Stop when this process is gone (set by armdi up).")] = None,
+    join: Annotated[str | None, typer.Option(
+        "--join", help="Join a running cluster through this member's control address (a "
+                       "worker's or the source's); the source admits it and re-allocates.")
+    ] = None,
 ) -> None:
     """Run one worker of a cluster (until SIGINT/SIGTERM or a Shutdown message)."""
+    import dataclasses
+
     from appliance.config import load_config
     from appliance.data.node import Node
     from appliance.settings import node_settings
@@ -379,9 +385,14 @@ def node(
     cfg = load_config(config)
     _warn_readable_secrets(cfg, name)
     settings = node_settings(cfg, name, parent_pid)
+    if join is not None:
+        settings = dataclasses.replace(settings, join_addr=join)
     worker = Node(settings)
     stop = _stop_on_signals()
     worker.run(stop)
+    if worker.join_refused is not None:
+        typer.secho(f"error: join refused: {worker.join_refused}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
 
 
 def _warn_readable_secrets(cfg: Any, name: str) -> None:

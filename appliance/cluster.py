@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from appliance.config import ClusterConfig, dump_toml, parse_config
 from appliance.netlinks import (
@@ -281,17 +282,25 @@ class LocalCluster:
         self.config_path = self.run_dir / "cluster.toml"
         self.config_path.write_text(dump_toml(self.config))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.extra: list[subprocess.Popen[bytes]] = []  # workers started by join()
         self.restarts = 0
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "appliance.cli", "--log-level", self.options.log_level,
                "node", "--config", str(self.config_path), "--name", name,
-               "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid()), *args]
         if self.network is not None:
             cmd = self.network.wrap(name, cmd)
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **popen)
+
+    def join(self, name: str, via: str, **popen: Any) -> subprocess.Popen[bytes]:
+        """Start the config's worker ``name`` (not started yet) with ``--join via``: it joins
+        the running chain through that member. The caller waits for it and ends it."""
+        proc = self._spawn(name, "--join", via, **popen)
+        self.extra.append(proc)
+        return proc
 
     def supervise(self) -> None:
         """Restart a worker that exits, as systemd does on a Jetson: after 1 s, doubling up
@@ -324,14 +333,15 @@ class LocalCluster:
         self._supervisor = threading.Thread(target=loop, name="supervisor", daemon=True)
         self._supervisor.start()
 
-    def start_workers(self, timeout_s: float = 60.0) -> None:
-        """Start every worker and wait until each answers on its control socket; a worker
-        that exits first fails the start at once, with its exit status."""
-        for worker in self.config.workers:
+    def start_workers(self, timeout_s: float = 60.0, count: int | None = None) -> None:
+        """Start every worker (the first ``count``) and wait until each answers on its
+        control socket; a worker that exits first fails the start at once, with its status."""
+        workers = self.config.workers[:count]
+        for worker in workers:
             self.procs.append(self._spawn(worker.name))
         key = self.config.cluster.hmac_key()
         tls = self.config.tls_files(self.config.source.name)
-        waiting = dict(zip(self.config.workers, self.procs, strict=True))
+        waiting = dict(zip(workers, self.procs, strict=True))
         deadline = time.monotonic() + timeout_s
         while waiting:
             for worker, proc in list(waiting.items()):
@@ -364,18 +374,20 @@ class LocalCluster:
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
-        for proc in self.procs:
+        procs = self.procs + self.extra
+        for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        self.extra.clear()
         if self.network is not None:
             self.network.down()
             self.network = None

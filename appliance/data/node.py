@@ -21,21 +21,24 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from appliance.control.controller import ControllerSettings
+from appliance.control.membership import Member
 from appliance.data.adaptive import LeftBoundary
 from appliance.data.engines import EngineCache
 from appliance.data.fused_builds import FusedBuilds
+from appliance.data.neighbours import Neighbours
 from appliance.wire import ext as frame_ext
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
 from appliance.wire.replay import ReplayGuard, Stamper
 from appliance.wire.transport import (
+    ControlClient,
     ControlServer,
     DataInbox,
     DataOutbox,
@@ -54,6 +57,9 @@ log = logging.getLogger("armdi.node")
 
 POLL_MS = 200
 SEND_SLICE_MS = 100  # a blocked send looks again where frames go (a re-route) this often
+MAX_JOIN_HOPS = 4
+JOIN_RETRY = "try again"  # an Ack reason that starts so: the joiner asks again in a second
+SUSPECT_S = 1.0  # a successor whose send timed out is passed over this long
 SEEN_ATTEMPTS = 4096  # requests whose newest attempt a node remembers (to drop older ones)
 
 
@@ -86,6 +92,8 @@ class NodeSettings:
     emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
     emulate_scale: float = 1.0  # ...times this
     heartbeat_ms: float = 100.0  # a heartbeat to the source this often, from its own thread
+    stabilise_ms: float = 200.0  # membership: ask the successor for its list this often
+    join_addr: str | None = None  # join through this member's control address at start
     controller: ControllerSettings = field(default_factory=ControllerSettings)
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
@@ -110,6 +118,9 @@ class Stats:
     dropped: Counter[str] = field(default_factory=Counter)
     compute_ms: float | None = None
     send_ms: float | None = None
+    failovers: int = 0  # frames sent past a successor that stopped taking them
+    finished_here: int = 0  # ... or run to the end here, when no successor was left
+    resent: int = 0  # frames sent again past a successor found dead
 
     def observe(self, attr: str, value: float, alpha: float = 0.2) -> None:
         old = getattr(self, attr)
@@ -166,6 +177,14 @@ class Node:
         self._prefix = fr.node_prefix(settings.name)
         self.replay = ReplayGuard(require=settings.key is not None)
         self._beat_stamps = Stamper()  # this node's own session, for its heartbeats
+        self.neighbours = Neighbours(settings.name, settings.key, settings.tls,
+                                     settings.stabilise_ms)
+        self.join_refused: str | None = None  # why a join was refused (the node then stops)
+        self._suspects: dict[str, float] = {}
+        # The last frames sent to each successor (data thread): when one is found dead they
+        # go again to the next, as they may have died with it (in its buffers or NNG's).
+        self._retained: dict[str, deque[fr.Frame]] = {}
+        self._dead_epoch = 0  # successor -> passed over until (data thread)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -185,6 +204,8 @@ class Node:
             threading.Thread(target=self._data_loop, args=(inbox, stop), name="data"),
             threading.Thread(target=self._control_loop, args=(control, stop), name="control"),
             threading.Thread(target=self._heartbeat_loop, args=(stop,), name="heartbeat"),
+            threading.Thread(target=self.neighbours.run, name="stabilise", args=(
+                stop, lambda: time.monotonic() < self._paused_until)),
         ]
         if not self.settings.emulate:
             self.engines.warm_blocks()
@@ -194,6 +215,8 @@ class Node:
         for thread in threads:
             thread.start()
         try:
+            if self.settings.join_addr is not None:
+                self._join(self.settings.join_addr, stop)
             while not stop.wait(0.5):
                 if self.settings.parent_pid and os.getppid() != self.settings.parent_pid:
                     log.warning("%s: the process that started this node is gone; stopping",
@@ -240,6 +263,10 @@ class Node:
                                   ok=ok, reason=reason)
         if isinstance(message, msg.Configure):
             return self._configure(message)
+        if isinstance(message, msg.Stabilise):
+            return self.neighbours.answer(message)
+        if isinstance(message, msg.Join):
+            return self._forward_join(message)
         if isinstance(message, msg.MoveBoundary):
             return self._move_end(message)
         if isinstance(message, msg.Fault):
@@ -285,6 +312,9 @@ class Node:
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
                                          m.result_addr or None, m.wire_dtype, tuple(m.chain))
             self._start_seen = None
+        self.neighbours.configure(m)
+        self._suspects = {}
+        self._retained = {}  # the source re-routed: it replays what was in flight
         if old is not None:
             old.close()
         self._preload(m.start, m.end)
@@ -292,6 +322,61 @@ class Node:
                  m.end, m.successor_addr or m.result_addr,
                  f"; moves the boundary with {m.predecessor}" if left else "")
         return msg.Ack(ok=True, reason="")
+
+    # ----------------------------------------------------------------- joins
+    def _member_info(self) -> msg.MemberInfo:
+        return msg.MemberInfo(name=self.settings.name, data_addr=self.settings.data_addr,
+                              control_addr=self.settings.control_addr)
+
+    def _join(self, addr: str, stop: threading.Event) -> None:
+        """Ask to join through ``addr`` (any member: a worker forwards it to the source),
+        again every second until it is admitted; a refusal (another model version, a name
+        taken) stops the node with the reason."""
+        join = msg.Join(member=self._member_info(), fingerprint=self.manifest.fingerprint,
+                        model_id=self.manifest.model_id, pid=os.getpid(), hops=0)
+        with ControlClient(addr, key=self.settings.key, tls=self.settings.tls) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.request(join, timeout_ms=5000)
+                except ArmdiError as exc:
+                    log.warning("%s: join through %s: %s; trying again", self.settings.name,
+                                addr, exc)
+                    stop.wait(1.0)
+                    continue
+                if isinstance(reply, msg.Ack) and reply.ok:
+                    log.info("%s: joined through %s (%s)", self.settings.name, addr,
+                             reply.reason)
+                    return
+                reason = getattr(reply, "reason", repr(reply))
+                if isinstance(reply, msg.Ack) and reply.reason.startswith(JOIN_RETRY):
+                    stop.wait(1.0)
+                    continue
+                self.join_refused = reason
+                log.error("%s: join refused: %s", self.settings.name, reason)
+                stop.set()
+                return
+
+    def _forward_join(self, m: msg.Join) -> msg.Ack:
+        """A joiner asked us: pass it on towards the source (the data owner admits joins)."""
+        anchor = self.neighbours.anchor
+        if anchor is None:
+            return msg.Ack(ok=False, reason=f"{JOIN_RETRY}: {self.settings.name} is not a member "
+                                            "of a running chain yet")
+        if m.hops >= MAX_JOIN_HOPS:
+            return msg.Ack(ok=False, reason=f"join of {m.member.name} forwarded {m.hops} times; "
+                                            "giving up (a forwarding loop?)")
+        log.info("%s: forwarding the join of %s to the source", self.settings.name,
+                 m.member.name)
+        fwd = m.model_copy(update={"hops": m.hops + 1})
+        try:
+            with ControlClient(anchor, key=self.settings.key, tls=self.settings.tls) as client:
+                reply = client.request(fwd, timeout_ms=4000)
+        except ArmdiError as exc:
+            return msg.Ack(ok=False, reason=f"{JOIN_RETRY}: the source at {anchor} did not "
+                                            f"answer ({exc})")
+        if isinstance(reply, msg.Ack):
+            return reply
+        return msg.Ack(ok=False, reason=f"unexpected reply {type(reply).__name__}")
 
     def _fault(self, m: msg.Fault) -> msg.Ack:
         """Injected faults (tests, demos): see ``messages.Fault``."""
@@ -405,6 +490,8 @@ class Node:
             speed=self._speed or 0.0, link_Bps=self._link_Bps or 0.0,
             moves=left.moves if left else 0, last_move=left.last_move if left else "",
             swap_ms=self.swap_ms, fused_load_ms=self.engines.last_load_ms, pid=os.getpid(),
+            failovers=self.stats.failovers, resent=self.stats.resent,
+            successors=self.neighbours.successor_names(),
         )
 
     # ----------------------------------------------------------------- data path
@@ -419,6 +506,8 @@ class Node:
             if pause > 0:  # an injected pause: frames wait in NNG's buffers meanwhile
                 stop.wait(min(pause, POLL_MS / 1000))
                 continue
+            if self.neighbours.dead_epoch != self._dead_epoch:
+                self._resend_retained()
             try:
                 buf = inbox.recv(timeout_ms=POLL_MS)
             except TransportTimeout:
@@ -455,7 +544,8 @@ class Node:
         a = self.assignment  # replaced whole by Configure: one consistent read
         if frame.start_block >= a.end:  # our range moved past it: it needs none of ours
             self.stats.passed += 1
-            self._send_one(frame, a, arrived)
+            if not self._send_one(frame, a, arrived):
+                self._finish_here(frame, a, arrived)
             return
         try:
             out = self.compute(frame, a.end, a.wire_dtype)
@@ -466,6 +556,24 @@ class Node:
             self._drop("engine_error", str(exc))
             hop = fr.hop_wire(self._prefix, frame.start_block, max(a.end, frame.start_block),
                               0.0)
+            out = frame.forward(fr.FrameKind.ERROR, frame.start_block, np.zeros(0, np.float32),
+                                hop, error=f"{type(exc).__name__}: {exc}")
+        if not self._send_one(out, a, arrived):
+            self._finish_here(out, a, arrived)
+
+    def _finish_here(self, frame: fr.Frame, a: Assignment, arrived: float) -> None:
+        """No successor takes frames any more (all found dead): run the rest of the model
+        here (chained block engines) and send the result to the source, rather than lose
+        a frame this node holds. The source re-places the boundaries soon after."""
+        self.stats.finished_here += 1
+        self.stats.failovers += 1
+        log.warning("%s: no live successor; running blocks [%d, %d) here",
+                    self.settings.name, frame.start_block, self.blocks)
+        try:
+            out = self.compute(frame, self.blocks, a.wire_dtype)
+        except Exception as exc:
+            self._drop("engine_error", str(exc))
+            hop = fr.hop_wire(self._prefix, frame.start_block, self.blocks, 0.0)
             out = frame.forward(fr.FrameKind.ERROR, frame.start_block, np.zeros(0, np.float32),
                                 hop, error=f"{type(exc).__name__}: {exc}")
         self._send_one(out, a, arrived)
@@ -568,24 +676,27 @@ class Node:
                                                     tls=self.settings.tls)
         return box
 
-    def _send_one(self, frame: fr.Frame, a: Assignment, arrived: float | None = None) -> None:
-        """Encode and send one frame to where it goes next; failures are counted.
+    def _send_one(self, frame: fr.Frame, a: Assignment, arrived: float | None = None) -> bool:
+        """Encode and send one frame to where it goes next; failures are counted. False only
+        when an activation has no live successor left (the caller then runs it to the end).
 
         Returns once the frame is in NNG's send buffer (NNG writes it out on its own
-        thread); blocks, up to ``send_timeout_ms``, only while that buffer is full. While it
-        waits it follows re-routes: every ``SEND_SLICE_MS`` it looks again where frames go
-        now, so a successor that died is left behind as soon as the source re-routes."""
+        thread); blocks only while that buffer is full. While it waits it follows re-routes:
+        every ``SEND_SLICE_MS`` it looks again where frames go now, so a successor that
+        stabilisation found dead (or the source re-routed around) is left behind at once.
+        A member whose send times out (``send_timeout_ms``) is passed over for a while too:
+        the frame goes to the next live successor, which runs the blocks it still needs."""
         now = time.monotonic()
         if now < self._cut_until:
             self.stats.dropped["link_cut"] += 1  # an injected cut: nothing leaves
-            return
+            return True
         if arrived is not None and frame.kind != fr.FrameKind.ERROR:
             budget = frame_ext.budget_ms(frame.ext)
             if budget is not None:  # what is left of it once the frame leaves here
                 left = budget - (now - arrived) * 1000
                 if left <= 0:
                     self.stats.dropped["expired"] += 1
-                    return
+                    return True
                 frame = frame.with_ext(frame_ext.with_budget(frame.ext, left))
         parts = fr.frame_parts(frame, self.settings.key)
         t0 = time.perf_counter()
@@ -593,22 +704,42 @@ class Node:
         activation = frame.kind == fr.FrameKind.ACTIVATION
         while True:
             a = self.assignment
-            addr = a.successor if activation else a.result_addr
+            target = self._next_hop() if activation and self.neighbours.member else None
+            if activation and self.neighbours.member and target is None:
+                return False
+            addr = target.data_addr if target is not None else (
+                a.successor if activation else a.result_addr)
             if addr is None:
                 self._drop("no_route", f"no successor configured for block "
                                        f"{frame.start_block}")
-                return
+                return True
             try:
                 self._outbox(addr).send_frame(parts, timeout_ms=SEND_SLICE_MS)
                 break
             except TransportTimeout as exc:
-                if time.perf_counter() >= deadline or self._stop.is_set():
+                if self._stop.is_set():
                     self._drop("send_failed", f"to {addr}: {exc}")
-                    return
+                    return True
+                if time.perf_counter() >= deadline:
+                    if target is None:
+                        self._drop("send_failed", f"to {addr}: {exc}")
+                        return True
+                    log.warning("%s: send to %s timed out; passing it over", self.settings.name,
+                                target.name)
+                    self._suspects[target.name] = time.monotonic() + SUSPECT_S
+                    deadline = time.perf_counter() + self.settings.send_timeout_ms / 1000
             except TransportError as exc:
                 # The source re-sends overdue requests; this node only reports and moves on.
                 self._drop("send_failed", f"to {addr}: {exc}")
-                return
+                return True
+        if activation and addr != a.successor:
+            self.stats.failovers += 1  # past the successor the source configured
+        if target is not None:
+            kept = self._retained.get(target.name)
+            if kept is None:
+                kept = self._retained[target.name] = deque(maxlen=3 * self.settings.queue_depth
+                                                           + 2)
+            kept.append(frame)
         send_s = time.perf_counter() - t0
         self.stats.observe("send_ms", send_s * 1000)
         if send_s > 0:
@@ -616,3 +747,32 @@ class Node:
             rate = (len(head) + (0 if payload is None else payload.nbytes) + len(tag)) / send_s
             self._link_Bps = rate if self._link_Bps is None else self._link_Bps + 0.2 * (
                 rate - self._link_Bps)
+        return True
+
+    def _resend_retained(self) -> None:
+        """Successors were found dead: the frames last sent to them may have died with them
+        (in NNG's send buffer, in theirs), so send them again past them. A copy that was
+        not lost after all ends as a duplicate result, which the source drops."""
+        self._dead_epoch = self.neighbours.dead_epoch
+        a = self.assignment
+        for name in sorted(self.neighbours.dead()):
+            frames = self._retained.pop(name, None)
+            if not frames:
+                continue
+            log.warning("%s: sending the last %d frames sent to %s again, past it",
+                        self.settings.name, len(frames), name)
+            for frame in frames:
+                self.stats.resent += 1
+                if not self._send_one(frame, a):
+                    self._finish_here(frame, a, time.monotonic())
+
+    def _next_hop(self) -> Member | None:
+        """The nearest successor that stabilisation did not find dead and whose sends did
+        not time out lately (data thread only)."""
+        now = time.monotonic()
+        if self._suspects:
+            self._suspects = {n: t for n, t in self._suspects.items() if t > now}
+            target = self.neighbours.next_hop(frozenset(self._suspects))
+            if target is not None:
+                return target  # (else: all of them slow, none dead: wait on the nearest)
+        return self.neighbours.next_hop()

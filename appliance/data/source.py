@@ -56,6 +56,7 @@ from appliance.control.allocator import (
 )
 from appliance.control.controller import should_rebalance
 from appliance.control.detector import DetectorSettings, PhiAccrual
+from appliance.control.membership import RANK_GAP
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -126,7 +127,8 @@ class SourceSettings:
     wire_dtype: fr.WireDtype = "float32"
     min_workers: int = 0  # the first N live workers run at least one block each
     boundaries: tuple[int, ...] | None = None  # forced at start (benchmarks), else the optimum
-    control_addr: str | None = None  # where workers reach the source (boundary moves)
+    control_addr: str | None = None  # where workers reach the source (moves, joins, repairs)
+    successors: int = 2  # membership: each worker is told its next N live successors
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     max_frame_bytes: int = 64 << 20
     request_timeout_s: float = 10.0
@@ -535,6 +537,7 @@ class Source:
         used = [n for n in range(len(names)) if b[n] < b[n + 1]]
         route = [(names[n], addrs[n], b[n], b[n + 1]) for n in used]
         chain = [r[0] for r in route]
+        members = self._members(route, live)
         for i, (name, _addr, start, end) in enumerate(route):
             if i == 0 and name == self.settings.name:
                 continue
@@ -552,7 +555,8 @@ class Source:
                 chain=tuple(chain), adaptive=self.settings.mode == "armdi" and prev is not None
                 and prev_ctl is not None, predecessor=prev, predecessor_control_addr=prev_ctl,
                 upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
-                downstream_latency_ms=down[1], session=self._stamper.session.hex())
+                downstream_latency_ms=down[1], session=self._stamper.session.hex(),
+                **self._membership_fields(name, members))
             self._configures[name] = configure
             try:
                 reply = self._client(worker).request(configure, timeout_ms=timeout_ms)
@@ -577,6 +581,24 @@ class Source:
             self.engines.load_now(route[0][2], route[0][3])
         self._route = route
         log.info("allocation %s over %s", list(b), chain)
+
+    def _members(self, route: list[tuple[str, str, int, int]],
+                 live: list[_WorkerState]) -> list[msg.MemberInfo]:
+        """The workers of the route as members of the line, ranked in order."""
+        refs = {w.ref.name: w.ref for w in live}
+        return [msg.MemberInfo(name=name, data_addr=refs[name].data_addr,
+                               control_addr=refs[name].control_addr, rank=(i + 1) * RANK_GAP)
+                for i, (name, *_rest) in enumerate(route) if name in refs]
+
+    def _membership_fields(self, name: str, members: list[msg.MemberInfo]) -> dict[str, Any]:
+        """Configure's membership fields for ``name`` (mode armdi only: the static baseline
+        has no recovery): itself, its predecessor, its next r successors, the anchor."""
+        if self.settings.mode != "armdi":
+            return {}
+        i = next(k for k, m in enumerate(members) if m.name == name)
+        return {"me": members[i], "predecessor_member": members[i - 1] if i > 0 else None,
+                "successors": tuple(members[i + 1: i + 1 + self.settings.successors]),
+                "anchor_control_addr": self.settings.control_addr}
 
     def _link_of(self, name: str) -> tuple[float | None, float]:
         """A node's outgoing link as the config gives it: (bytes/s or None if free, ms)."""
@@ -708,6 +730,10 @@ class Source:
     def _handle_control(self, message: msg.ControlMessage) -> msg.ControlMessage:
         if isinstance(message, msg.MoveBoundary):
             return self._move_end(message)
+        if isinstance(message, msg.Stabilise):
+            return self._anchor_report(message)
+        if isinstance(message, msg.Join):
+            return self._join(message)
         if isinstance(message, msg.StatusRequest):
             return msg.Ack(ok=True, reason="source")
         return msg.Ack(ok=False, reason=f"the source does not take {type(message).__name__}")
@@ -853,10 +879,11 @@ class Source:
             threading.Thread(target=self._reroute, args=("dead: " + ", ".join(
                 w.ref.name for w in dead),), name="reroute", daemon=True).start()
 
-    def _reroute(self, why: str) -> None:
+    def _reroute(self, why: str, replay: bool = True) -> None:
         """Place the boundaries over the live workers again, configure them, and replay
         every request in flight (a result that was not lost after all is a duplicate and
-        is dropped: each request still gets exactly one)."""
+        is dropped: each request still gets exactly one); ``replay=False`` for a join,
+        where nothing was lost (frames say where they are)."""
         with self._recovering, self._config_lock:
             for _ in range(3):
                 live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
@@ -872,6 +899,8 @@ class Source:
             self._metrics.counters["reroutes"] += 1
             self._event("rerouted", why=why, boundaries=list(self.boundaries()), route=route)
             log.warning("re-routed (%s): %s over %s", why, list(self.boundaries()), route)
+        if not replay:
+            return
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
@@ -880,6 +909,57 @@ class Source:
         for p in pending:
             self._metrics.retried += 1
             self._dispatch(p, p.attempt)
+
+    # ------------------------------------------------------------------ membership
+    def _anchor_report(self, m: msg.Stabilise) -> msg.StabiliseReply:
+        """A worker whose successors all stopped answering (or the last one) asks the
+        source, the anchor that admits every join and sees every death: the live members
+        of the route after it."""
+        live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
+        members = self._members(list(self._route), live)
+        names = [x.name for x in members]
+        if m.caller.name not in names:
+            return msg.StabiliseReply(node=self.settings.name)
+        i = names.index(m.caller.name)
+        after = members[i + 1: i + 1 + self.settings.successors]
+        return msg.StabiliseReply(node=self.settings.name, successors=tuple(after))
+
+    def _join(self, m: msg.Join) -> msg.Ack:
+        """A worker asks to join (directly, or forwarded by any member): check its model
+        version, admit it and re-allocate over the live workers, it included."""
+        name, info = m.member.name, m.member
+        if m.fingerprint != self._manifest.fingerprint:
+            model, repo = self._manifest.model_id, self.settings.repo
+            reason = (f"{name} serves {m.model_id} fingerprint {m.fingerprint[:12]}, the source "
+                      f"serves {model} fingerprint {self._manifest.fingerprint[:12]}. Fix: on "
+                      f"the source run `armdi pack {model} -o {model}.tar --repo {repo}`, copy "
+                      f"it to {name}, there run `armdi unpack {model}.tar`, then start its node "
+                      "again")
+            self._metrics.counters["joins_refused"] += 1
+            log.error("join of %s refused: %s", name, reason)
+            self._event("refused", node=name, reason=reason)
+            return msg.Ack(ok=False, reason=reason)
+        w = next((w for w in self.workers if w.ref.name == name), None)
+        if name == self.settings.name or (w is not None and (
+                w.ref.data_addr, w.ref.control_addr) != (info.data_addr, info.control_addr)):
+            where = "the source" if w is None else f"a worker at {w.ref.control_addr}"
+            return msg.Ack(ok=False, reason=f"the name {name} is taken by {where}; give this "
+                                            "node another --name")
+        if w is not None:
+            if w.state in ("dead", "down"):  # it is back: rejoin now, not at the next poll
+                threading.Thread(target=self._rejoin, args=(w,), name="rejoin",
+                                 daemon=True).start()
+                return msg.Ack(ok=True, reason="rejoining")
+            return msg.Ack(ok=True, reason=f"already a member ({w.state})")
+        w = _WorkerState(WorkerRef(name, info.data_addr, info.control_addr),
+                         state="joining", detector=PhiAccrual(self.settings.detector))
+        self.workers = [*self.workers, w]  # one rebinding: readers see the old or new list
+        self._metrics.counters["joins"] += 1
+        log.warning("worker %s joins (hops %d); re-allocating", name, m.hops)
+        self._event("joined", node=name, hops=m.hops, via="a worker" if m.hops else "source")
+        threading.Thread(target=self._reroute, args=(f"{name} joined",),
+                         kwargs={"replay": False}, name="join", daemon=True).start()
+        return msg.Ack(ok=True, reason="admitted")
 
     def fault(self, node: str, action: str, seconds: float = 3.0) -> str:
         """Inject a fault (tests, demos): kill, pause, resume or cut ``node``. A worker on
@@ -1061,6 +1141,11 @@ class Source:
             self._event("boundary_moved", node=w.ref.name, detail=reply.last_move,
                         boundaries=list(self.boundaries()), swap_ms=round(reply.swap_ms, 2),
                         fused_load_ms=round(reply.fused_load_ms, 2))
+        failovers = reply.failovers - (previous.failovers if previous is not None else 0)
+        if failovers > 0:  # it sent frames past a successor that stopped taking them
+            self._metrics.counters["failovers"] += failovers
+            self._event("failover", node=w.ref.name, frames=failovers,
+                        successors=list(reply.successors))
         configure = self._configures.get(w.ref.name)
         if configure is not None and reply.end == 0 < configure.end:
             # restarted (or reset): give it its blocks again, where the chain has them now

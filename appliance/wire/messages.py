@@ -185,6 +185,7 @@ class NodeStatus(_BlockRange):
     pid: NonNegativeInt = 0  # its process, for fault injection on the same machine
     fused_load_ms: NonNegativeFloat = 0.0  # last fused segment engine loaded in the background
     failovers: NonNegativeInt = 0  # frames it sent past a successor that stopped taking them
+    resent: NonNegativeInt = 0  # ...of which sent again: they may have died with it
     successors: tuple[NodeName, ...] = ()  # its successor list now (membership)
 
 
