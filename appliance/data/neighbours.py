@@ -4,8 +4,10 @@
 ``appliance.control.membership``), takes the lists the source's ``Configure`` gives, answers
 its predecessor's stabilisation pings, and runs its own stabilisation on a thread of its own
 (never on the data loop): every ``stabilise_ms`` it pings its successors in order, nearest
-first, until one answers; those that did not are *dead* for this round, and the data path
-skips them at once (``next_hop``). A member found dead that answers again is taken back
+first, until one answers (each gets two tries of ``stabilise_ms``, so a control thread busy
+loading an engine is not taken for dead); those that did not are *dead* for this round, and
+the data path skips them at once (``next_hop``). A dead successor is found within about
+``3 x stabilise_ms``. A member found dead that answers again is taken back
 (the source's list stays the authority until the source re-configures).
 """
 
@@ -129,6 +131,8 @@ class Neighbours:
         report: mb.Report | None = None
         for s in base.successors:
             reply = self._ask(s.control_addr, caller, timeout_ms)
+            if reply is None:  # once more: a control thread busy loading an engine is not dead
+                reply = self._ask(s.control_addr, caller, timeout_ms)
             if isinstance(reply, msg.StabiliseReply) and reply.node == s.name:
                 report = _report(reply)
                 break
