@@ -184,7 +184,8 @@ class Node:
         # The last frames sent to each successor (data thread): when one is found dead they
         # go again to the next, as they may have died with it (in its buffers or NNG's).
         self._retained: dict[str, deque[fr.Frame]] = {}
-        self._dead_epoch = 0  # successor -> passed over until (data thread)
+        self._dead_epoch = 0
+        self._finish_logged = -1  # successor -> passed over until (data thread)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
@@ -567,8 +568,10 @@ class Node:
         a frame this node holds. The source re-places the boundaries soon after."""
         self.stats.finished_here += 1
         self.stats.failovers += 1
-        log.warning("%s: no live successor; running blocks [%d, %d) here",
-                    self.settings.name, frame.start_block, self.blocks)
+        if self._finish_logged != self.neighbours.dead_epoch:  # once per death, not per frame
+            self._finish_logged = self.neighbours.dead_epoch
+            log.warning("%s: no live successor; running blocks [%d, %d) here until the "
+                        "source re-routes", self.settings.name, frame.start_block, self.blocks)
         try:
             out = self.compute(frame, self.blocks, a.wire_dtype)
         except Exception as exc:
