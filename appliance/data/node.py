@@ -180,12 +180,12 @@ class Node:
         self.neighbours = Neighbours(settings.name, settings.key, settings.tls,
                                      settings.stabilise_ms)
         self.join_refused: str | None = None  # why a join was refused (the node then stops)
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[str, float] = {}  # successor -> passed over until (data thread)
         # The last frames sent to each successor (data thread): when one is found dead they
         # go again to the next, as they may have died with it (in its buffers or NNG's).
         self._retained: dict[str, deque[fr.Frame]] = {}
         self._dead_epoch = 0
-        self._finish_logged = -1  # successor -> passed over until (data thread)
+        self._finish_logged = -1  # the dead_epoch of the last "running it here" log line
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, stop: threading.Event) -> None:
