@@ -59,6 +59,8 @@ POLL_MS = 200
 SEND_SLICE_MS = 100  # a blocked send looks again where frames go (a re-route) this often
 MAX_JOIN_HOPS = 4
 JOIN_RETRY = "try again"  # an Ack reason that starts so: the joiner asks again in a second
+RESEND_GRACE_S = 1.0  # frames sent to a dead successor go again this long after, unless the
+# source re-routed meanwhile (it replays them itself; two replays would double the work)
 SUSPECT_S = 1.0  # a successor whose send timed out is passed over this long
 SEEN_ATTEMPTS = 4096  # requests whose newest attempt a node remembers (to drop older ones)
 
@@ -185,6 +187,7 @@ class Node:
         # go again to the next, as they may have died with it (in its buffers or NNG's).
         self._retained: dict[str, deque[fr.Frame]] = {}
         self._dead_epoch = 0
+        self._resend_at = 0.0  # when to send the retained frames again (0: not due)
         self._finish_logged = -1  # the dead_epoch of the last "running it here" log line
 
     # ----------------------------------------------------------------- lifecycle
@@ -508,6 +511,10 @@ class Node:
                 stop.wait(min(pause, POLL_MS / 1000))
                 continue
             if self.neighbours.dead_epoch != self._dead_epoch:
+                self._dead_epoch = self.neighbours.dead_epoch
+                self._resend_at = time.monotonic() + RESEND_GRACE_S
+            if self._resend_at and time.monotonic() >= self._resend_at:
+                self._resend_at = 0.0
                 self._resend_retained()
             try:
                 buf = inbox.recv(timeout_ms=POLL_MS)
@@ -753,10 +760,11 @@ class Node:
         return True
 
     def _resend_retained(self) -> None:
-        """Successors were found dead: the frames last sent to them may have died with them
-        (in NNG's send buffer, in theirs), so send them again past them. A copy that was
-        not lost after all ends as a duplicate result, which the source drops."""
-        self._dead_epoch = self.neighbours.dead_epoch
+        """Successors were found dead ``RESEND_GRACE_S`` ago and the source has not
+        re-routed since (its re-route replays every request in flight, and clears these):
+        the frames last sent to them may have died with them (in NNG's send buffer, in
+        theirs), so send them again past them. A copy that was not lost after all ends as a
+        duplicate result, which the source drops."""
         a = self.assignment
         for name in sorted(self.neighbours.dead()):
             frames = self._retained.pop(name, None)
