@@ -618,10 +618,14 @@ class Source:
                 raise NotReadyError("the pipeline has not started")
             allocation = evaluate(self._snapshot, list(boundaries))
             live = [w for w in self.workers if w.ref.name in self._allocated]
-            self.allocation = allocation
+            previous, self.allocation = self.allocation, allocation
             for n, w in enumerate(live, start=1):
                 w.reason = "" if n in allocation.used else "boundaries set by hand: no blocks"
-            self._configure(live)
+            try:
+                self._configure(live)
+            except ConfigureError:
+                self.allocation = previous  # the route is still the old one (callers re-route)
+                raise
             self._event("boundaries_set", boundaries=list(allocation.boundaries),
                         route=[r[0] for r in self._route])
             return allocation
@@ -1057,7 +1061,14 @@ class Source:
             return  # (seen on two polls in a row, so not a single noisy reading)
         self._last_rebalance, self._last_target = now, target
         before = list(self.boundaries())
-        self.set_boundaries(target)
+        try:
+            self.set_boundaries(target)
+        except ConfigureError as exc:  # a worker died meanwhile: not half a chain, a re-route
+            bad = next((w for w in self.workers if w.ref.name == exc.node), None)
+            if bad is not None:
+                bad.state, bad.reason = "dead", f"could not be configured: {exc}"
+            self._reroute(f"a rebalance could not configure {exc.node}")
+            return
         self._metrics.counters["rebalances"] += 1
         self._event("rebalanced", boundaries=list(target), before=before,
                     detail=f"measured bottleneck {live:.2f} ms, the optimum at the measured "
