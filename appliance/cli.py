@@ -484,7 +484,10 @@ def up(
     model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
     = "efficientnet_lite0",
     mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
-                                          "edgepipe (the static optimum) | local")] = "armdi",
+                                          "edgepipe (the static optimum) | ddi (every "
+                                          "worker runs the whole model) | local")] = "armdi",
+    ddi_input: Annotated[str, typer.Option(help="mode ddi: images travel as uint8 pixels | "
+                                               "jpeg (decoded on the worker)")] = "pixels",
     slowdown: Annotated[str | None, typer.Option(
         help="Per-worker emulated slowdown factors, e.g. 1,2,4.")] = None,
     cpus: Annotated[str | None, typer.Option(
@@ -517,8 +520,10 @@ def up(
         _fail("--nodes must be 0 or more")
     if not 0 <= min_workers <= nodes:
         _fail(f"--min-workers must be between 0 and --nodes ({nodes})")
-    if mode not in ("armdi", "edgepipe", "local"):
-        _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
+    if mode not in ("armdi", "edgepipe", "ddi", "local"):
+        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi or local")
+    if ddi_input not in ("pixels", "jpeg"):
+        _fail(f"--ddi-input {ddi_input!r}: use pixels or jpeg")
     if wire_dtype not in ("float32", "float16"):
         _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
     token = api_token(api_token_file)
@@ -532,6 +537,7 @@ def up(
         build(model=model, repo=root)
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
+        ddi_input=ddi_input,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
         supervise=supervise,
