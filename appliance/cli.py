@@ -70,7 +70,8 @@ def build(
     name: Annotated[str | None, typer.Option(help="Model id (default: the model name or the "
                                                   "ONNX file's stem).")] = None,
     input_size: Annotated[int | None, typer.Option(
-        help="Input height/width for an ONNX file whose input size is dynamic.")] = None,
+        help="Input height/width: a named model is exported at this size (e.g. 32); an ONNX "
+             "file whose input size is dynamic needs it.")] = None,
     threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
     fp16: Annotated[bool, typer.Option(help="TensorRT: build FP16 engines.")] = False,
     opset: Annotated[int | None, typer.Option(

