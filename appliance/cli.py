@@ -859,6 +859,61 @@ def bench_faults(
         typer.echo(f"wrote {json_file}")
 
 
+@bench_app.command("mdi-vs-ddi")
+def bench_mdi_vs_ddi(
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON.")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A subset that runs in minutes: mobilenet_v2 and vgg16, 224 and 32, "
+                        "20 and 1000 Mbit/s, 3 workers.")] = False,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated models (default vgg16,mobilenet_v2,efficientnet_lite0); built "
+             "with random weights when missing.")] = None,
+    sizes: Annotated[str | None, typer.Option(help="Input sizes, e.g. 224,32.")] = None,
+    links: Annotated[str | None, typer.Option(help="Link rates in Mbit/s, e.g. "
+                                                   "20,50,100,1000.")] = None,
+    workers: Annotated[str | None, typer.Option(help="Worker counts, e.g. 2,3,4.")] = None,
+    modes: Annotated[str | None, typer.Option(
+        help="Comma-separated: armdi,edgepipe,ddi,local (and ddi_jpeg).")] = None,
+    wire_dtypes: Annotated[str, typer.Option(help="MDI wire: float32,float16.")]
+    = "float32,float16",
+    images: Annotated[int | None, typer.Option(help="Images per measurement.")] = None,
+    window: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x "
+                                                   "this.")] = 1.0,
+    link: Annotated[str, typer.Option(help="Where the links come from: transport (a rate "
+                                           "limit in the transport).")] = "transport",
+    repo: RepoOption = None,
+) -> None:
+    """MDI (armdi, edgepipe) vs DDI vs local, measured beside the analytical prediction."""
+    from appliance.bench import write_json
+    from appliance.bench_mdi_ddi import QUICK, MdiDdiOptions, format_report, run_mdi_ddi_bench
+
+    def listed(text: str | None, kind: type[Any]) -> tuple[Any, ...] | None:
+        if text is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            _fail(f"{text!r}: expected comma-separated {kind.__name__} values")
+            raise  # (unreachable: _fail exits)
+
+    chosen: dict[str, Any] = dict(QUICK) if quick else {}
+    for key, value in (("models", listed(models, str)), ("sizes", listed(sizes, int)),
+                       ("links_mbps", listed(links, float)), ("workers", listed(workers, int)),
+                       ("modes", listed(modes, str)),
+                       ("wire_dtypes", listed(wire_dtypes, str)), ("images", images)):
+        if value is not None:
+            chosen[key] = value
+    options = MdiDdiOptions(repo=_repo_path(repo), window=window, time_scale=time_scale,
+                            link=link, **chosen)
+    result = run_mdi_ddi_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        typer.echo(f"wrote {json_file}")
+
+
 def main() -> None:
     try:
         app()
