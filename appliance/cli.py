@@ -69,9 +69,9 @@ def build(
         help="Merge the cheapest neighbouring blocks until at most N remain.")] = None,
     name: Annotated[str | None, typer.Option(help="Model id (default: the model name or the "
                                                   "ONNX file's stem).")] = None,
-    input_size: Annotated[int | None, typer.Option(
-        help="Input height/width: a named model is exported at this size (e.g. 32); an ONNX "
-             "file whose input size is dynamic needs it.")] = None,
+    input_size: Annotated[str | None, typer.Option(
+        help="H[xW]: a named model is exported at this input size (e.g. 32, or 720x1280 for "
+             "a camera frame); an ONNX file whose input size is dynamic needs N.")] = None,
     threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
     fp16: Annotated[bool, typer.Option(help="TensorRT: build FP16 engines.")] = False,
     opset: Annotated[int | None, typer.Option(
@@ -108,6 +108,7 @@ def build(
     from engines.repository import ModelRepository
 
     root = _repo_path(repo)
+    height, width = _input_size(input_size)
     try:
         trt_options = TrtPlanOptions(
             max_disk=parse_disk_size(max_disk) if max_disk is not None else None,
@@ -120,8 +121,8 @@ def build(
         if backend != "trt":
             _fail("--plan is for TensorRT builds: add --backend trt")
         _print_plan(BuildOptions(model=model, repo=root, weights=weights, name=name,
-                                 input_size=input_size, backend=backend, segments=segments,
-                                 max_blocks=max_blocks, fp16=fp16, opset=opset,
+                                 input_size=height, input_width=width, backend=backend,
+                                 segments=segments, max_blocks=max_blocks, fp16=fp16, opset=opset,
                                  trt=trt_options), as_json)
         return
     if if_missing:
@@ -135,8 +136,9 @@ def build(
             except ArmdiError as exc:
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
-                           input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           input_size=height, input_width=width, backend=backend,
+                           segments=segments, max_blocks=max_blocks, threads=threads,
+                           fp16=fp16, opset=opset,
                            max_memory=parse_size(max_memory) if max_memory else None,
                            trt=trt_options)
     report = run_build(options, RichReporter())
@@ -373,6 +375,22 @@ def _warn_readable_secrets(cfg: Any, name: str) -> None:
         warning = check_private_file(path) if path is not None else None
         if warning:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
+def _input_size(text: str | None) -> tuple[int | None, int | None]:
+    """``--input-size N`` or ``HxW`` as (height, width); width None when square."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or any(s <= 0 for s in sides):
+        _fail(f"--input-size {text!r}: give N or HxW in pixels, e.g. 32 or 720x1280")
+    height = sides[0]
+    width = sides[1] if len(sides) == 2 and sides[1] != height else None
+    return height, width
 
 
 def _stale_named_model(repository: Any, model: str) -> str | None:

@@ -67,3 +67,29 @@ def test_a_size_the_model_cannot_take_is_refused_with_the_reason(tmp_path: Path)
     pytest.importorskip("torchvision")
     with pytest.raises(BuildError, match="vgg16 cannot take 16x16 inputs"):  # 5 poolings
         _build(Path("vgg16"), tmp_path / "repo", weights="random", input_size=16)
+
+
+def test_a_named_model_builds_for_a_non_square_frame(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    import numpy as np
+
+    from engines.preprocess import pixels
+
+    report = _build(Path("mobilenet_v2"), tmp_path / "repo", weights="random", input_size=24,
+                    input_width=40, max_blocks=4)
+    manifest = report.manifest  # type: ignore[attr-defined]
+    assert manifest.input.shape == (-1, 3, 24, 40)
+    prep = manifest.preprocessing
+    assert (prep.crop, prep.crop_width) == (24, 40) and manifest.verification.passed
+    assert manifest.fingerprint == manifest.content_fingerprint()
+    for h, w in ((720, 1280), (480, 640), (300, 200)):  # any frame is resized to cover it
+        frame = np.zeros((h, w, 3), np.uint8)
+        assert pixels(frame, prep).shape == (1, 3, 24, 40)
+
+
+def test_non_square_sizes_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="pads its convolutions for a square input"):
+        _build(Path("efficientnet_lite0"), tmp_path / "repo", input_size=24, input_width=40)
+    source = _dynamic_hw(tmp_path)
+    with pytest.raises(BuildError, match="non-square sizes apply to named models"):
+        _build(source, tmp_path / "repo", input_size=24, input_width=40)
