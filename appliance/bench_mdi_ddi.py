@@ -198,7 +198,8 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
     return {"time_s": round(elapsed, 4), "throughput_ips": round(o.images / elapsed, 3),
             "latency_p50_ms": round(_quantile(latencies, 0.5), 3),
             "latency_p99_ms": round(_quantile(latencies, 0.99), 3),
-            "failed": status.failed, "retried": status.retried, "boundaries": boundaries}
+            "failed": status.failed, "retried": status.retried,
+            "deaths": status.counters.get("deaths", 0), "boundaries": boundaries}
 
 
 def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,

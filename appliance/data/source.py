@@ -714,6 +714,8 @@ class Source:
         """Place the boundaries by hand over the live workers (benchmarks sweep them): the
         workers are configured with their new ranges, then the source routes by them.
         Frames in flight that a worker no longer runs are re-sent by the watchdog."""
+        if self.settings.mode == "ddi":
+            raise PipelineError("mode ddi has no boundaries: every worker runs the whole model")
         with self._config_lock:
             if self._snapshot is None:
                 raise NotReadyError("the pipeline has not started")

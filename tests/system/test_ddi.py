@@ -7,8 +7,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from appliance.api import PipelineError
 from engines.preprocess import Normaliser, decode_image, pixels
 from tests.conftest import BuiltModel, run_onnx
 from tests.system.conftest import cluster, submit_all
@@ -29,6 +31,14 @@ def test_ddi_spreads_whole_inputs_and_matches_the_model(built_tiny: BuiltModel,
     served = {r.path[0].node for r in results}
     assert served == {"w1", "w2"}
     assert status.mode == "ddi" and status.failed == 0 and status.in_flight == 0
+    assert [(n.name, n.start, n.end) for n in status.nodes] == [
+        ("source", 0, 0), ("w1", 0, blocks), ("w2", 0, blocks)]
+
+
+def test_ddi_refuses_boundaries(built_tiny: BuiltModel, tmp_path: Path) -> None:
+    with cluster(built_tiny.repo, "tiny", tmp_path, nodes=1, mode="ddi") as source, \
+            pytest.raises(PipelineError, match="mode ddi has no boundaries"):
+        source.set_boundaries([0, 1, built_tiny.manifest.blocks])
 
 
 def test_ddi_source_computes_a_share_and_jpeg_is_decoded_on_the_worker(
