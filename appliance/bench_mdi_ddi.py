@@ -18,6 +18,11 @@ result, at the source), beside what the prediction says for the same case.
 - **Links are emulated in the transport** (``[cluster] emulate_links``): each node's sends
   occupy its outgoing link for size / rate, one after another. ``link`` is the bench's choice
   of links; shaped links (network namespaces and tc) are to come as another choice.
+- **The runtime's own cost** per request (Python, frames, NNG: ~1 ms on a busy 2-core
+  machine, against sub-millisecond compute at 32x32) is measured first, per model and size:
+  a 1-worker cluster with compute scaled to nothing, N images; N / its time is the cost at
+  the busier node. The prediction adds it at every node (``overhead_ms``); ``calibrate =
+  False`` leaves it out.
 - Models missing from the repository are built first, with random weights (emulated compute
   needs only their profile); other input sizes as ``MODEL_SIZE`` (``armdi build MODEL --name
   MODEL_SIZE --input-size SIZE``).
@@ -71,6 +76,7 @@ class MdiDdiOptions:
     link: str = "transport"
     build_missing: bool = True
     request_timeout_s: float = 120.0
+    calibrate: bool = True  # measure the runtime's per-request cost; the prediction adds it
 
 
 QUICK = {"models": ("mobilenet_v2", "vgg16"), "sizes": (224, 32), "links_mbps": (20.0, 1000.0),
@@ -147,7 +153,7 @@ def _decode_ms(image: bytes, manifest: Manifest) -> float:
 
 def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbps: float | None,
                  wire_dtype: str = "float32", jpeg: bytes | None = None,
-                 decode_ms: float = 0.0) -> Scenario:
+                 decode_ms: float = 0.0, overhead_ms: float = 0.0) -> Scenario:
     profile = manifest.profile_for(device_signature(), "ort")
     if profile is None:
         raise ArmdiError(f"{manifest.model_id} has no profile; rebuild it")
@@ -157,7 +163,18 @@ def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbp
         link_Bps=math.inf if link_mbps is None else link_mbps * 1e6 / 8,
         latency_ms=LOOPBACK_LATENCY_MS, speeds=(1.0,) * workers,
         input_bytes=len(jpeg) if jpeg is not None else None, wire_dtype=wire_dtype,
-        decode_ms=decode_ms)
+        decode_ms=decode_ms, overhead_ms=overhead_ms)
+
+
+def calibrate_overhead(o: MdiDdiOptions, manifest: Manifest) -> float:
+    """The runtime's per-request cost (ms) at its busier node: one worker, compute scaled to
+    nothing, no link, ``window`` in flight."""
+    quiet = dataclasses.replace(o, time_scale=1e-6)
+    none = Prediction("ddi", 1, 1.0, 1.0, 1.0, 1.0, 1.0)
+    images = max(o.images, 20)
+    measured = _run(dataclasses.replace(quiet, images=images), manifest, "local", 1, None,
+                    "float32", None, none)
+    return float(measured["time_s"]) * 1000 / images
 
 
 def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
@@ -237,16 +254,22 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
     repository = ModelRepository(o.repo)
     load_start = load_avg()
     rows: list[dict[str, Any]] = []
+    calibration: dict[str, dict[str, float]] = {}
     for model in o.models:
         for size in o.sizes:
             manifest = model_for(repository, model, size, o.build_missing, say)
             jpeg = sample_jpeg(size) if "ddi_jpeg" in o.modes else None
             decode = _decode_ms(jpeg, manifest) if jpeg is not None else 0.0
+            overhead = calibrate_overhead(o, manifest) if o.calibrate else 0.0
+            calibration[manifest.model_id] = {"overhead_ms": round(overhead, 3),
+                                              "decode_ms": round(decode, 3)}
+            say(f"{manifest.model_id}: runtime overhead {overhead:.2f} ms per request")
             for mode, workers, link, dtype in _cases(o):
                 image = jpeg if mode == "ddi_jpeg" else None
                 scenario = scenario_for(manifest, o, workers=workers, link_mbps=link,
                                         wire_dtype=dtype, jpeg=image,
-                                        decode_ms=decode if image else 0.0)
+                                        decode_ms=decode if image else 0.0,
+                                        overhead_ms=overhead)
                 kind = "ddi" if mode == "ddi_jpeg" else mode
                 predicted = predict(kind, scenario, o.images, o.window)
                 label = (f"{manifest.model_id} {size}x{size} {mode} {dtype} x{workers} "
@@ -270,6 +293,7 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                     "links_mbps": list(o.links_mbps), "workers": list(o.workers),
                     "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
                     "images": o.images, "window": o.window, "time_scale": o.time_scale},
+        "calibration": calibration,
         "rows": rows,
         "winners": winners(rows),
     }
@@ -299,7 +323,11 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_report(result: dict[str, Any]) -> str:
+    calibration = ", ".join(f"{k} {v['overhead_ms']:.2f}"
+                            for k, v in result["calibration"].items())
     lines = [f"armdi bench mdi-vs-ddi: {result['emulation']}",
+             f"runtime overhead per request (ms, measured, added to the prediction): "
+             f"{calibration or 'not measured'}",
              f"{result['machine']['cpu_count']} cores ({result['machine']['cpu_model']}), "
              f"load {result['load_avg_start']} -> {result['load_avg_end']}",
              "time for N images, throughput and latency: measured / predicted", "",

@@ -901,6 +901,9 @@ def bench_mdi_vs_ddi(
                                                    "this.")] = 1.0,
     link: Annotated[str, typer.Option(help="Where the links come from: transport (a rate "
                                            "limit in the transport).")] = "transport",
+    calibrate: Annotated[bool, typer.Option(
+        help="Measure the runtime's per-request cost first and add it to the "
+             "prediction.")] = True,
     repo: RepoOption = None,
 ) -> None:
     """MDI (armdi, edgepipe) vs DDI vs local, measured beside the analytical prediction."""
@@ -924,7 +927,7 @@ def bench_mdi_vs_ddi(
         if value is not None:
             chosen[key] = value
     options = MdiDdiOptions(repo=_repo_path(repo), window=window, time_scale=time_scale,
-                            link=link, **chosen)
+                            link=link, calibrate=calibrate, **chosen)
     result = run_mdi_ddi_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:

@@ -60,6 +60,9 @@ class Scenario:
     """MDI activations on the wire: float32 | float16."""
     decode_ms: float = 0.0
     """ddi with encoded inputs: what decoding one image costs a worker (ms)."""
+    overhead_ms: float = 0.0
+    """The runtime's own cost per request at every node, source included (receiving,
+    checking, encoding, sending, Python), on top of compute and link (ms)."""
 
     def __post_init__(self) -> None:
         if not self.block_ms or any(not (math.isfinite(t) and t >= 0) for t in self.block_ms):
@@ -71,8 +74,10 @@ class Scenario:
                                   f"sizes >= 0, got {len(self.activation_bytes)}")
         if not self.link_Bps > 0:
             raise PredictionError(f"link_Bps must be > 0, got {self.link_Bps}")
-        if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
-            raise PredictionError(f"latency_ms must be >= 0, got {self.latency_ms}")
+        for name in ("latency_ms", "decode_ms", "overhead_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise PredictionError(f"{name} must be >= 0, got {value}")
         if not self.speeds or any(not (math.isfinite(s) and s > 0) for s in self.speeds):
             raise PredictionError(f"speeds: need one factor > 0 per worker, got "
                                   f"{list(self.speeds)}")
@@ -126,7 +131,7 @@ def predict(mode: str, scenario: Scenario, images: int, window: int = 8) -> Pred
     if window < 1:
         raise PredictionError(f"window must be >= 1, got {window}")
     if mode == "local":
-        total = math.fsum(scenario.block_ms)
+        total = math.fsum(scenario.block_ms) + scenario.overhead_ms
         return _played(mode, images, window, [(total, 0.0)], 0.0, ())
     if mode == "ddi":
         return _ddi(scenario, images, window)
@@ -157,12 +162,13 @@ def _chain_stages(scenario: Scenario, allocation: Allocation) -> list[tuple[floa
     """(compute ms, send ms) of each node in the chain, the source first."""
     k, b = scenario.blocks, allocation.boundaries
     scale = 0.5 if scenario.wire_dtype == "float16" else 1.0
-    stages = [(0.0, scenario.transfer_ms(scenario.wire_input_bytes))]
+    over = scenario.overhead_ms
+    stages = [(over, scenario.transfer_ms(scenario.wire_input_bytes))]
     for n in allocation.used:
         if n == 0:
             continue
         start, end = b[n], b[n + 1]
-        compute = math.fsum(scenario.block_ms[start:end]) * scenario.speeds[n - 1]
+        compute = math.fsum(scenario.block_ms[start:end]) * scenario.speeds[n - 1] + over
         size = scenario.activation_bytes[end] if end == k else int(
             scenario.activation_bytes[end] * scale)
         stages.append((compute, scenario.transfer_ms(size)))
@@ -194,10 +200,11 @@ def _played(mode: str, images: int, window: int, stages: Sequence[tuple[float, f
 
 def _ddi(scenario: Scenario, images: int, window: int) -> Prediction:
     total = math.fsum(scenario.block_ms)
-    ship = scenario.transfer_ms(scenario.wire_input_bytes)
+    over = scenario.overhead_ms
+    ship = scenario.transfer_ms(scenario.wire_input_bytes) + over  # the source's part
     back = scenario.transfer_ms(scenario.activation_bytes[-1])
     lat = scenario.latency_ms
-    work = [total * s + scenario.decode_ms + back for s in scenario.speeds]
+    work = [total * s + scenario.decode_ms + over + back for s in scenario.speeds]
     workers = [(0.0, n) for n in range(len(work))]  # (free at, index): the first free first
     heapq.heapify(workers)
     link = 0.0

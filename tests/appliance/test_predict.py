@@ -70,7 +70,8 @@ def test_a_window_of_one_is_one_image_at_a_time() -> None:
 
 @pytest.mark.parametrize("changes", [
     {"block_ms": ()}, {"activation_bytes": (1, 2)}, {"link_Bps": 0.0}, {"speeds": (0.0,)},
-    {"wire_dtype": "int8"}, {"latency_ms": -1.0}, {"input_bytes": -5}])
+    {"wire_dtype": "int8"}, {"latency_ms": -1.0}, {"input_bytes": -5},
+    {"overhead_ms": math.nan}])
 def test_bad_scenarios_are_refused_with_the_field(changes: dict[str, object]) -> None:
     with pytest.raises(PredictionError, match=next(iter(changes))):
         _scenario(**changes)
@@ -81,3 +82,12 @@ def test_bad_modes_and_counts_are_refused() -> None:
         predict("auto", _scenario(), 1)
     with pytest.raises(PredictionError, match="images"):
         predict("ddi", _scenario(), 0)
+
+
+def test_the_runtime_overhead_adds_to_every_node() -> None:
+    over = _scenario(overhead_ms=1.0)
+    assert predict("local", over, 10).time_s == pytest.approx(0.21)
+    assert predict("edgepipe", over, 10).bottleneck_ms == pytest.approx(11.0)
+    assert predict("ddi", over, 10).bottleneck_ms == pytest.approx(10.5)  # (20 + 1) / 2
+    fast = _scenario(block_ms=(0.01, 0.01), speeds=(1.0, 1.0, 1.0), overhead_ms=1.0)
+    assert predict("ddi", fast, 10).bottleneck_ms == pytest.approx(1.0)  # the source's part

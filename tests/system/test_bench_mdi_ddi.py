@@ -36,6 +36,7 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
     assert "links emulated in the transport" in result["emulation"]
     assert "emulated compute" in result["emulation"]
     assert len(result["winners"]) == 1
+    assert result["calibration"]["tiny"]["overhead_ms"] > 0  # measured, not assumed
     report = format_report(result)
     assert "links emulated in the transport" in report and "ddi_jpeg" in report
     write_json(result, tmp_path / "out.json")
