@@ -6,7 +6,7 @@ MODEL ?= efficientnet_lite0
 NODES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: install up test fuzz lint typecheck check bench zoo screenshot clean
+.PHONY: install up test fuzz lint typecheck check bench report zoo screenshot clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,11 @@ typecheck: install
 check: lint typecheck test
 
 bench: install
-	$(ARMDI) bench pipeline --json bench-results/pipeline.json
+	$(ARMDI) bench pipeline --json docs/results/pipeline.json
+
+# docs/benchmarks.md from docs/benchmarks.template.md and the JSON in docs/results/.
+report: install
+	$(ARMDI) bench report --out docs/benchmarks.md
 
 # Export nine torchvision families (random weights) and build each from its file; minutes.
 zoo: install

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.netlinks import LinkSpec
 from engines.errors import ArmdiError, ModelNotFoundError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser
@@ -93,6 +94,11 @@ class PipelineBenchOptions:
     """Also measure TLS against plain TCP and HMAC against none (section 5)."""
     security_only: bool = False
     """Measure section 5 alone (the other figures are left out of the result)."""
+    link: LinkSpec | None = None
+    """Every pipeline's links at this rate (and delay): tc-shaped where root, else emulated
+    by the transport (``appliance.netlinks``); None: loopback as it is."""
+    link_shaping: str = "auto"
+    """auto | tc | transport (see ``LocalClusterOptions.link_shaping``)."""
 
 
 @dataclass(frozen=True)
@@ -210,10 +216,12 @@ class _Direct:
 class _Pipeline:
     """A local cluster (worker processes) and an in-process source that runs no blocks."""
 
-    def __init__(self, spec: _PipelineSpec, source: Any, worker_pids: list[int]) -> None:
+    def __init__(self, spec: _PipelineSpec, source: Any, worker_pids: list[int],
+                 link_note: str = "links: not shaped") -> None:
         self.spec = spec
         self.source = source
         self.worker_pids = worker_pids
+        self.link_note = link_note
 
     def latency(self, x: np.ndarray, n: int,
                 timeout_s: float) -> tuple[list[float], list[float]]:
@@ -296,13 +304,14 @@ def _pipeline(spec: _PipelineSpec, options: PipelineBenchOptions) -> Iterator[_P
         model=options.model, repo=options.repo, nodes=len(spec.cpus), mode="edgepipe",
         cpus=spec.cpus, port=0, source_runs_blocks=False, min_workers=len(spec.cpus),
         request_timeout_s=options.request_timeout_s, transport=spec.transport,
-        key_hex=BENCH_KEY_HEX if spec.hmac else None)
+        key_hex=BENCH_KEY_HEX if spec.hmac else None, link=options.link,
+        link_shaping=options.link_shaping)
     with running(cluster_options) as (cluster, config):
         settings = dataclasses.replace(source_settings(config), boundaries=spec.boundaries)
         source = Source(settings)
         try:
             source.start()
-            yield _Pipeline(spec, source, [p.pid for p in cluster.procs])
+            yield _Pipeline(spec, source, [p.pid for p in cluster.procs], cluster.link_note)
         finally:
             source.close()
 
@@ -628,6 +637,7 @@ def run_pipeline_bench(options: PipelineBenchOptions,
         direct.run(x)
     keys = ["direct", *(spec.key for spec in specs)]
     by_key = {spec.key: spec for spec in specs}
+    link_note = "links: not shaped"
     for rep in range(options.repeats):
         order = keys[rep % len(keys):] + keys[:rep % len(keys)]
         for key in order:
@@ -637,6 +647,7 @@ def run_pipeline_bench(options: PipelineBenchOptions,
                 continue
             # One cluster at a time, as deployed: idle clusters would only add noise.
             with _pipeline(by_key[key], options) as pipe:
+                link_note = pipe.link_note
                 pipe.latency(pixels, options.warmup, timeout)
                 pipe.throughput(pixels, options.warmup, options.window, timeout)
                 reps[key].append(pipe.measure(pixels, options.requests, options.window,
@@ -671,7 +682,13 @@ def run_pipeline_bench(options: PipelineBenchOptions,
                      "engine_threads": 1},
         "emulation": ("workers pinned with sched_setaffinity stand in for separate devices "
                       "(one core each); the source process and this benchmark are not pinned "
-                      "and share those cores; links are ipc:// sockets on one machine"),
+                      "and share those cores; "
+                      + ("links are ipc:// sockets on one machine" if options.link is None
+                         else link_note)),
+        "link": None if options.link is None else {
+            "spec": str(options.link), "mbps": options.link.mbps,
+            "delay_ms": options.link.delay_ms, "how": link_note,
+            "shaped_with_tc": "tc tbf" in link_note},
         "direct": {"label": "ONNX Runtime, model.onnx, 1 thread, batch 1", **_summarise(
             reps["direct"])},
     }
@@ -722,6 +739,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['settings']['requests']} requests x {result['settings']['repeats']} "
         f"repetitions (median), window {result['settings']['window']} in flight for "
         "throughput, 1 in flight for latency",
+        *([f"--link {result['link']['spec']}: {result['link']['how']}"]
+          if result.get("link") else []),
         "",
         f"{'configuration':<38} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'compute':>8} "
         f"{'overhead':>8}  boundaries",
@@ -775,6 +794,12 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write ``result``, with the command line that made it (``armdi bench report`` shows
+    it) unless it has one."""
+    import shlex
+
+    if "command" not in result and sys.argv and sys.argv[0]:
+        result = {"command": shlex.join(["armdi", *sys.argv[1:]]), **result}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -15,9 +15,10 @@ result, at the source), beside what the prediction says for the same case.
 - **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)
   instead of computing, so 3-4 workers run faithfully on 2 cores. JPEG decoding in
   ``ddi_jpeg`` is really done.
-- **Links are emulated in the transport** (``[cluster] emulate_links``): each node's sends
-  occupy its outgoing link for size / rate, one after another. ``link`` is the bench's choice
-  of links; shaped links (network namespaces and tc) are to come as another choice.
+- **Links are emulated in the transport** (``link = "transport"``, ``[cluster]
+  emulate_links``): each node's sends occupy its outgoing link for size / rate, one after
+  another. ``link = "tc"`` shapes them instead (``appliance.netlinks``: network namespaces,
+  veth pairs, tc tbf; as root, else the transport's rate limit, and each cell says which).
 - **The runtime's own cost** per request (Python, frames, NNG: ~1 ms on a busy 2-core
   machine, against sub-millisecond compute at 32x32) is measured first, per model and size:
   a 1-worker cluster with compute scaled to nothing, N images; N / its time is the cost at
@@ -55,8 +56,10 @@ from engines.repository import ModelRepository
 
 MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "local")
 DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "local")
-LINKS = ("transport",)  # where links come from; shaped links (netns + tc) are to come
+LINKS = ("transport", "tc")  # where the links come from
 LINK_LABEL = "links emulated in the transport"
+TC_LABEL = ("links shaped with tc tbf between network namespaces where root allows, else "
+            "emulated in the transport (each cell's link_note says which)")
 LOOPBACK_LATENCY_MS = 0.1  # per message between processes on this machine (pynng, measured)
 
 
@@ -183,17 +186,22 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
     """One cluster, N images through it; the measured figures."""
     from appliance.cluster import LocalClusterOptions, running
     from appliance.data.source import Source
+    from appliance.netlinks import LinkSpec
     from appliance.settings import source_settings
 
+    shaped = o.link == "tc" and link_mbps is not None
     options = LocalClusterOptions(
         model=manifest.model_id, repo=o.repo, nodes=workers,
         mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,
         ddi_input="jpeg" if mode == "ddi_jpeg" else "pixels", wire_dtype=wire_dtype, port=0,
         source_runs_blocks=False, emulate_compute=True, emulate_scale=o.time_scale,
-        link_mbps=link_mbps, request_timeout_s=o.request_timeout_s)
+        link_mbps=None if shaped else link_mbps, request_timeout_s=o.request_timeout_s,
+        link=LinkSpec(rate_bps=link_mbps * 1e6) if shaped and link_mbps else None)
     shape = (1, *manifest.input.shape[1:])
     x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    with running(options) as (_cluster, config):
+    with running(options) as (cluster, config):
+        link_note = cluster.link_note if shaped else (
+            LINK_LABEL if link_mbps is not None else "no link (loopback)")
         settings = source_settings(config)
         if mode in ("armdi", "edgepipe"):  # the optimum for uint8 inputs, as predicted
             settings = dataclasses.replace(settings, boundaries=prediction.boundaries)
@@ -216,7 +224,8 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
             "latency_p50_ms": round(_quantile(latencies, 0.5), 3),
             "latency_p99_ms": round(_quantile(latencies, 0.99), 3),
             "failed": status.failed, "retried": status.retried,
-            "deaths": status.counters.get("deaths", 0), "boundaries": boundaries}
+            "deaths": status.counters.get("deaths", 0), "boundaries": boundaries,
+            "link_note": link_note}
 
 
 def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,
@@ -279,22 +288,23 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                 rows.append({
                     "model": model, "model_id": manifest.model_id, "size": size, "mode": mode,
                     "workers": workers, "link_mbps": link, "wire_dtype": dtype,
-                    "input_bytes": scenario.wire_input_bytes, "measured": measured,
+                    "input_bytes": scenario.wire_input_bytes, "images": o.images, **measured,
                     "predicted": predicted.to_dict(),
                     "time_ratio": round(measured["time_s"] / predicted.time_s, 3)
                     if predicted.time_s > 0 else None})
     return {
         "bench": "mdi-vs-ddi",
         "machine": machine_info(), "load_avg_start": load_start, "load_avg_end": load_avg(),
-        "links": LINK_LABEL if o.link == "transport" else o.link,
+        "links": LINK_LABEL if o.link == "transport" else TC_LABEL,
         "emulation": (f"emulated compute: each node waits its blocks' profiled time x "
-                      f"{o.time_scale:g} instead of computing; {LINK_LABEL}"),
+                      f"{o.time_scale:g} instead of computing; "
+                      f"{LINK_LABEL if o.link == 'transport' else TC_LABEL}"),
         "options": {"models": list(o.models), "sizes": list(o.sizes),
                     "links_mbps": list(o.links_mbps), "workers": list(o.workers),
                     "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
                     "images": o.images, "window": o.window, "time_scale": o.time_scale},
         "calibration": calibration,
-        "rows": rows,
+        "cells": rows,  # (the name armdi bench report reads)
         "winners": winners(rows),
     }
 
@@ -315,7 +325,7 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         def name(r: dict[str, Any]) -> str:
             return f"{r['mode']}{'/f16' if r['wire_dtype'] == 'float16' else ''}"
 
-        best_m = min(contenders, key=lambda r: r["measured"]["time_s"])
+        best_m = min(contenders, key=lambda r: r["time_s"])
         best_p = min(contenders, key=lambda r: r["predicted"]["time_s"])
         out.append({"model_id": model_id, "size": size, "link_mbps": link, "workers": workers,
                     "measured": name(best_m), "predicted": name(best_p)})
@@ -333,8 +343,8 @@ def format_report(result: dict[str, Any]) -> str:
              "time for N images, throughput and latency: measured / predicted", "",
              f"{'model':<22}{'mode':<14}{'wk':>3}{'Mbit/s':>8}  {'time s':>15}  "
              f"{'images/s':>15}  {'p50 ms':>17}  {'p99 ms':>8}  {'meas/pred':>9}"]
-    for r in result["rows"]:
-        m, p = r["measured"], r["predicted"]
+    for r in result["cells"]:
+        m, p = r, r["predicted"]
         mode = r["mode"] + ("/f16" if r["wire_dtype"] == "float16" else "")
         link = "-" if r["link_mbps"] is None else f"{r['link_mbps']:g}"
         lines.append(

@@ -333,6 +333,26 @@ def inspect(
 ConfigOption = Annotated[Path, typer.Option("--config", help="cluster.toml")]
 
 
+LinkOption = Annotated[str | None, typer.Option(
+    "--link", help="Shape every node's outgoing link: RATE[,DELAY], e.g. 20mbit or "
+                   "100mbit,5ms. Network namespaces and tc where root, else emulated in the "
+                   "transport (the output says which).")]
+LinkShapingOption = Annotated[str, typer.Option(
+    help="--link with auto (tc where possible), tc (fail without it) or transport.")]
+
+
+def _link(text: str | None) -> Any:
+    from appliance.netlinks import parse_link
+
+    return None if text is None else parse_link(text)
+
+
+def _link_shaping(text: str) -> str:
+    if text not in ("auto", "tc", "transport"):
+        _fail(f"--link-shaping {text!r}: use auto, tc or transport")
+    return text
+
+
 def _stop_on_signals() -> Any:
     import signal
     import threading
@@ -524,6 +544,8 @@ def up(
     run_dir: Annotated[Path | None, typer.Option(help="Where sockets and the generated "
                                                       "cluster.toml live (default: a temp "
                                                       "dir, removed on exit).")] = None,
+    link: LinkOption = None,
+    link_shaping: LinkShapingOption = "auto",
     api_token_file: TokenFileOption = None,
     repo: RepoOption = None,
 ) -> None:
@@ -559,20 +581,22 @@ def up(
         ddi_input=ddi_input,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
-        supervise=supervise,
+        supervise=supervise, link=_link(link), link_shaping=_link_shaping(link_shaping),
         log_level=logging.getLevelName(logging.getLogger().level),
     )
     from web.server import listen, serve
 
     sock = listen(host, port)  # before any worker starts: a port in use fails cleanly
     try:
-        with running(options) as (_cluster, cfg):
+        with running(options) as (cluster, cfg):
             source = Source(source_settings(cfg))
             try:
                 source.start()
                 b = source.allocation.boundaries if source.allocation else ()
                 typer.echo(f"armdi up: {model}, {nodes} workers, mode {options.mode}, "
                            f"boundaries {list(b)}")
+                if link is not None:
+                    typer.echo(cluster.link_note)
                 for line in _idle_lines(source):
                     typer.echo(line)
                 _announce(sock, token)
@@ -715,6 +739,8 @@ def bench_pipeline(
              "against none.")] = False,
     security_only: Annotated[bool, typer.Option(
         help="Measure only that (TLS and HMAC, side by side).")] = False,
+    link: LinkOption = None,
+    link_shaping: LinkShapingOption = "auto",
     repo: RepoOption = None,
 ) -> None:
     """Direct ONNX Runtime vs 1- and 2-worker pipelines vs raw pynng, with the ratios."""
@@ -723,7 +749,9 @@ def bench_pipeline(
     options = PipelineBenchOptions(repo=_repo_path(repo), model=model, requests=requests,
                                    repeats=repeats, window=window, warmup=warmup,
                                    security=security or security_only,
-                                   security_only=security_only)
+                                   security_only=security_only, link=_link(link),
+                                   link_shaping=_link_shaping(link_shaping))
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up too (namespaces)
     result = run_pipeline_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:
@@ -814,6 +842,8 @@ def bench_adaptive(
     scenarios: Annotated[str, typer.Option(
         help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), h (two "
              "identical workers at rest, one core each, real compute).")] = "a,bc,h",
+    hysteresis: Annotated[float | None, typer.Option(
+        help="The controller's hysteresis (default: the config's, 0.05).")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
                                                                   "(and a PNG plot beside it)."
                                                    )] = None,
@@ -840,7 +870,7 @@ def bench_adaptive(
     options = AdaptiveBenchOptions(repo=_repo_path(repo), model=model, workers=workers,
                                    duration_s=duration, change_s=change, back_s=back,
                                    emulate=not real, time_scale=time_scale, modes=chosen,
-                                   scenarios=picked)
+                                   scenarios=picked, hysteresis=hysteresis)
     result = run_adaptive_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:
@@ -857,6 +887,12 @@ def bench_faults(
     duration: Annotated[float, typer.Option(help="Seconds per run (the fault at 4 s).")] = 14.0,
     modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe.")]
     = "armdi,edgepipe",
+    emulate: Annotated[bool, typer.Option(
+        "--emulate", help="Emulated compute (each node waits its blocks' profiled time x "
+                          "--time-scale): four workers then run in parallel faithfully on few "
+                          "cores; answers are zeros, so 'wrong' is not checked.")] = False,
+    time_scale: Annotated[float, typer.Option(help="With --emulate: profiled times x this.")
+                          ] = 4.0,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
                                                                   "JSON.")] = None,
     repo: RepoOption = None,
@@ -869,7 +905,8 @@ def bench_faults(
     if not chosen or any(m not in ("armdi", "edgepipe") for m in chosen):
         _fail(f"--modes {modes!r}: choose from armdi, edgepipe")
     options = FaultBenchOptions(repo=_repo_path(repo), model=model, duration_s=duration,
-                                modes=chosen)
+                                modes=chosen, emulate=emulate, time_scale=time_scale,
+                                window=8 if emulate else 4)
     result = run_fault_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:
@@ -900,7 +937,9 @@ def bench_mdi_vs_ddi(
     time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x "
                                                    "this.")] = 1.0,
     link: Annotated[str, typer.Option(help="Where the links come from: transport (a rate "
-                                           "limit in the transport).")] = "transport",
+                                           "limit in the transport) | tc (shaped veths "
+                                           "between network namespaces, as root; else the "
+                                           "transport's limit).")] = "transport",
     calibrate: Annotated[bool, typer.Option(
         help="Measure the runtime's per-request cost first and add it to the "
              "prediction.")] = True,
@@ -933,6 +972,30 @@ def bench_mdi_vs_ddi(
     if json_file is not None:
         write_json(result, json_file)
         typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("report")
+def bench_report(
+    out: Annotated[Path, typer.Option(help="The Markdown page to write.")]
+    = Path("docs/benchmarks.md"),
+    results: Annotated[Path, typer.Option(help="Where the benches' JSON files are "
+                                               "(pipeline.json, adaptive.json, faults.json, "
+                                               "mdi-vs-ddi.json).")] = Path("docs/results"),
+    template: Annotated[Path, typer.Option(help="The page's prose, with {{placeholders}} "
+                                                "for the generated tables and plots.")]
+    = Path("docs/benchmarks.template.md"),
+    plots: Annotated[Path | None, typer.Option(help="Where the PNGs go (default: plots/ "
+                                                    "beside --out).")] = None,
+) -> None:
+    """One Markdown page with PNG plots from the JSON of every bench (runs no bench)."""
+    from appliance.report import ReportOptions, generate
+
+    report = generate(ReportOptions(results=results, template=template, out=out, plots=plots))
+    for name in report.missing:
+        typer.echo(f"note: no {name} in {results}: its section says so")
+    typer.echo(f"wrote {out}" + (f" and {len(report.plots)} plots: "
+                                 + ", ".join(str(p) for p in report.plots)
+                                 if report.plots else ""))
 
 
 def main() -> None:

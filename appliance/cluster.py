@@ -2,7 +2,10 @@
 front end — for demos, tests and benchmarks.
 
 Workers listen on ``ipc://`` sockets inside a run directory that is removed on exit, so a
-stopped cluster leaves no process and no socket file behind.
+stopped cluster leaves no process and no socket file behind. With ``link`` (``--link``), each
+worker runs in a network namespace of its own behind a ``tc``-shaped veth pair and listens on
+``tcp://`` (``appliance.netlinks``); where that cannot be had, the transport emulates the
+rate instead, and ``LocalCluster.link_note`` says which.
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from appliance.config import ClusterConfig, dump_toml, parse_config
+from appliance.netlinks import (
+    WORKER_CONTROL_PORT,
+    WORKER_DATA_PORT,
+    LinkError,
+    LinkSpec,
+    ShapedNetwork,
+    unavailable_reason,
+)
 from appliance.wire import messages as msg
 from appliance.wire.transport import ControlClient
 from engines.errors import ArmdiError
@@ -57,10 +68,16 @@ class LocalClusterOptions:
     emulate_compute: bool = False  # benches: wait the profiled time instead of computing
     emulate_scale: float = 1.0
     link_mbps: float | None = None  # emulate every node's outgoing link at this rate
+    hysteresis: float | None = None  # mode armdi's (None: the config's default)
     log_level: str = "WARNING"  # of the worker processes
     # Links: ipc:// sockets in the run dir; tcp:// on loopback; tls: tls+tcp:// on loopback,
     # mutual TLS with keys made by armdi keys init into the run dir.
     transport: str = "ipc"
+    # Every node's outgoing link at this rate (and data frames this much later): tc-shaped
+    # veth pairs between network namespaces where root is available ("auto", "tc"), else
+    # (or with "transport") the transport's own rate limit, as link_mbps does.
+    link: LinkSpec | None = None
+    link_shaping: str = "auto"  # auto | tc (fail without it) | transport
 
 
 def parse_list(text: str | None) -> list[str]:
@@ -120,7 +137,17 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 def _addresses(options: LocalClusterOptions, run_dir: Path, name: str,
-               ports: Iterator[int]) -> dict[str, str]:
+               ports: Iterator[int], network: ShapedNetwork | None = None) -> dict[str, str]:
+    if network is not None:
+        # Workers own their namespace's ports; the source picks free ones on its address.
+        ip = network.ip(name)
+        scheme = "tls+tcp" if options.transport == "tls" else "tcp"
+        data, control = ((WORKER_DATA_PORT, WORKER_CONTROL_PORT) if name in network.workers
+                         else (next(ports), next(ports)))
+        out = {"data_addr": f"{scheme}://{ip}:{data}", "control_addr": f"{scheme}://{ip}:{control}"}
+        if options.transport == "tls":
+            out["tls_cert"] = str(run_dir / "keys" / "nodes" / f"{name}.pem")
+        return out
     if options.transport == "ipc":
         return {"data_addr": f"ipc://{run_dir}/{name}.data",
                 "control_addr": f"ipc://{run_dir}/{name}.ctl"}
@@ -134,27 +161,34 @@ def _addresses(options: LocalClusterOptions, run_dir: Path, name: str,
             "tls_cert": str(run_dir / "keys" / "nodes" / f"{name}.pem")}
 
 
-def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
+def local_config(options: LocalClusterOptions, run_dir: Path,
+                 network: ShapedNetwork | None = None) -> ClusterConfig:
     """The cluster.toml of a local cluster, as a validated config. With
     ``transport="tls"``, ``armdi keys init`` is run into ``run_dir/keys`` first and every
-    link is mutual TLS."""
+    link is mutual TLS. With ``network`` (up), nodes listen on its addresses."""
     names = ["source"] + [f"w{i + 1}" for i in range(options.nodes)]
     tls = options.transport == "tls"
     if tls and not (run_dir / "keys" / "ca.crt").exists():
         from appliance.keys import init_keys
 
         init_keys(run_dir / "keys", names)
-    ports = iter(free_tcp_ports(2 * len(names)) if options.transport != "ipc" else [])
+    if network is not None:
+        ports = iter(free_tcp_ports(2, network.ip("source")))
+    else:
+        ports = iter(free_tcp_ports(2 * len(names)) if options.transport != "ipc" else [])
+    link = options.link
+    rate_mbps = options.link_mbps or (link.mbps if link else None) or LOOPBACK_MBPS
+    latency_ms = LOOPBACK_LATENCY_MS + (link.delay_ms if link else 0.0)
     workers = []
     for i in range(options.nodes):
         name = f"w{i + 1}"
         worker: dict[str, object] = {
             "name": name,
-            **_addresses(options, run_dir, name, ports),
+            **_addresses(options, run_dir, name, ports, network),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
             "threads": options.threads,
-            "bandwidth_mbps": options.link_mbps or LOOPBACK_MBPS,
-            "latency_ms": LOOPBACK_LATENCY_MS,
+            "bandwidth_mbps": rate_mbps,
+            "latency_ms": latency_ms,
         }
         cpus = options.cpus[i] if i < len(options.cpus) else None
         if cpus:
@@ -168,7 +202,10 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "min_workers": options.min_workers if options.mode != "local" else 0,
         "emulate_compute": options.emulate_compute, "emulate_scale": options.emulate_scale,
         "emulate_links": options.link_mbps is not None,
+        "link_delay_ms": link.delay_ms if link else 0.0,
     }
+    if options.hysteresis is not None:
+        cluster["hysteresis"] = options.hysteresis
     if options.key_hex:
         cluster["key"] = options.key_hex
     if tls:
@@ -177,29 +214,69 @@ def local_config(options: LocalClusterOptions, run_dir: Path) -> ClusterConfig:
         "cluster": cluster,
         "source": {
             "name": "source",
-            **_addresses(options, run_dir, "source", ports),
+            **_addresses(options, run_dir, "source", ports, network),
             "run_blocks": options.source_runs_blocks or options.mode == "local",
             "http_host": options.host,
             "http_port": options.port,
-            "bandwidth_mbps": options.link_mbps or LOOPBACK_MBPS,
-            "latency_ms": LOOPBACK_LATENCY_MS,
+            "bandwidth_mbps": rate_mbps,
+            "latency_ms": latency_ms,
         },
         "workers": workers if options.mode != "local" else [],
     }
     return parse_config(data, origin="armdi up", base_dir=run_dir)
 
 
+def shape_links(options: LocalClusterOptions) -> tuple[ShapedNetwork | None, str]:
+    """Bring up the shaped network of ``options.link``, or say why the transport emulates it
+    instead: (the network or None, a line for the user)."""
+    link = options.link
+    if link is None:
+        return None, "links: not shaped"
+    if options.link_mbps is not None:
+        raise ArmdiError("give links either as link (shaped) or as link_mbps (emulated in "
+                         "the transport), not both")
+    if options.link_shaping not in ("auto", "tc", "transport"):
+        raise ArmdiError(f"link shaping {options.link_shaping!r}: use auto, tc or transport")
+    delay = (f"; the {link.delay_ms:g} ms delay is added to data frames by the transport"
+             if link.delay_ms else "")
+    if options.mode == "local" or options.nodes == 0:
+        return None, "links: none to shape (no workers)"
+    reason = ("asked for (--link-shaping transport)" if options.link_shaping == "transport"
+              else unavailable_reason())
+    if reason is None:
+        network = ShapedNetwork(link, [f"w{i + 1}" for i in range(options.nodes)])
+        try:
+            network.up()
+        except LinkError as exc:
+            reason = f"network namespaces failed: {exc}"
+        else:
+            return network, (f"links: {link.mbps:g} Mbit/s per node, shaped with tc tbf on "
+                             f"veth pairs, each worker in its own network namespace "
+                             f"({network.namespace('w1')}, ...){delay}")
+    if options.link_shaping == "tc":
+        raise ArmdiError(f"--link: cannot shape links with tc here: {reason}")
+    return None, (f"links: {link.mbps:g} Mbit/s per node EMULATED INSIDE THE TRANSPORT "
+                  f"(sends take size / rate), not shaped with tc: {reason}{delay}")
+
+
 class LocalCluster:
-    """Starts the worker processes of a config; ``stop`` ends them and removes the run dir."""
+    """Starts the worker processes of a config; ``stop`` ends them and removes the run dir
+    (and the shaped network, where there is one)."""
 
     def __init__(self, options: LocalClusterOptions):
-        self.options = options
         self.own_run_dir = options.run_dir is None
         self.run_dir = Path(options.run_dir or tempfile.mkdtemp(prefix="armdi-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.network: ShapedNetwork | None = None
         try:
-            self.config = local_config(options, self.run_dir)
+            self.network, self.link_note = shape_links(options)
+            if options.link is not None and self.network is None and options.nodes > 0:
+                options = replace(options, link_mbps=options.link.mbps)
+            self.options = options
+            self.config = local_config(options, self.run_dir, self.network)
         except BaseException:
+            if self.network is not None:
+                self.network.down()
             if self.own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
@@ -214,6 +291,8 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "appliance.cli", "--log-level", self.options.log_level,
                "node", "--config", str(self.config_path), "--name", name,
                "--parent-pid", str(os.getpid())]
+        if self.network is not None:
+            cmd = self.network.wrap(name, cmd)
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def supervise(self) -> None:
@@ -299,6 +378,9 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if self.network is not None:
+            self.network.down()
+            self.network = None
         if self.own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         else:

@@ -143,10 +143,22 @@ class ClusterSection(_Frozen):
     heartbeat_ms: float = Field(
         100.0, gt=0, le=10_000, description="workers send the source a heartbeat this often"
     )
+    hysteresis: float = Field(
+        0.05, ge=0, le=0.5,
+        description="mode armdi: a boundary moves only when the pair's predicted bottleneck "
+                    "drops by more than this fraction (lower: closer to equal stage times, "
+                    "more moves on noise)"
+    )
     emulate_links: bool = Field(
         False, description="benchmarks: each node's sends occupy its outgoing link "
                            "(bandwidth_mbps) for size / rate, one after another, as a slow link "
                            "would; links on one machine then behave like the configured ones"
+    )
+    link_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="benchmarks: every data frame reaches the next node "
+                                          "this much later (an emulated one-way delay, added "
+                                          "by the sender's transport; control messages are not "
+                                          "delayed)"
     )
     phi_threshold: float = Field(
         8.0, gt=0, description="a worker is declared dead when the failure detector's phi "

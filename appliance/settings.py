@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from appliance.config import ClusterConfig
+from appliance.control.controller import ControllerSettings
 from appliance.control.detector import DetectorSettings
 from appliance.data.node import NodeSettings
 from appliance.data.source import SourceSettings, WorkerRef
@@ -30,6 +31,8 @@ def node_settings(config: ClusterConfig, name: str,
         emulate=c.emulate_compute, emulate_scale=c.emulate_scale,
         heartbeat_ms=c.heartbeat_ms,
         link_Bps=_emulated_link(c.emulate_links, worker.bandwidth_Bps),
+        controller=ControllerSettings(hysteresis=c.hysteresis),
+        link_delay_s=c.link_delay_ms / 1000,
     )
 
 
@@ -53,6 +56,7 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
         max_in_flight=max(4, c.queue_depth * (len(workers) + 1) * 2),
         tls=config.tls_files(s.name),
         link_Bps=_emulated_link(c.emulate_links, s.bandwidth_Bps),
+        link_delay_s=c.link_delay_ms / 1000,
     )
 
 

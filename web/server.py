@@ -10,9 +10,12 @@ client's delayed ACK: 40 ms on every request after the first.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from engines.errors import ArmdiError
@@ -74,17 +77,55 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 def serve(pipeline: Any, sock: socket.socket, **app_options: Any) -> None:
     """Serve the web front end for ``pipeline`` on ``sock`` until Ctrl-C or SIGTERM.
 
-    uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM is turned
-    into KeyboardInterrupt first so the callers' ``finally`` blocks (which stop the workers
-    and remove the socket files) always run."""
+    A signal stops uvicorn gracefully, then this raises KeyboardInterrupt (outside the event
+    loop), so the callers' ``finally`` blocks (which stop the workers and remove the socket
+    files) always run; SIGTERM before the server runs raises it at once."""
     import uvicorn
 
     from web.app import create_app
 
     # An open status page holds an event stream that never ends by itself: after Ctrl-C, give
     # the requests in flight a moment, then stop (rather than wait for a second Ctrl-C).
-    server = uvicorn.Server(uvicorn.Config(create_app(pipeline, **app_options),
-                                           log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = _make_server(uvicorn.Config(create_app(pipeline, **app_options),
+                                         log_level="warning", lifespan="on",
+                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     server.run(sockets=[sock])
+    if server.stopped_by is not None:  # now, outside the event loop: no traceback from it
+        raise KeyboardInterrupt(f"signal {server.stopped_by}")
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopped by Ctrl-C or SIGTERM without re-raising the signal
+        inside its event loop (uvicorn >= 0.29 does, and the lifespan task, cancelled then,
+        logs a traceback): ``serve`` raises KeyboardInterrupt once the loop is done."""
+
+        stopped_by: int | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def _on_signal(self, sig: int, _frame: object) -> None:
+            self.stopped_by = sig
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+            self.should_exit = True
+
+    return Server
+
+
+def _make_server(config: Any) -> Any:
+    return _server_class()(config)

@@ -217,6 +217,18 @@ class BoundaryController:
         self._proposed = move
         return move
 
+    def refused(self, pause_s: float = 0.2) -> None:
+        """The predecessor refused the proposed move (its range changed meanwhile, e.g. its
+        other boundary moved): judge afresh on fresh samples after ``pause_s``, with no
+        dwell, since nothing moved."""
+        self._proposed = None
+        self.last_move = self.clock() - self.dwell_s + min(pause_s, self.dwell_s)
+        self.left = self.right = None
+        self._left_ms.clear()
+        self._right_ms.clear()
+        self.count = 0
+        self._seen = None
+
     def moved(self) -> None:
         """The proposed move was made (or failed): start the dwell, judge the new split on
         fresh samples; a move that undoes the last one doubles the dwell."""

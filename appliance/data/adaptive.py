@@ -83,11 +83,12 @@ class LeftBoundary:
             while (item := self._queue.get()) is not None:
                 move, old, end = item
                 why = move.describe(self.predecessor, self.node, old)
+                ok = False
                 try:
                     with self.lock:
                         end = self.current_end() if self.current_end else end
                         if not move.boundary < end:
-                            continue  # our own end moved meanwhile: judge afresh
+                            continue  # our own end moved meanwhile: judge afresh (finally)
                         self.prepare(move.boundary, end)  # our side's fused engine first
                         reply = client.request(msg.MoveBoundary(node=self.node,
                                                                 boundary=move.boundary,
@@ -107,7 +108,10 @@ class LeftBoundary:
                     log.warning("%s: could not move the boundary with %s: %s", self.node,
                                 self.predecessor, exc)
                 finally:
-                    self.controller.moved()  # dwell before the next try, either way
+                    if ok:
+                        self.controller.moved()  # dwell before the next move
+                    else:  # stale (a range changed meanwhile) or failed: nothing moved
+                        self.controller.refused()
                     self._pending = False
         finally:
             client.close()

@@ -90,6 +90,7 @@ class NodeSettings:
     parent_pid: int | None = None  # stop when this process is gone (armdi up's workers)
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
     link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
+    link_delay_s: float = 0.0  # emulated one-way delay of data frames (benches)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Node:
         self._speed: float | None = None  # measured / profiled time of the segment (EWMA)
         self._link_Bps: float | None = None
         self._attempts: OrderedDict[int, int] = OrderedDict()  # request id -> newest attempt
+        self._session: str | None = None  # the source run whose requests those are
         self._move_at: tuple[int, float] | None = None  # (new end, when) until a frame runs
         self._move_lock = threading.Lock()  # moves of our start and of our end, one at a time
         self._paused_until = 0.0  # injected faults (monotonic deadlines)
@@ -275,6 +277,9 @@ class Node:
                                 committed=self._start_committed, tls=self.settings.tls)
         if m.session is not None:  # frames of this source run only, from now on
             self.replay.expect(bytes.fromhex(m.session))
+            if m.session != self._session:  # a new source run numbers its requests afresh
+                self._session = m.session
+                self._attempts = OrderedDict()
         with self._lock:
             old, self._left = self._left, left
             self.assignment = Assignment(m.start, m.end, m.successor_addr or None,
@@ -570,6 +575,7 @@ class Node:
         if box is None:
             box = self._outboxes[addr] = DataOutbox(addr, send_buffer=self.settings.queue_depth,
                                                     rate_Bps=self.settings.link_Bps,
+                                                    delay_s=self.settings.link_delay_s,
                                                     tls=self.settings.tls)
         return box
 

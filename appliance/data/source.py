@@ -87,6 +87,7 @@ log = logging.getLogger("armdi.source")
 POLL_S = 0.2
 STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
 REBALANCE_GAIN = 0.1  # ...and the source steps in only when the optimum is this much better
+URGENT_GAIN = 0.5  # an optimum this much better: the source steps in without waiting
 
 
 class ConfigureError(ArmdiError):
@@ -142,6 +143,7 @@ class SourceSettings:
     connect_timeout_s: float = 30.0
     tls: TlsFiles | None = None  # mutual TLS on tls+tcp:// links
     link_Bps: float | None = None  # emulated outgoing link (benches): sends take size / rate
+    link_delay_s: float = 0.0  # emulated one-way delay of data frames (benches)
 
 
 @dataclass
@@ -834,7 +836,7 @@ class Source:
                 if box is None:
                     box = self._outboxes[addr] = DataOutbox(
                         addr, send_buffer=self.settings.send_buffer, tls=self.settings.tls,
-                        rate_Bps=self.settings.link_Bps)
+                        rate_Bps=self.settings.link_Bps, delay_s=self.settings.link_delay_s)
         return box
 
     def _control_loop(self) -> None:
@@ -1104,12 +1106,18 @@ class Source:
         """Place the exact optimum at once when the pairwise moves left the chain far above
         it (they can stall where only a cascade helps); rare by design: a big gain, at most
         once a minute, the same target not twice, and only after ``STALL_S`` without a
-        pairwise move while the gap persists."""
+        pairwise move while the gap persists (without that wait when the gap is over
+        ``URGENT_GAIN``: a device that just became several times slower)."""
         optimum, now = self.optimum, time.monotonic()
         live = self._live_bottleneck_ms()
+        # A device several times slower than a moment ago (the optimum 1.5x better): pairs
+        # moving a boundary at a time would take seconds, each pair blind to the next one's
+        # side; the source, which sees the whole chain, places the optimum without waiting.
+        urgent = (optimum is not None and live is not None
+                  and should_rebalance(live, optimum.bottleneck_ms, URGENT_GAIN))
         if (optimum is None or live is None or optimum.boundaries == self.boundaries()
                 or not should_rebalance(live, optimum.bottleneck_ms, REBALANCE_GAIN)
-                or now - self._last_worker_move < STALL_S):
+                or (now - self._last_worker_move < STALL_S and not urgent)):
             self._stall_since = None  # the pairs are working on it, or nothing to fix
             return
         if self._stall_since is None:

@@ -35,7 +35,9 @@ messages between two processes over ``ipc://``, only the call itself timed:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import queue
 import socket as pysocket
 import stat
 import threading
@@ -70,6 +72,8 @@ DEFAULT_RECONNECT_MIN_MS: Final = 20
 DEFAULT_RECONNECT_MAX_MS: Final = 1000
 
 Handler = Callable[[ControlMessage], ControlMessage]
+
+log = logging.getLogger("armdi.transport")
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,58 @@ class LinkEmulation:
         return max(wait, 0.0)
 
 
+class DelayLine:
+    """An emulated propagation delay: messages reach NNG ``delay_s`` after they were sent,
+    from a thread of their own, so the sender does not wait for it (as on a long link, where
+    several messages are on the wire at once). At most ``depth`` messages wait; a sender
+    beyond that blocks. A message NNG does not take in time is dropped and logged (the
+    source's replay delivers it end to end), as a real link loses one that cannot go out."""
+
+    def __init__(self, delay_s: float, sock: pynng.Socket, what: Callable[[], str],
+                 depth: int = 64) -> None:
+        if not delay_s > 0:
+            raise ValueError(f"delay_s must be > 0, got {delay_s}")
+        self.delay_s = float(delay_s)
+        self._sock = sock
+        self._what = what
+        self._queue: queue.Queue[tuple[float, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="delay line", daemon=True)
+        self._thread.start()
+
+    def put(self, msg: Any) -> None:
+        """Take ownership of ``msg`` (an ``nng_msg *``) and send it ``delay_s`` from now."""
+        self._queue.put((time.monotonic() + self.delay_s, msg))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due, msg = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                lib.nng_msg_free(msg)
+                break
+            rv = lib.nng_sendmsg(self._sock.socket, msg, 0)
+            if rv:
+                lib.nng_msg_free(msg)
+                if not self._stop.is_set():
+                    log.warning("delay line: %s: %s; message dropped", self._what(),
+                                ffi.string(lib.nng_strerror(rv)).decode(errors="replace"))
+
+    def close(self) -> None:
+        """Stop (call after the socket is closed, so a blocked send returns) and free the
+        messages still waiting."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        while True:
+            try:
+                _due, msg = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            lib.nng_msg_free(msg)
+
+
 class DataOutbox(_Socket):
     """Sends data frames: a Push0 socket dialling ``addresses`` (non-blocking dials).
 
@@ -285,13 +341,15 @@ class DataOutbox(_Socket):
                  send_buffer: int | None = None,
                  reconnect_min_ms: int = DEFAULT_RECONNECT_MIN_MS,
                  reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
-                 tls: TlsFiles | None = None, rate_Bps: float | None = None) -> None:
+                 tls: TlsFiles | None = None, rate_Bps: float | None = None,
+                 delay_s: float = 0.0) -> None:
         sock = pynng.Push0(reconnect_time_min=reconnect_min_ms,
                            reconnect_time_max=reconnect_max_ms,
                            **_tls_options(tls, server=False))
         super().__init__(sock, "data outbox")
         self._lock = threading.Lock()
         self._link = None if rate_Bps is None else LinkEmulation(rate_Bps)
+        self._delay = None if delay_s <= 0 else DelayLine(delay_s, sock, self._send_what)
         self._dialers: dict[str, pynng.Dialer] = {}
         try:
             if send_buffer is not None:
@@ -341,6 +399,14 @@ class DataOutbox(_Socket):
         data = ffi.from_buffer(buf)
         if self._link is not None:
             self._link.transmit(len(data))
+        if self._delay is not None:
+            msg_p = ffi.new("nng_msg **")
+            rv = lib.nng_msg_alloc(msg_p, len(data))
+            if rv:
+                _fail(rv, "data outbox: allocate a message")
+            ffi.memmove(ffi.cast("char *", lib.nng_msg_body(msg_p[0])), data, len(data))
+            self._delay.put(msg_p[0])
+            return
         with _mapped(self._send_what(), timeout_ms):
             pynng.check_err(lib.nng_send(self._sock.socket, data, len(data), 0))
 
@@ -371,6 +437,9 @@ class DataOutbox(_Socket):
             ffi.memmove(body + n_head, payload, n_payload)
         if tag:
             ffi.memmove(body + n_head + n_payload, tag, len(tag))
+        if self._delay is not None:
+            self._delay.put(msg)
+            return
         rv = lib.nng_sendmsg(self._nng, msg, 0)
         if rv:  # not sent: the message is still ours
             lib.nng_msg_free(msg)
@@ -378,6 +447,11 @@ class DataOutbox(_Socket):
 
     def _send_what(self) -> str:
         return f"send to {', '.join(self.addresses) or '(no peer)'}"
+
+    def close(self) -> None:
+        super().close()
+        if self._delay is not None:
+            self._delay.close()
 
 
 # ---------------------------------------------------------------------------- control

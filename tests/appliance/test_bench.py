@@ -118,15 +118,32 @@ def test_bench_adaptive_runs_and_summarises(built_tiny: BuiltModel) -> None:
     assert "a/armdi" in format_report(result)
 
 
-def test_bench_faults_counts_every_request(built_tiny: BuiltModel) -> None:
+def test_bench_adaptive_homogeneous_scenario_reports_the_spread(built_tiny: BuiltModel) -> None:
+    from appliance.bench_adaptive import AdaptiveBenchOptions, run_adaptive_bench
+
+    options = AdaptiveBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=4.0,
+                                   modes=("armdi", "equal"), scenarios=("h",))
+    result = json.loads(json.dumps(run_adaptive_bench(options)))
+    assert set(result["runs"]) == {"h/armdi"}  # equal stage times is the yardstick, not a run
+    run = result["runs"]["h/armdi"]
+    assert run["emulated"] is False and set(run["stage_ms"]) == {"w1", "w2"}
+    assert run["failed_requests"] == 0
+    summary = result["summary"]
+    assert summary["homogeneous_spread"] >= 0 and len(summary["homogeneous_compute_ms"]) == 2
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_bench_faults_counts_every_request(built_tiny: BuiltModel, emulate: bool) -> None:
     from appliance.bench_faults import FaultBenchOptions, format_report, run_fault_bench
 
     options = FaultBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=5.0,
-                                fault_s=2.0, modes=("armdi",), faults=("kill_middle",))
+                                fault_s=2.0, modes=("armdi",), faults=("kill_middle",),
+                                emulate=emulate, time_scale=20.0)
     result = json.loads(json.dumps(run_fault_bench(options)))
     (run,) = result["runs"]
     assert run["sent"] == run["returned"] + run["lost"] and run["returned"] > 0
-    assert (run["lost"], run["duplicated"], run["wrong"]) == (0, 0, 0)
+    assert (run["lost"], run["duplicated"]) == (0, 0)
+    assert run["wrong"] == (None if emulate else 0)  # emulated answers are zeros: unchecked
     assert run["time_to_next_completion_s"] is not None and run["reroutes"] >= 1
     assert result["summary"]["lost"] == 0
     assert "armdi/kill_middle" in format_report(result)

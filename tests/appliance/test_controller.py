@@ -120,6 +120,24 @@ def test_small_gains_need_two_windows_and_reversals_grow_the_dwell() -> None:
     assert result is not None and result.boundary > back
 
 
+def test_a_refused_move_is_retried_on_fresh_samples_without_a_dwell() -> None:
+    """The predecessor refused (its other boundary moved meanwhile): nothing moved, so no
+    dwell and no doubling, only a short pause and samples of the split as it is now."""
+    clock = Clock()
+    s = ControllerSettings(samples=4, dwell_s=1.0, hysteresis=0.05, big=0.25)
+    ctl = BoundaryController([1.0] * 10, s, clock)
+    _feed(ctl, (0, 8), (8, 10), 8.0, 20.0, 4)
+    stale = ctl.decide(FREE, 0.0)
+    assert stale is not None and stale.left_ms == 9.0  # [0, 9) at 1 ms a block
+    ctl.refused()
+    assert ctl.count == 0 and ctl.dwell_s == 1.0
+    _feed(ctl, (2, 8), (8, 10), 6.0, 20.0, 4)
+    assert ctl.decide(FREE, 0.0) is None  # inside the short pause
+    clock.now = 0.25
+    move = ctl.decide(FREE, 0.0)
+    assert move is not None and move.left_ms == 7.0  # [2, 9): the split as it is now
+
+
 def test_medians_ignore_outliers() -> None:
     ctl = BoundaryController([1.0] * 10, ControllerSettings(samples=9, dwell_s=0.0))
     for i in range(9):

@@ -401,3 +401,24 @@ def test_an_emulated_link_is_applied_to_sends(short_tmp: Path) -> None:
         outbox.send(b"x" * 5_000, timeout_ms=2000)  # 0.1 s of link time at 50 kB/s
         assert time.monotonic() - t0 >= 0.09  # the sender waited for the link: never less
         assert bytes(inbox.recv(timeout_ms=2000)) == b"x" * 5_000
+
+
+def test_a_delayed_outbox_delivers_in_order_no_sooner_than_the_delay(address: str) -> None:
+    delay_s = 0.15
+    with DataInbox(address, max_bytes=LIMIT) as inbox, \
+            DataOutbox(inbox.address, delay_s=delay_s) as outbox:
+        sent_at = []
+        for i in range(3):  # the sender does not wait for the delay: all three go at once
+            sent_at.append(time.monotonic())
+            outbox.send(bytes([i]) * 10, timeout_ms=2000)
+            outbox.send_frame(fr.frame_parts(frame(), KEY), timeout_ms=2000)
+        for i in range(3):
+            assert bytes(inbox.recv(timeout_ms=5000)) == bytes([i]) * 10
+            assert time.monotonic() - sent_at[i] >= delay_s
+            fr.decode_frame(inbox.recv(timeout_ms=5000), key=KEY, max_bytes=LIMIT)
+
+
+def test_a_delayed_outbox_closes_with_messages_waiting(address: str) -> None:
+    outbox = DataOutbox(address, delay_s=5.0)  # nobody listens
+    outbox.send(b"x" * 100, timeout_ms=100)
+    outbox.close()  # frees them, returns at once

@@ -86,8 +86,11 @@ def test_a_slowdown_set_over_http_moves_blocks_away(built_tiny: BuiltModel,
     assert np.max(np.abs(got - expected)) <= 1e-4  # every request, during moves too
     assert status.failed == 0  # (a late attempt's result may come twice: it is dropped)
     moves = [e for e in events if e["type"] == "boundary_moved"]
-    assert moves and all(e["node"] == "w2" and "w1 | w2: boundary" in e["detail"] for e in moves)
+    # w2 owns the boundary on its left and moves it; on a busy machine its 16 slowed samples
+    # may take so long that the source, seeing the pair stall, places the optimum first
+    assert moves or any(e["type"] == "rebalanced" for e in events), events
+    assert all(e["node"] == "w2" and "w1 | w2: boundary" in e["detail"] for e in moves)
     assert any(e["type"] == "slowdown" and e["node"] == "w2" for e in events)
-    assert status.counters["boundary_moves"] >= 1
+    assert status.counters.get("boundary_moves", 0) + status.counters.get("rebalances", 0) >= 1
     w2 = next(n for n in status.nodes if n.name == "w2")
     assert w2.slowdown == 400.0 and w2.speed is not None and w2.speed > 1.0

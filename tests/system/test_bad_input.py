@@ -221,3 +221,35 @@ def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(n
     assert status.processed == 2
     assert status.dropped.get("superseded") == 1 and status.dropped.get("expired") == 1, \
         status.dropped
+
+
+def test_a_new_source_run_is_not_taken_for_an_old_attempt(node) -> None:
+    """Request ids start afresh with each source run (a new session in Configure): attempt 1
+    of request 30 of the new run is not 'superseded' by attempt 3 of the old run's 30."""
+    _worker, built, tmp = node
+    manifest = built.manifest
+    fp = bytes.fromhex(manifest.fingerprint)
+    start = 3
+    x = np.zeros((1, *manifest.cut_points[start].shape[1:]), np.float32)
+    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
+            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
+            DataOutbox(f"ipc://{tmp}/w1.data") as out:
+        got = []
+        for attempt in (3, 1):
+            run = Stamper()  # a source run: its own session
+            ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
+                                            successor_addr=None,
+                                            result_addr=f"ipc://{tmp}/result.data",
+                                            session=run.session.hex()), timeout_ms=10_000)
+            assert isinstance(ack, msg.Ack) and ack.ok, ack
+            frame = _frame(fp, start, x, request_id=30, attempt=attempt, ext=run.next())
+            out.send(fr.encode_frame(frame, KEY), timeout_ms=5000)
+            while True:
+                answer = fr.decode_frame(results.recv(timeout_ms=10_000), key=KEY,
+                                         max_bytes=1 << 20)
+                if answer.kind != fr.FrameKind.HEARTBEAT:
+                    got.append((answer.request_id, answer.attempt))
+                    break
+        status = ctl.request(msg.StatusRequest(), timeout_ms=5000)
+    assert got == [(30, 3), (30, 1)]
+    assert isinstance(status, msg.NodeStatus) and not status.dropped.get("superseded")

@@ -95,6 +95,7 @@ def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: Built
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert "armdi up: stopped" in output
+    assert "Traceback" not in output, output  # a clean Ctrl-C
     deadline = time.monotonic() + 5
     while _processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.1)
