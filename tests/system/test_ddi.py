@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from appliance.api import PipelineError
@@ -15,6 +16,7 @@ from engines.preprocess import Normaliser, decode_image, pixels
 from tests.conftest import BuiltModel, run_onnx
 from tests.system.conftest import cluster, submit_all
 from tests.system.test_resilience import _check, _events, _inputs, _wait
+from web.app import create_app
 
 
 def test_ddi_spreads_whole_inputs_and_matches_the_model(built_tiny: BuiltModel,
@@ -53,9 +55,15 @@ def test_ddi_source_computes_a_share_and_jpeg_is_decoded_on_the_worker(
     expected = run_onnx(built_tiny.model_dir / "model.onnx", np.concatenate(
         [Normaliser(prep)(pixels(decode_image(b), prep)) for b in images]))[0]
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=1, mode="ddi", ddi_input="jpeg",
-                 source_runs_blocks=True) as source:
+                 source_runs_blocks=True) as source, TestClient(create_app(source)) as client:
         futures = [source.submit_image(b) for b in images]
         got = [f.result(timeout=60) for f in futures]
+        reply = client.post("/v1/classify", files={"file": ("x.jpg", images[0])})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["top"][0]["index"] == int(np.argmax(expected[0]))
+        view = client.get("/v1/pipeline").json()
+        assert view["mode"] == "ddi"
+        assert client.get("/metrics").status_code == 200
     assert np.max(np.abs(np.concatenate([r.output for r in got]) - expected)) <= 1e-4
     assert {r.path[0].node for r in got} == {"source", "w1"}
 
