@@ -69,8 +69,9 @@ def build(
         help="Merge the cheapest neighbouring blocks until at most N remain.")] = None,
     name: Annotated[str | None, typer.Option(help="Model id (default: the model name or the "
                                                   "ONNX file's stem).")] = None,
-    input_size: Annotated[int | None, typer.Option(
-        help="Input height/width for an ONNX file whose input size is dynamic.")] = None,
+    input_size: Annotated[str | None, typer.Option(
+        help="H[xW]: a named model is exported at this input size (e.g. 32, or 720x1280 for "
+             "a camera frame); an ONNX file whose input size is dynamic needs N.")] = None,
     threads: Annotated[int, typer.Option(help="Threads per engine when profiling.")] = 1,
     fp16: Annotated[bool, typer.Option(help="TensorRT: build FP16 engines.")] = False,
     opset: Annotated[int | None, typer.Option(
@@ -107,6 +108,7 @@ def build(
     from engines.repository import ModelRepository
 
     root = _repo_path(repo)
+    height, width = _input_size(input_size)
     try:
         trt_options = TrtPlanOptions(
             max_disk=parse_disk_size(max_disk) if max_disk is not None else None,
@@ -119,8 +121,8 @@ def build(
         if backend != "trt":
             _fail("--plan is for TensorRT builds: add --backend trt")
         _print_plan(BuildOptions(model=model, repo=root, weights=weights, name=name,
-                                 input_size=input_size, backend=backend, segments=segments,
-                                 max_blocks=max_blocks, fp16=fp16, opset=opset,
+                                 input_size=height, input_width=width, backend=backend,
+                                 segments=segments, max_blocks=max_blocks, fp16=fp16, opset=opset,
                                  trt=trt_options), as_json)
         return
     if if_missing:
@@ -134,8 +136,9 @@ def build(
             except ArmdiError as exc:
                 typer.echo(f"rebuilding {model_id}: {exc}", err=True)
     options = BuildOptions(model=model, repo=root, weights=weights, name=name,
-                           input_size=input_size, backend=backend, segments=segments,
-                           max_blocks=max_blocks, threads=threads, fp16=fp16, opset=opset,
+                           input_size=height, input_width=width, backend=backend,
+                           segments=segments, max_blocks=max_blocks, threads=threads,
+                           fp16=fp16, opset=opset,
                            max_memory=parse_size(max_memory) if max_memory else None,
                            trt=trt_options)
     report = run_build(options, RichReporter())
@@ -405,6 +408,22 @@ def _warn_readable_secrets(cfg: Any, name: str) -> None:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
+def _input_size(text: str | None) -> tuple[int | None, int | None]:
+    """``--input-size N`` or ``HxW`` as (height, width); width None when square."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or any(s <= 0 for s in sides):
+        _fail(f"--input-size {text!r}: give N or HxW in pixels, e.g. 32 or 720x1280")
+    height = sides[0]
+    width = sides[1] if len(sides) == 2 and sides[1] != height else None
+    return height, width
+
+
 def _stale_named_model(repository: Any, model: str) -> str | None:
     """Why a named model's manifest cannot be loaded (e.g. built by an older armdi, before
     content fingerprints), when ``armdi up`` can simply build it again; else None."""
@@ -515,7 +534,10 @@ def up(
     model: Annotated[str, typer.Option(help="Model id (built first if missing).")]
     = "efficientnet_lite0",
     mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
-                                          "edgepipe (the static optimum) | local")] = "armdi",
+                                          "edgepipe (the static optimum) | ddi (every "
+                                          "worker runs the whole model) | local")] = "armdi",
+    ddi_input: Annotated[str, typer.Option(help="mode ddi: images travel as uint8 pixels | "
+                                               "jpeg (decoded on the worker)")] = "pixels",
     slowdown: Annotated[str | None, typer.Option(
         help="Per-worker emulated slowdown factors, e.g. 1,2,4.")] = None,
     cpus: Annotated[str | None, typer.Option(
@@ -550,8 +572,10 @@ def up(
         _fail("--nodes must be 0 or more")
     if not 0 <= min_workers <= nodes:
         _fail(f"--min-workers must be between 0 and --nodes ({nodes})")
-    if mode not in ("armdi", "edgepipe", "local"):
-        _fail(f"--mode {mode!r}: use edgepipe, armdi or local (ddi is not available yet)")
+    if mode not in ("armdi", "edgepipe", "ddi", "local"):
+        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi or local")
+    if ddi_input not in ("pixels", "jpeg"):
+        _fail(f"--ddi-input {ddi_input!r}: use pixels or jpeg")
     if wire_dtype not in ("float32", "float16"):
         _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
     token = api_token(api_token_file)
@@ -565,6 +589,7 @@ def up(
         build(model=model, repo=root)
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
+        ddi_input=ddi_input,
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
         supervise=supervise, link=_link(link), link_shaping=_link_shaping(link_shaping),
@@ -894,6 +919,66 @@ def bench_faults(
                                 modes=chosen, emulate=emulate, time_scale=time_scale,
                                 window=8 if emulate else 4)
     result = run_fault_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    typer.echo(format_report(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        typer.echo(f"wrote {json_file}")
+
+
+@bench_app.command("mdi-vs-ddi")
+def bench_mdi_vs_ddi(
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as "
+                                                                  "JSON.")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A subset that runs in minutes: mobilenet_v2 and vgg16, 224 and 32, "
+                        "20 and 1000 Mbit/s, 3 workers.")] = False,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated models (default vgg16,mobilenet_v2,efficientnet_lite0); built "
+             "with random weights when missing.")] = None,
+    sizes: Annotated[str | None, typer.Option(help="Input sizes, e.g. 224,32.")] = None,
+    links: Annotated[str | None, typer.Option(help="Link rates in Mbit/s, e.g. "
+                                                   "20,50,100,1000.")] = None,
+    workers: Annotated[str | None, typer.Option(help="Worker counts, e.g. 2,3,4.")] = None,
+    modes: Annotated[str | None, typer.Option(
+        help="Comma-separated: armdi,edgepipe,ddi,local (and ddi_jpeg).")] = None,
+    wire_dtypes: Annotated[str, typer.Option(help="MDI wire: float32,float16.")]
+    = "float32,float16",
+    images: Annotated[int | None, typer.Option(help="Images per measurement.")] = None,
+    window: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    time_scale: Annotated[float, typer.Option(help="Emulated compute: profiled times x "
+                                                   "this.")] = 1.0,
+    link: Annotated[str, typer.Option(help="Where the links come from: transport (a rate "
+                                           "limit in the transport) | tc (shaped veths "
+                                           "between network namespaces, as root; else the "
+                                           "transport's limit).")] = "transport",
+    calibrate: Annotated[bool, typer.Option(
+        help="Measure the runtime's per-request cost first and add it to the "
+             "prediction.")] = True,
+    repo: RepoOption = None,
+) -> None:
+    """MDI (armdi, edgepipe) vs DDI vs local, measured beside the analytical prediction."""
+    from appliance.bench import write_json
+    from appliance.bench_mdi_ddi import QUICK, MdiDdiOptions, format_report, run_mdi_ddi_bench
+
+    def listed(text: str | None, kind: type[Any]) -> tuple[Any, ...] | None:
+        if text is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            _fail(f"{text!r}: expected comma-separated {kind.__name__} values")
+            raise  # (unreachable: _fail exits)
+
+    chosen: dict[str, Any] = dict(QUICK) if quick else {}
+    for key, value in (("models", listed(models, str)), ("sizes", listed(sizes, int)),
+                       ("links_mbps", listed(links, float)), ("workers", listed(workers, int)),
+                       ("modes", listed(modes, str)),
+                       ("wire_dtypes", listed(wire_dtypes, str)), ("images", images)):
+        if value is not None:
+            chosen[key] = value
+    options = MdiDdiOptions(repo=_repo_path(repo), window=window, time_scale=time_scale,
+                            link=link, calibrate=calibrate, **chosen)
+    result = run_mdi_ddi_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
     typer.echo(format_report(result))
     if json_file is not None:
         write_json(result, json_file)

@@ -52,6 +52,7 @@ class LocalClusterOptions:
     repo: Path
     nodes: int = 3
     mode: str = "edgepipe"
+    ddi_input: str = "pixels"  # mode ddi: pixels | jpeg
     slowdown: tuple[float, ...] = ()
     cpus: tuple[tuple[int, ...] | None, ...] = ()
     threads: int = 1
@@ -196,6 +197,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path,
         workers.append(worker)
     cluster: dict[str, object] = {
         "model": options.model, "repo": str(options.repo), "mode": options.mode,
+        "ddi_input": options.ddi_input,
         "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
         "queue_depth": options.queue_depth,
         "min_workers": options.min_workers if options.mode != "local" else 0,

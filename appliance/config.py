@@ -110,7 +110,12 @@ class ClusterSection(_Frozen):
     )
     mode: Mode = Field(
         "armdi",
-        description="armdi (adaptive, resilient) | edgepipe (static optimum) | ddi | local",
+        description="armdi (adaptive, resilient) | edgepipe (static optimum) | ddi "
+                    "(data-distributed: every worker runs the whole model) | local",
+    )
+    ddi_input: Literal["pixels", "jpeg"] = Field(
+        "pixels", description="mode ddi: image requests travel as uint8 pixels, or as the "
+                              "encoded image (jpeg), decoded and preprocessed on the worker"
     )
     key_file: Path | None = Field(
         None, description="file holding the hex HMAC key for frames (relative to this file)"

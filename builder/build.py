@@ -55,6 +55,7 @@ class BuildOptions:
     weights: str = "pretrained"
     name: str | None = None
     input_size: int | None = None  # ONNX files with a dynamic height/width need it
+    input_width: int | None = None  # named models: a non-square input (input_size high)
     backend: str = "auto"  # auto | ort | trt
     segments: str = "all"  # all | blocks | window:W
     max_blocks: int | None = None
@@ -135,7 +136,8 @@ def build(options: BuildOptions, reporter: Reporter | None = None) -> BuildRepor
     try:
         t0 = time.perf_counter()
         source = resolve(options.model, work, weights=options.weights, name=options.name,
-                         input_size=options.input_size, opset=opset, on_progress=reporter.note)
+                         input_size=options.input_size, input_width=options.input_width,
+                         opset=opset, on_progress=reporter.note)
         timings["export_s"] = time.perf_counter() - t0
         peaks: dict[str, float] = {}
         export_peak = max(peak_rss_bytes() or 0, children_peak_rss_bytes())

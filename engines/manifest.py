@@ -31,7 +31,8 @@ class Preprocessing(_Frozen):
     """How an image becomes the model input: resize the short side, centre-crop, normalise."""
 
     resize: int = 256
-    crop: int = 224
+    crop: int = 224  # the crop's height (and width, unless crop_width says otherwise)
+    crop_width: int | None = None  # a non-square crop (camera frames); None: square
     layout: str = "NCHW"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -170,7 +171,8 @@ def content_fingerprint(*, graph_sha256: str, weights_sha256: str, input: Tensor
         "input": input.model_dump(mode="json"),
         "output": output.model_dump(mode="json"),
         "cut_points": [c.model_dump(mode="json") for c in cut_points],
-        "preprocessing": preprocessing.model_dump(mode="json"),
+        "preprocessing": preprocessing.model_dump(
+            mode="json", exclude={"crop_width"} if preprocessing.crop_width is None else None),
     }
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -28,8 +28,9 @@ def decode_image(data: bytes) -> object:
 
 
 def pixels(image: object, prep: Preprocessing) -> np.ndarray:
-    """Resize the short side to ``prep.resize`` and centre-crop ``prep.crop``: the uint8
-    pixels, shape (1, 3, crop, crop) for NCHW (NHWC otherwise), not yet normalised.
+    """Resize the short side to ``prep.resize`` (more if the crop needs it) and centre-crop
+    ``prep.crop`` x ``prep.crop_width``: the uint8 pixels, shape (1, 3, crop, crop_width)
+    for NCHW (NHWC otherwise), not yet normalised.
 
     This is what the source ships for an image request (a quarter of float32's bytes); the
     node that runs block 0 normalises it (``Normaliser``)."""
@@ -40,13 +41,14 @@ def pixels(image: object, prep: Preprocessing) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise InputSpecError(f"expected an image, got {type(image).__name__}")
     img = image.convert("RGB")
+    crop_h, crop_w = prep.crop, prep.crop_width or prep.crop
     width, height = img.size
-    scale = prep.resize / min(width, height)
-    img = img.resize((max(prep.crop, round(width * scale)), max(prep.crop, round(height * scale))),
+    scale = max(prep.resize / min(width, height), crop_w / width, crop_h / height)
+    img = img.resize((max(crop_w, round(width * scale)), max(crop_h, round(height * scale))),
                      Image.Resampling.BILINEAR)
     width, height = img.size
-    left, top = (width - prep.crop) // 2, (height - prep.crop) // 2
-    arr = np.asarray(img.crop((left, top, left + prep.crop, top + prep.crop)), dtype=np.uint8)
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    arr = np.asarray(img.crop((left, top, left + crop_w, top + crop_h)), dtype=np.uint8)
     if prep.layout == "NCHW":
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr[None])

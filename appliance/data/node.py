@@ -50,7 +50,7 @@ from appliance.wire.transport import (
 from engines.device import device_signature
 from engines.errors import ArmdiError
 from engines.manifest import Manifest
-from engines.preprocess import Normaliser
+from engines.preprocess import Normaliser, decode_image, pixels
 from engines.repository import ModelRepository
 
 log = logging.getLogger("armdi.node")
@@ -622,6 +622,12 @@ class Node:
                 frame.start_block >= a.end and a.successor is None):
             raise FrameRejected("wrong_blocks", f"frame starts at block {frame.start_block}; "
                                 f"this node runs blocks up to {a.end} of {self.blocks}")
+        if frame.start_block == 0 and frame_ext.has_record(frame.ext, frame_ext.ENCODED_TYPE):
+            if frame.tensor.dtype != np.uint8 or frame.tensor.ndim != 2:
+                raise FrameRejected("wrong_shape", "an encoded image must be a uint8 row "
+                                    f"(1, n), got {frame.tensor.dtype} "
+                                    f"{tuple(frame.tensor.shape)}")
+            return  # decoded (and checked) where it runs: compute
         expected = self._sample_shapes[frame.start_block]
         if tuple(frame.tensor.shape[1:]) != expected or frame.tensor.ndim != len(expected) + 1:
             raise FrameRejected("wrong_shape", f"activation shape {tuple(frame.tensor.shape)} "
@@ -639,17 +645,22 @@ class Node:
         the frame it returns carries an activation as ``wire_dtype``.
 
         uint8 pixels (an image request at block 0) are normalised here, on the node that
-        runs the first block: a quarter of float32's bytes crossed the link."""
+        runs the first block: a quarter of float32's bytes crossed the link. An encoded image
+        (``ddi_input = "jpeg"``: the frame's ENCODED record) is decoded, resized and cropped
+        here first, as the source does for other modes (the decode is really done, also
+        under emulated compute)."""
         t0 = time.perf_counter()
         start = frame.start_block
+        x = frame.tensor
+        if start == 0 and frame_ext.has_record(frame.ext, frame_ext.ENCODED_TYPE):
+            x = pixels(decode_image(x.tobytes()), self.manifest.preprocessing)
         profiled = self._profiled_ms(start, end)
         if self.settings.emulate:  # emulated compute: the blocks' profiled times, zeros out
             blocks_ms = sum(self._block_ms[start:end])  # as the allocator models a segment
             self._stop.wait(blocks_ms * self.settings.emulate_scale * self.slowdown / 1000)
-            shape = (frame.tensor.shape[0], *self._sample_shapes[end])
+            shape = (x.shape[0], *self._sample_shapes[end])
             y = np.zeros(shape, np.float32)
         else:
-            x = frame.tensor
             x = self._normalise(x) if x.dtype == np.uint8 else fr.to_compute_dtype(x)
             engine = self.engines.get(start, end)
             self._last_chained = self.engines.provisional(engine)

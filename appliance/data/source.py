@@ -9,6 +9,11 @@ are normalised where block 0 runs. Every accepted request is kept,
 with its input, until its result arrives; an overdue request is re-sent from block 0, and
 results are de-duplicated by request id, so none is lost and none is returned twice. A
 request that cannot finish before its deadline fails with a clear error.
+
+In mode ``ddi`` (data-distributed) every worker holds the whole model: each request goes
+whole to the least-loaded live worker (fewest requests in flight, ties round-robin), or to
+the source itself when it runs blocks, as uint8 pixels or (``ddi_input = "jpeg"``) as the
+encoded image, which the worker decodes. A re-send goes to another live worker.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from appliance.control.membership import RANK_GAP
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
-from appliance.wire.ext import deadline_record
+from appliance.wire.ext import ENCODED_RECORD, deadline_record
 from appliance.wire.messages import MessageError
 from appliance.wire.replay import ReplayError, ReplayGuard, Stamper
 from appliance.wire.transport import (
@@ -114,7 +119,8 @@ class SourceSettings:
     repo: Path
     model_id: str
     workers: tuple[WorkerRef, ...] = ()
-    mode: str = "edgepipe"  # armdi | edgepipe | local
+    mode: str = "edgepipe"  # armdi | edgepipe | ddi | local
+    ddi_input: str = "pixels"  # ddi: image requests travel as uint8 pixels | jpeg (encoded)
     backend: str = "ort"
     threads: int = 1
     slowdown: float = 1.0
@@ -151,6 +157,8 @@ class _Pending:
     deadline: float
     attempt: int = 0
     attempt_deadline: float = 0.0
+    where: str = ""  # ddi: the node the current attempt went to
+    encoded: bool = False  # the tensor is an encoded image's bytes, shape (1, n)
 
 
 @dataclass
@@ -190,6 +198,11 @@ class Source:
         self.refusals: dict[str, str] = {}  # worker name -> why it was left out
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
+        self._ddi: dict[str, str] = {}  # ddi: live workers (name -> data_addr), all of [0, K)
+        self._ddi_local = False  # ddi: the source computes a share itself
+        self._ddi_next = 0  # ddi: where the round-robin among equally loaded nodes resumes
+        # ddi: the source's own share runs on a thread of its own (its sends do not wait)
+        self._local: queue.Queue[tuple[_Pending, int]] = queue.Queue()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
@@ -245,8 +258,12 @@ class Source:
                        timeout_s: float | None = None) -> Classification:
         with self._lock:
             self._check_admission()  # before spending CPU on decoding
-        tensor = await asyncio.to_thread(self.prepare_image, image)
-        result = await self.infer(tensor, timeout_s)
+        if self._ships_encoded():
+            future = self.submit_image(image, timeout_s)
+        else:
+            tensor = await asyncio.to_thread(self.prepare_image, image)
+            future = self.submit(tensor, timeout_s)
+        result = await asyncio.wrap_future(future)
         return self.top_k(result, top_k)
 
     def status(self) -> PipelineStatus:
@@ -291,6 +308,23 @@ class Source:
         whichever node runs block 0)."""
         return pixels(decode_image(image), self._manifest.preprocessing)
 
+    def _ships_encoded(self) -> bool:
+        return self.settings.mode == "ddi" and self.settings.ddi_input == "jpeg"
+
+    def submit_image(self, image: bytes,
+                     timeout_s: float | None = None) -> Future[InferenceResult]:
+        """Accept one encoded image (JPEG/PNG/...). In mode ``ddi`` with ``ddi_input =
+        "jpeg"`` its bytes travel as they are and the worker decodes them; otherwise it is
+        decoded here (``prepare_image``) and its pixels are submitted."""
+        if not self._ships_encoded():
+            return self.submit(self.prepare_image(image), timeout_s)
+        if not image:
+            raise InputSpecError("empty image")
+        if len(image) > self.settings.max_frame_bytes // 2:
+            raise InputSpecError(f"image of {len(image)} bytes: more than half the largest "
+                                 f"frame ({self.settings.max_frame_bytes} bytes)")
+        return self._accept(np.frombuffer(image, np.uint8)[None], timeout_s, encoded=True)
+
     def submit(self, tensor: np.ndarray, timeout_s: float | None = None) -> Future[InferenceResult]:
         """Accept one input of shape (1, C, H, W); the future resolves to its result.
 
@@ -305,6 +339,10 @@ class Source:
         if tensor.shape != (1, *spec.shape[1:]):
             raise InputSpecError(f"expected an input of shape {(1, *spec.shape[1:])}, got "
                                  f"{tuple(tensor.shape)}")
+        return self._accept(tensor, timeout_s)
+
+    def _accept(self, tensor: np.ndarray, timeout_s: float | None,
+                encoded: bool = False) -> Future[InferenceResult]:
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout}")
@@ -312,7 +350,8 @@ class Source:
         future: Future[InferenceResult] = Future()
         with self._lock:
             self._check_admission()
-            pending = _Pending(next(self._ids), tensor, future, now, now + timeout)
+            pending = _Pending(next(self._ids), tensor, future, now, now + timeout,
+                               encoded=encoded)
             self._arm(pending, now)
             self._pending[pending.request_id] = pending
         request_id = pending.request_id
@@ -323,11 +362,39 @@ class Source:
     def _dispatch(self, pending: _Pending, attempt: int) -> None:
         """Start an attempt: here, when the source only ships the input (no hand-off to
         another thread), or on the source thread when it runs blocks first or emulates a slow
-        link (neither may block a caller, which may be an event loop)."""
+        link (neither may block a caller, which may be an event loop). In ``ddi``, first
+        pick where it goes (``_pick``); the source's own share runs on its ``_local`` thread."""
+        if self.settings.mode == "ddi":
+            with self._lock:
+                if pending.future.done() or attempt != pending.attempt:
+                    return
+                pending.where = self._pick(pending)
+            if pending.where == self.settings.name:
+                self._local.put_nowait((pending, attempt))
+            elif self.settings.link_Bps is not None:
+                self._work.put_nowait((pending, attempt))
+            else:
+                self._attempt(pending, attempt, timeout_ms=0)
+            return
         if self._first_hop()[0] > 0 or self.settings.link_Bps is not None:
             self._work.put_nowait((pending, attempt))
         else:
             self._attempt(pending, attempt, timeout_ms=0)
+
+    def _pick(self, pending: _Pending) -> str:
+        """ddi: the node with the fewest requests in flight, ties in turn; a re-send goes to
+        another node than the last attempt's when there is one. Call with ``_lock`` held."""
+        names = list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
+        if not names:
+            return ""  # nobody serves now: the watchdog re-sends once a worker is back
+        if pending.attempt > 1 and len(names) > 1 and pending.where in names:
+            names.remove(pending.where)
+        load = Counter(p.where for p in self._pending.values() if p is not pending)
+        fewest = min(load[n] for n in names)
+        order = names[self._ddi_next % len(names):] + names[:self._ddi_next % len(names)]
+        chosen = next(n for n in order if load[n] == fewest)
+        self._ddi_next = names.index(chosen) + 1
+        return chosen
 
     def _check_admission(self) -> None:
         """Raise unless one more request may be admitted. Call with ``_lock`` held."""
@@ -384,9 +451,11 @@ class Source:
     def start(self) -> None:
         """Connect to the workers, place the boundaries, open the engine, start the loops."""
         s = self.settings
-        if s.mode not in ("armdi", "edgepipe", "local"):
-            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe, armdi or "
-                             "local")
+        if s.mode not in ("armdi", "edgepipe", "ddi", "local"):
+            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe, armdi, "
+                             "ddi or local")
+        if s.ddi_input not in ("pixels", "jpeg"):
+            raise ArmdiError(f"ddi_input {s.ddi_input!r}: use pixels or jpeg")
         if s.cpus:
             os.sched_setaffinity(0, set(s.cpus))
         self._started = time.monotonic()
@@ -395,18 +464,24 @@ class Source:
         if s.control_addr and s.mode == "armdi":
             self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
         live = self._handshake() if s.mode != "local" else []
-        self.allocation = self._allocate(live)
-        self._configure(live)
+        if s.mode == "ddi":
+            self._place_ddi(live)
+        else:
+            self.allocation = self._allocate(live)
+            self._configure(live)
         loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
         if self._control is not None:
             loops.append(self._control_loop)
+        if s.mode == "ddi":
+            loops.append(self._local_loop)
         for target in loops:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
             thread.start()
             self._threads.append(thread)
         self._ready = True
+        assert self.allocation is not None
         self._event("ready", boundaries=list(self.allocation.boundaries),
-                    route=[r[0] for r in self._route])
+                    route=self._serving())
 
     def close(self) -> None:
         with self._lock:
@@ -600,6 +675,56 @@ class Source:
                 "successors": tuple(members[i + 1: i + 1 + self.settings.successors]),
                 "anchor_control_addr": self.settings.control_addr}
 
+    def _place_ddi(self, live: list[_WorkerState], timeout_ms: int = 30_000) -> None:
+        """ddi: every live worker runs the whole model and returns results here; the source
+        computes a share too when it runs blocks (or alone, when no worker is live)."""
+        s = self.settings
+        for w in live:
+            configure = msg.Configure(
+                node=w.ref.name, start=0, end=self.blocks, successor_addr=None,
+                result_addr=s.data_addr, wire_dtype=s.wire_dtype,
+                chain=(s.name, w.ref.name), session=self._stamper.session.hex())
+            self._configures[w.ref.name] = configure
+            try:
+                reply = self._client(w).request(configure, timeout_ms=timeout_ms)
+            except ArmdiError as exc:
+                raise ConfigureError(w.ref.name, f"worker {w.ref.name} did not take the whole "
+                                                 f"model: {exc}") from exc
+            if not (isinstance(reply, msg.Ack) and reply.ok):
+                raise ConfigureError(w.ref.name, f"worker {w.ref.name} rejected the whole "
+                                                 f"model: {getattr(reply, 'reason', reply)}")
+            w.state, w.reason = "up", ""
+        local = s.run_blocks or not live
+        if local:
+            self.engines.load_now(0, self.blocks)
+        with self._lock:
+            self._ddi = {w.ref.name: w.ref.data_addr for w in live}
+            self._ddi_local = local
+        self.allocation = self._ddi_allocation(live, local)
+        log.info("ddi over %s", self._serving())
+
+    def _ddi_allocation(self, live: list[_WorkerState], local: bool) -> Allocation:
+        """What admission and re-sending go by in ddi: each node's whole-model time, the
+        aggregate pace (and the source's link, which every input crosses) as the bottleneck."""
+        profile = self._manifest.profile_for(device_signature(), self.backend)
+        total = math.fsum(profile.block_ms) if profile else float(self.blocks)
+        stages = [total * w.ref.slowdown for w in live] + ([total * self.slowdown] if local
+                                                            else [])
+        pace = 1.0 / sum(1.0 / max(t, 1e-6) for t in stages)
+        ship = 0.0
+        if live and not math.isinf(self.settings.bandwidth_Bps):
+            pixels_bytes = self._manifest.activation_bytes()[0] // 4  # uint8 of float32's
+            ship = pixels_bytes / self.settings.bandwidth_Bps * 1000 + self.settings.latency_ms
+        return Allocation(boundaries=(0, self.blocks), stage_ms=tuple(stages),
+                          bottleneck_ms=max(pace, ship), latency_ms=ship + max(stages),
+                          used=tuple(range(len(stages))))
+
+    def _serving(self) -> list[str]:
+        """The nodes that run requests now: the chain, or in ddi every node that serves."""
+        if self.settings.mode == "ddi":
+            return list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
+        return [r[0] for r in self._route]
+
     def _link_of(self, name: str) -> tuple[float | None, float]:
         """A node's outgoing link as the config gives it: (bytes/s or None if free, ms)."""
         if name == self.settings.name:
@@ -613,6 +738,8 @@ class Source:
         """Place the boundaries by hand over the live workers (benchmarks sweep them): the
         workers are configured with their new ranges, then the source routes by them.
         Frames in flight that a worker no longer runs are re-sent by the watchdog."""
+        if self.settings.mode == "ddi":
+            raise PipelineError("mode ddi has no boundaries: every worker runs the whole model")
         with self._config_lock:
             if self._snapshot is None:
                 raise NotReadyError("the pipeline has not started")
@@ -639,6 +766,15 @@ class Source:
             nxt = self._route[1][1] if len(self._route) > 1 else None
             return self._route[0][3], nxt
         return 0, self._route[0][1]
+
+    def _local_loop(self) -> None:
+        """ddi: the source's own share of whole requests."""
+        while not self._stop.is_set():
+            try:
+                pending, attempt = self._local.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            self._attempt(pending, attempt)
 
     def _source_loop(self) -> None:
         while not self._stop.is_set():
@@ -673,10 +809,18 @@ class Source:
         """Run the source's own blocks, if any, and send the activation on. False when the
         send did not go out within ``timeout_ms`` (0: the outbox's buffer is full now)."""
         end, nxt = self._first_hop()
+        if self.settings.mode == "ddi":  # the whole model here, or whole to a worker
+            local = pending.where == self.settings.name
+            end, nxt = (self.blocks, None) if local else (0, self._ddi.get(pending.where))
+        if end == 0 and nxt is None:  # its node left meanwhile: the watchdog re-sends it
+            self._metrics.counters["no_route"] += 1
+            return True
         x = pending.tensor
         trace: tuple[fr.TraceEntry, ...] = ()
         if end > 0:
             t0 = time.perf_counter()
+            if pending.encoded:
+                x = self.prepare_image(x.tobytes())
             if x.dtype == np.uint8:
                 x = self._normalise(x)
             x = self.engines.get(0, end).infer(x)
@@ -696,7 +840,7 @@ class Source:
                          attempt=pending.attempt, fingerprint=self.fingerprint,
                          start_block=end, tensor=x, trace=trace,
                          ext=deadline_record((pending.attempt_deadline - time.monotonic()) * 1000)
-                         + self._stamper.next())
+                         + self._stamper.next() + (ENCODED_RECORD if pending.encoded else b""))
         try:
             self._outbox(nxt).send_frame(fr.frame_parts(frame, self.settings.key),
                                          timeout_ms=timeout_ms)
@@ -854,7 +998,7 @@ class Source:
         while not self._stop.wait(0.05):
             try:
                 now = time.monotonic()
-                if self.settings.mode == "armdi":  # edgepipe, the baseline, only re-sends
+                if self.settings.mode in ("armdi", "ddi"):  # edgepipe only re-sends
                     self._check_liveness(now)
                 self._check_deadlines(now)
             except Exception as exc:
@@ -868,7 +1012,7 @@ class Source:
 
     def _check_liveness(self, now: float) -> None:
         """A worker of the chain whose heartbeats stopped is dead: route around it now."""
-        in_chain = {r[0] for r in self._route}
+        in_chain = set(self._serving())
         dead = [w for w in self.workers if w.ref.name in in_chain
                 and w.state not in ("dead", "refused") and w.detector.dead(now)]
         for w in dead:
@@ -892,14 +1036,17 @@ class Source:
             for _ in range(3):
                 live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
                 try:
-                    self.allocation = self._allocate(live)
-                    self._configure(live, timeout_ms=2000)
+                    if self.settings.mode == "ddi":
+                        self._place_ddi(live, timeout_ms=2000)
+                    else:
+                        self.allocation = self._allocate(live)
+                        self._configure(live, timeout_ms=2000)
                     break
                 except ConfigureError as exc:  # a worker that cannot be configured: out too
                     log.warning("re-route: %s", exc)
                     bad = next(w for w in live if w.ref.name == exc.node)
                     bad.state, bad.reason = "dead", f"could not be configured: {exc}"
-            route = [r[0] for r in self._route]
+            route = self._serving()
             self._metrics.counters["reroutes"] += 1
             self._event("rerouted", why=why, boundaries=list(self.boundaries()), route=route)
             log.warning("re-routed (%s): %s over %s", why, list(self.boundaries()), route)
@@ -908,6 +1055,8 @@ class Source:
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
+            if self.settings.mode == "ddi":  # only what was on a node that left
+                pending = [p for p in pending if p.where not in route]
             for p in pending:
                 self._arm(p, now)
         for p in pending:
@@ -1028,6 +1177,8 @@ class Source:
             used = [w.last.compute_ms_ewma + w.last.send_ms_ewma for w in self.workers
                     if w.last is not None and w.state == "up" and w.last.processed > 0]
             self._measured_bottleneck_ms = max(used, default=0.0)
+            if self.settings.mode == "ddi" and used:  # they work side by side
+                self._measured_bottleneck_ms /= len(used) + int(self._ddi_local)
             try:
                 self.optimum = self._measured_optimum()
                 if self.settings.mode == "armdi":
@@ -1130,7 +1281,7 @@ class Source:
         self._reroute(f"{w.ref.name} rejoined")
 
     def _poll(self, w: _WorkerState) -> None:
-        if w.state == "dead" and self.settings.mode == "armdi":
+        if w.state == "dead" and self.settings.mode in ("armdi", "ddi"):
             self._rejoin(w)
             return
         try:
@@ -1213,6 +1364,8 @@ class Source:
     def _source_view(self) -> NodeView:
         start, end = (self._route[0][2], self._route[0][3]) if (
             self._route and self._route[0][0] == self.settings.name) else (0, 0)
+        if self.settings.mode == "ddi":
+            start, end = (0, self.blocks) if self._ddi_local else (0, 0)
         stage = self.allocation.stage_ms[0] if self.allocation else None
         return NodeView(self.settings.name, "source", start, end,
                         "up" if self.ready() else "starting", stage, self._work.qsize(),

@@ -38,3 +38,20 @@ def budget_ms(ext: bytes) -> int | None:
 def with_budget(ext: bytes, budget: float) -> bytes:
     """``ext`` with its leading deadline record's budget replaced (it must have one)."""
     return deadline_record(budget) + ext[_DEADLINE.size:]
+
+
+ENCODED_TYPE: Final = 3
+"""Type 3, no value: the payload is an encoded image (JPEG/PNG bytes as a uint8 row of shape
+``(1, n)``), decoded and preprocessed by the node that runs block 0 (``ddi_input = "jpeg"``)."""
+ENCODED_RECORD: Final = bytes((ENCODED_TYPE, 0))
+
+
+def has_record(ext: bytes, record_type: int) -> bool:
+    """Whether the extension section holds a record of ``record_type`` (a malformed tail,
+    cut short, counts as not holding it)."""
+    i, size = 0, len(ext)
+    while i + 2 <= size:
+        if ext[i] == record_type:
+            return True
+        i += 2 + ext[i + 1]
+    return False

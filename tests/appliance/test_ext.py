@@ -26,3 +26,10 @@ def test_replacing_the_budget_keeps_the_other_records() -> None:
     assert ext.budget_ms(updated) == 120
     assert read_stamp(updated) == read_stamp(section)  # the stamp reader skips the record
     assert len(updated) == len(section)
+
+
+def test_the_encoded_record_is_found_among_others() -> None:
+    section = ext.deadline_record(500) + Stamper().next() + ext.ENCODED_RECORD
+    assert ext.has_record(section, ext.ENCODED_TYPE)
+    assert not ext.has_record(ext.deadline_record(500) + Stamper().next(), ext.ENCODED_TYPE)
+    assert not ext.has_record(b"\x01\x20\x03", ext.ENCODED_TYPE)  # cut short: a length past it

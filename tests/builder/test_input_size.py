@@ -1,4 +1,5 @@
-"""``--input-size`` for ONNX files, and options that only apply to named models."""
+"""``--input-size`` for ONNX files and named models, and options that only apply to named
+models."""
 
 from __future__ import annotations
 
@@ -48,5 +49,47 @@ def test_named_model_options_are_refused_for_onnx_files(tmp_path: Path) -> None:
     source = save(residual_net(), tmp_path / "src" / "static.onnx")
     with pytest.raises(BuildError, match="--weights and --opset apply to named models"):
         _build(source, tmp_path / "repo", weights="random")
-    with pytest.raises(BuildError, match="--input-size applies to ONNX files"):
-        _build(Path("mobilenet_v2"), tmp_path / "repo", input_size=160)
+    with pytest.raises(BuildError, match=r"--input-size 4: use 8\.\.4096"):
+        _build(Path("mobilenet_v2"), tmp_path / "repo", input_size=4)
+
+
+def test_a_named_model_builds_at_another_input_size(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    report = _build(Path("mobilenet_v2"), tmp_path / "repo", weights="random", input_size=32,
+                    max_blocks=4)
+    manifest = report.manifest  # type: ignore[attr-defined]
+    assert manifest.input.shape == (-1, 3, 32, 32)
+    assert (manifest.preprocessing.crop, manifest.preprocessing.resize) == (32, 37)
+    assert manifest.verification.passed
+
+
+def test_a_size_the_model_cannot_take_is_refused_with_the_reason(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    with pytest.raises(BuildError, match="vgg16 cannot take 16x16 inputs"):  # 5 poolings
+        _build(Path("vgg16"), tmp_path / "repo", weights="random", input_size=16)
+
+
+def test_a_named_model_builds_for_a_non_square_frame(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    import numpy as np
+
+    from engines.preprocess import pixels
+
+    report = _build(Path("mobilenet_v2"), tmp_path / "repo", weights="random", input_size=24,
+                    input_width=40, max_blocks=4)
+    manifest = report.manifest  # type: ignore[attr-defined]
+    assert manifest.input.shape == (-1, 3, 24, 40)
+    prep = manifest.preprocessing
+    assert (prep.crop, prep.crop_width) == (24, 40) and manifest.verification.passed
+    assert manifest.fingerprint == manifest.content_fingerprint()
+    for h, w in ((720, 1280), (480, 640), (300, 200)):  # any frame is resized to cover it
+        frame = np.zeros((h, w, 3), np.uint8)
+        assert pixels(frame, prep).shape == (1, 3, 24, 40)
+
+
+def test_non_square_sizes_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="pads its convolutions for a square input"):
+        _build(Path("efficientnet_lite0"), tmp_path / "repo", input_size=24, input_width=40)
+    source = _dynamic_hw(tmp_path)
+    with pytest.raises(BuildError, match="non-square sizes apply to named models"):
+        _build(source, tmp_path / "repo", input_size=24, input_width=40)

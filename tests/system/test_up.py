@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import BuiltModel
@@ -46,14 +47,16 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("mode", ["armdi", "ddi"])
 def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: BuiltModel,
-                                                                tmp_path: Path) -> None:
+                                                                tmp_path: Path,
+                                                                mode: str) -> None:
     run_dir = tmp_path / "run"
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", "--log-level", "WARNING", "up", "--repo",
          str(built_tiny.repo), "--model", "tiny", "--nodes", "2", "--min-workers", "2",
-         "--port", str(port), "--run-dir", str(run_dir)],
+         "--port", str(port), "--run-dir", str(run_dir), "--mode", mode],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -69,15 +72,20 @@ def test_up_serves_then_ctrl_c_leaves_no_process_and_no_socket(built_tiny: Built
             time.sleep(0.2)
         workers = [p for p in _processes_mentioning(str(run_dir)) if p != proc.pid]
         assert len(workers) == 2, workers
-        assert sorted(p.name for p in run_dir.iterdir() if p.is_socket()) == [
-            "source.ctl", "source.data", "w1.ctl", "w1.data", "w2.ctl", "w2.data"]
+        sockets = ["source.data", "w1.ctl", "w1.data", "w2.ctl", "w2.data"]
+        if mode == "armdi":  # boundary moves reach the source on its control socket
+            sockets.insert(0, "source.ctl")
+        assert sorted(p.name for p in run_dir.iterdir() if p.is_socket()) == sockets
         reply = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", _png(), "image/png")},
                            timeout=30)
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        # --min-workers 2: both workers are in the chain whatever this machine's timings
-        assert [h["node"] for h in body["path"]][-2:] == ["w1", "w2"]
-        assert body["path"][-1]["blocks"][1] == built_tiny.manifest.blocks
+        if mode == "ddi":  # one worker ran the whole model
+            assert len(body["path"]) == 1 and body["path"][0]["node"] in ("source", "w1", "w2")
+            assert body["path"][0]["blocks"] == [0, built_tiny.manifest.blocks]
+        else:  # --min-workers 2: both workers are in the chain whatever the timings
+            assert [h["node"] for h in body["path"]][-2:] == ["w1", "w2"]
+            assert body["path"][-1]["blocks"][1] == built_tiny.manifest.blocks
         bad = httpx.post(f"{url}/v1/classify", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nxx",
                                                                "image/png")}, timeout=30)
         assert bad.status_code == 400

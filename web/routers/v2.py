@@ -80,12 +80,17 @@ def _tensor_metadata(info: TensorInfo) -> dict[str, Any]:
 def preprocessing_parameters(manifest: Manifest) -> dict[str, Any]:
     """How an image becomes the tensor model's input, for clients that preprocess themselves:
     RGB, short side resized to ``resize`` (bilinear), centre crop ``crop``, pixels scaled to
-    [0, 1], minus ``mean``, divided by ``std``, in ``layout``."""
+    [0, 1], minus ``mean``, divided by ``std``, in ``layout``; a non-square crop (``crop``
+    high, ``crop_width`` wide) resizes the image so that it covers the crop."""
     prep = manifest.preprocessing
-    return {"resize": prep.resize, "crop": prep.crop, "interpolation": "bilinear",
-            "color": "RGB", "scale": 1 / 255, "mean": list(prep.mean), "std": list(prep.std),
-            "layout": prep.layout, "dtype": prep.dtype,
-            "image_model": manifest.model_id + IMAGE_SUFFIX}
+    out: dict[str, Any] = {
+        "resize": prep.resize, "crop": prep.crop, "interpolation": "bilinear",
+        "color": "RGB", "scale": 1 / 255, "mean": list(prep.mean), "std": list(prep.std),
+        "layout": prep.layout, "dtype": prep.dtype,
+        "image_model": manifest.model_id + IMAGE_SUFFIX}
+    if prep.crop_width is not None:
+        out["crop_width"] = prep.crop_width
+    return out
 
 
 # --- handlers --------------------------------------------------------------------------------

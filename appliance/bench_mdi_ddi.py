@@ -1,0 +1,366 @@
+"""``armdi bench mdi-vs-ddi``: model distribution against data distribution, each
+measurement next to its analytical prediction (``appliance.control.predict``).
+
+For every model, input size, link rate, worker count and mode, a local cluster of its own
+infers N images with ``window`` of them in flight (a closed loop), and the bench records the
+time for the N images, the throughput (N / that time) and the p50/p99 latency (submission to
+result, at the source), beside what the prediction says for the same case.
+
+- Modes: ``armdi`` and ``edgepipe`` (one MDI chain, placed at the allocator's exact optimum
+  for uint8 pixel inputs; ``armdi`` then adapts), each with the float32 and the float16
+  wire; ``ddi`` (whole uint8 images to the least-loaded worker); ``ddi_jpeg`` (the JPEG bytes
+  instead, decoded on the worker; a variant, not in the default set); ``local`` (one device
+  runs everything: one emulated worker on a free link).
+- The source owns the images and runs no blocks: N workers are N compute devices.
+- **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)
+  instead of computing, so 3-4 workers run faithfully on 2 cores. JPEG decoding in
+  ``ddi_jpeg`` is really done.
+- **Links are emulated in the transport** (``link = "transport"``, ``[cluster]
+  emulate_links``): each node's sends occupy its outgoing link for size / rate, one after
+  another. ``link = "tc"`` shapes them instead (``appliance.netlinks``: network namespaces,
+  veth pairs, tc tbf; as root, else the transport's rate limit, and each cell says which).
+- **The runtime's own cost** per request (Python, frames, NNG: ~1 ms on a busy 2-core
+  machine, against sub-millisecond compute at 32x32) is measured first, per model and size:
+  a 1-worker cluster with compute scaled to nothing, N images; N / its time is the cost at
+  the busier node. The prediction adds it at every node (``overhead_ms``); ``calibrate =
+  False`` leaves it out.
+- Models missing from the repository are built first, with random weights (emulated compute
+  needs only their profile); other input sizes as ``MODEL_SIZE`` (``armdi build MODEL --name
+  MODEL_SIZE --input-size SIZE``).
+
+A benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.bench import _quantile, load_avg, machine_info
+from appliance.control.predict import Prediction, Scenario, mdi_allocation, predict
+from engines.device import device_signature
+from engines.errors import ArmdiError
+from engines.manifest import Manifest
+from engines.repository import ModelRepository
+
+MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "local")
+DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "local")
+LINKS = ("transport", "tc")  # where the links come from
+LINK_LABEL = "links emulated in the transport"
+TC_LABEL = ("links shaped with tc tbf between network namespaces where root allows, else "
+            "emulated in the transport (each cell's link_note says which)")
+LOOPBACK_LATENCY_MS = 0.1  # per message between processes on this machine (pynng, measured)
+
+
+@dataclass(frozen=True)
+class MdiDdiOptions:
+    repo: Path
+    models: tuple[str, ...] = ("vgg16", "mobilenet_v2", "efficientnet_lite0")
+    sizes: tuple[int, ...] = (224, 32)
+    links_mbps: tuple[float, ...] = (20.0, 50.0, 100.0, 1000.0)
+    workers: tuple[int, ...] = (2, 3, 4)
+    modes: tuple[str, ...] = DEFAULT_MODES
+    wire_dtypes: tuple[str, ...] = ("float32", "float16")  # for the MDI modes
+    images: int = 40
+    window: int = 8
+    warmup: int = 4
+    time_scale: float = 1.0  # emulated compute: profiled times x this
+    link: str = "transport"
+    build_missing: bool = True
+    request_timeout_s: float = 120.0
+    calibrate: bool = True  # measure the runtime's per-request cost; the prediction adds it
+
+
+QUICK = {"models": ("mobilenet_v2", "vgg16"), "sizes": (224, 32), "links_mbps": (20.0, 1000.0),
+         "workers": (3,), "images": 24}
+"""``--quick``: a subset that runs in minutes (two models, both sizes, a slow and a fast link,
+three workers, every default mode and wire)."""
+
+
+def check_options(o: MdiDdiOptions) -> None:
+    """Refuse bad options before anything starts, naming the option."""
+    bad = [m for m in o.modes if m not in MODES]
+    if not o.modes or bad:
+        raise ArmdiError(f"--modes: choose from {', '.join(MODES)} (got {', '.join(bad)})")
+    if o.link not in LINKS:
+        raise ArmdiError(f"--link {o.link!r}: choose from {', '.join(LINKS)}")
+    if not o.wire_dtypes or any(d not in ("float32", "float16") for d in o.wire_dtypes):
+        raise ArmdiError("--wire-dtypes: float32 and/or float16")
+    if not o.workers or any(w < 1 for w in o.workers):
+        raise ArmdiError("--workers: counts of 1 or more")
+    if not o.links_mbps or any(not (math.isfinite(r) and r > 0) for r in o.links_mbps):
+        raise ArmdiError("--links: rates in Mbit/s above 0")
+    if not o.sizes or any(s < 8 for s in o.sizes):
+        raise ArmdiError("--sizes: input sizes of 8 pixels or more")
+    if o.images < 1 or o.window < 1 or o.warmup < 0:
+        raise ArmdiError("--images and --window must be 1 or more")
+    if not o.time_scale > 0:
+        raise ArmdiError("--time-scale must be above 0")
+
+
+def model_for(repository: ModelRepository, model: str, size: int, build_missing: bool,
+              say: Callable[[str], None]) -> Manifest:
+    """The built model at ``size``: ``model`` itself when built at that size, else
+    ``model_SIZE``, built first when missing (random weights) and allowed."""
+    for model_id in (model, f"{model}_{size}"):
+        if repository.has_model(model_id):
+            manifest = repository.load_manifest(model_id)
+            if tuple(manifest.input.shape[2:]) == (size, size):
+                return manifest
+    model_id = model if size == 224 else f"{model}_{size}"
+    if not build_missing:
+        raise ArmdiError(f"{model} at {size}x{size} is not built in {repository.root}: armdi "
+                         f"build {model} --name {model_id} --input-size {size} --weights random")
+    from builder.build import BuildOptions, build
+
+    say(f"building {model_id} ({size}x{size}, random weights: the bench needs its profile)")
+    build(BuildOptions(model=model, repo=repository.root, weights="random", name=model_id,
+                       input_size=None if size == 224 else size, segments="blocks",
+                       backend="ort", profile_segments=0, profile_repeats=10))
+    return repository.load_manifest(model_id)
+
+
+def sample_jpeg(size: int) -> bytes:
+    """A smooth synthetic photo-like image at ``size`` (JPEG, quality 90): noise would not
+    compress, a real camera frame does."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1) * 255
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _decode_ms(image: bytes, manifest: Manifest) -> float:
+    from engines.preprocess import decode_image, pixels
+
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        pixels(decode_image(image), manifest.preprocessing)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbps: float | None,
+                 wire_dtype: str = "float32", jpeg: bytes | None = None,
+                 decode_ms: float = 0.0, overhead_ms: float = 0.0) -> Scenario:
+    profile = manifest.profile_for(device_signature(), "ort")
+    if profile is None:
+        raise ArmdiError(f"{manifest.model_id} has no profile; rebuild it")
+    return Scenario(
+        block_ms=tuple(t * o.time_scale for t in profile.block_ms),
+        activation_bytes=tuple(manifest.activation_bytes()),
+        link_Bps=math.inf if link_mbps is None else link_mbps * 1e6 / 8,
+        latency_ms=LOOPBACK_LATENCY_MS, speeds=(1.0,) * workers,
+        input_bytes=len(jpeg) if jpeg is not None else None, wire_dtype=wire_dtype,
+        decode_ms=decode_ms, overhead_ms=overhead_ms)
+
+
+def calibrate_overhead(o: MdiDdiOptions, manifest: Manifest) -> float:
+    """The runtime's per-request cost (ms) at its busier node: one worker, compute scaled to
+    nothing, no link, ``window`` in flight."""
+    quiet = dataclasses.replace(o, time_scale=1e-6)
+    none = Prediction("ddi", 1, 1.0, 1.0, 1.0, 1.0, 1.0)
+    images = max(o.images, 20)
+    measured = _run(dataclasses.replace(quiet, images=images), manifest, "local", 1, None,
+                    "float32", None, none)
+    return float(measured["time_s"]) * 1000 / images
+
+
+def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
+         link_mbps: float | None, wire_dtype: str, jpeg: bytes | None,
+         prediction: Prediction) -> dict[str, Any]:
+    """One cluster, N images through it; the measured figures."""
+    from appliance.cluster import LocalClusterOptions, running
+    from appliance.data.source import Source
+    from appliance.netlinks import LinkSpec
+    from appliance.settings import source_settings
+
+    shaped = o.link == "tc" and link_mbps is not None
+    options = LocalClusterOptions(
+        model=manifest.model_id, repo=o.repo, nodes=workers,
+        mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,
+        ddi_input="jpeg" if mode == "ddi_jpeg" else "pixels", wire_dtype=wire_dtype, port=0,
+        source_runs_blocks=False, emulate_compute=True, emulate_scale=o.time_scale,
+        link_mbps=None if shaped else link_mbps, request_timeout_s=o.request_timeout_s,
+        link=LinkSpec(rate_bps=link_mbps * 1e6) if shaped and link_mbps else None)
+    shape = (1, *manifest.input.shape[1:])
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    with running(options) as (cluster, config):
+        link_note = cluster.link_note if shaped else (
+            LINK_LABEL if link_mbps is not None else "no link (loopback)")
+        settings = source_settings(config)
+        if mode in ("armdi", "edgepipe"):  # the optimum for uint8 inputs, as predicted
+            settings = dataclasses.replace(settings, boundaries=prediction.boundaries)
+        source = Source(settings)
+        try:
+            source.start()
+
+            def submit() -> Future[Any]:
+                return source.submit_image(jpeg) if jpeg is not None else source.submit(x)
+
+            _closed_loop(submit, o.warmup, o.window, o.request_timeout_s)
+            t0 = time.perf_counter()
+            latencies = _closed_loop(submit, o.images, o.window, o.request_timeout_s)
+            elapsed = time.perf_counter() - t0
+            status = source.status()
+            boundaries = list(source.boundaries())
+        finally:
+            source.close()
+    return {"time_s": round(elapsed, 4), "throughput_ips": round(o.images / elapsed, 3),
+            "latency_p50_ms": round(_quantile(latencies, 0.5), 3),
+            "latency_p99_ms": round(_quantile(latencies, 0.99), 3),
+            "failed": status.failed, "retried": status.retried,
+            "deaths": status.counters.get("deaths", 0), "boundaries": boundaries,
+            "link_note": link_note}
+
+
+def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,
+                 timeout_s: float) -> list[float]:
+    """``n`` requests, ``window`` in flight; each one's latency (ms) as the source saw it."""
+    inflight: deque[Future[Any]] = deque()
+    latencies = []
+    for _ in range(n):
+        if len(inflight) >= window:
+            latencies.append(inflight.popleft().result(timeout=timeout_s).latency_ms)
+        inflight.append(submit())
+    latencies += [f.result(timeout=timeout_s).latency_ms for f in inflight]
+    return latencies
+
+
+def _cases(o: MdiDdiOptions) -> list[tuple[str, int, float | None, str]]:
+    """(mode, workers, link Mbit/s or None, wire dtype) for one model and size."""
+    cases: list[tuple[str, int, float | None, str]] = []
+    if "local" in o.modes:
+        cases.append(("local", 1, None, "float32"))
+    for link in o.links_mbps:
+        for workers in o.workers:
+            for mode in o.modes:
+                if mode in ("armdi", "edgepipe"):
+                    cases += [(mode, workers, link, d) for d in o.wire_dtypes]
+                elif mode != "local":
+                    cases.append((mode, workers, link, "float32"))
+    return cases
+
+
+def run_mdi_ddi_bench(o: MdiDdiOptions,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = progress or (lambda _m: None)
+    check_options(o)
+    repository = ModelRepository(o.repo)
+    load_start = load_avg()
+    rows: list[dict[str, Any]] = []
+    calibration: dict[str, dict[str, float]] = {}
+    for model in o.models:
+        for size in o.sizes:
+            manifest = model_for(repository, model, size, o.build_missing, say)
+            jpeg = sample_jpeg(size) if "ddi_jpeg" in o.modes else None
+            decode = _decode_ms(jpeg, manifest) if jpeg is not None else 0.0
+            overhead = calibrate_overhead(o, manifest) if o.calibrate else 0.0
+            calibration[manifest.model_id] = {"overhead_ms": round(overhead, 3),
+                                              "decode_ms": round(decode, 3)}
+            say(f"{manifest.model_id}: runtime overhead {overhead:.2f} ms per request")
+            for mode, workers, link, dtype in _cases(o):
+                image = jpeg if mode == "ddi_jpeg" else None
+                scenario = scenario_for(manifest, o, workers=workers, link_mbps=link,
+                                        wire_dtype=dtype, jpeg=image,
+                                        decode_ms=decode if image else 0.0,
+                                        overhead_ms=overhead)
+                kind = "ddi" if mode == "ddi_jpeg" else mode
+                predicted = predict(kind, scenario, o.images, o.window)
+                label = (f"{manifest.model_id} {size}x{size} {mode} {dtype} x{workers} "
+                         f"@ {'no link' if link is None else f'{link:g} Mbit/s'}")
+                say(label)
+                measured = _run(o, manifest, mode, workers, link, dtype, image, predicted)
+                rows.append({
+                    "model": model, "model_id": manifest.model_id, "size": size, "mode": mode,
+                    "workers": workers, "link_mbps": link, "wire_dtype": dtype,
+                    "input_bytes": scenario.wire_input_bytes, "images": o.images, **measured,
+                    "predicted": predicted.to_dict(),
+                    "time_ratio": round(measured["time_s"] / predicted.time_s, 3)
+                    if predicted.time_s > 0 else None})
+    return {
+        "bench": "mdi-vs-ddi",
+        "machine": machine_info(), "load_avg_start": load_start, "load_avg_end": load_avg(),
+        "links": LINK_LABEL if o.link == "transport" else TC_LABEL,
+        "emulation": (f"emulated compute: each node waits its blocks' profiled time x "
+                      f"{o.time_scale:g} instead of computing; "
+                      f"{LINK_LABEL if o.link == 'transport' else TC_LABEL}"),
+        "options": {"models": list(o.models), "sizes": list(o.sizes),
+                    "links_mbps": list(o.links_mbps), "workers": list(o.workers),
+                    "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
+                    "images": o.images, "window": o.window, "time_scale": o.time_scale},
+        "calibration": calibration,
+        "cells": rows,  # (the name armdi bench report reads)
+        "winners": winners(rows),
+    }
+
+
+def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model, size, link and worker count: the fastest mode measured and predicted
+    (``local`` competes everywhere; it needs no link)."""
+    local = {(r["model_id"]): r for r in rows if r["mode"] == "local"}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["mode"] != "local":
+            groups.setdefault((r["model_id"], r["size"], r["link_mbps"], r["workers"]),
+                              []).append(r)
+    out = []
+    for (model_id, size, link, workers), group in groups.items():
+        contenders = group + ([local[model_id]] if model_id in local else [])
+
+        def name(r: dict[str, Any]) -> str:
+            return f"{r['mode']}{'/f16' if r['wire_dtype'] == 'float16' else ''}"
+
+        best_m = min(contenders, key=lambda r: r["time_s"])
+        best_p = min(contenders, key=lambda r: r["predicted"]["time_s"])
+        out.append({"model_id": model_id, "size": size, "link_mbps": link, "workers": workers,
+                    "measured": name(best_m), "predicted": name(best_p)})
+    return out
+
+
+def format_report(result: dict[str, Any]) -> str:
+    calibration = ", ".join(f"{k} {v['overhead_ms']:.2f}"
+                            for k, v in result["calibration"].items())
+    lines = [f"armdi bench mdi-vs-ddi: {result['emulation']}",
+             f"runtime overhead per request (ms, measured, added to the prediction): "
+             f"{calibration or 'not measured'}",
+             f"{result['machine']['cpu_count']} cores ({result['machine']['cpu_model']}), "
+             f"load {result['load_avg_start']} -> {result['load_avg_end']}",
+             "time for N images, throughput and latency: measured / predicted", "",
+             f"{'model':<22}{'mode':<14}{'wk':>3}{'Mbit/s':>8}  {'time s':>15}  "
+             f"{'images/s':>15}  {'p50 ms':>17}  {'p99 ms':>8}  {'meas/pred':>9}"]
+    for r in result["cells"]:
+        m, p = r, r["predicted"]
+        mode = r["mode"] + ("/f16" if r["wire_dtype"] == "float16" else "")
+        link = "-" if r["link_mbps"] is None else f"{r['link_mbps']:g}"
+        lines.append(
+            f"{r['model_id']:<22}{mode:<14}{r['workers']:>3}{link:>8}  "
+            f"{m['time_s']:>7.2f}/{p['time_s']:<7.2f}  "
+            f"{m['throughput_ips']:>7.1f}/{p['throughput_ips']:<7.1f}  "
+            f"{m['latency_p50_ms']:>8.1f}/{p['latency_p50_ms']:<8.1f}  "
+            f"{m['latency_p99_ms']:>8.1f}  {r['time_ratio']:>9}")
+    if result["winners"]:
+        lines += ["", "fastest mode (measured / predicted):"]
+        for w in result["winners"]:
+            agree = "" if w["measured"] == w["predicted"] else "   (differ)"
+            lines.append(f"  {w['model_id']:<22} x{w['workers']} @ {w['link_mbps']:g} Mbit/s: "
+                         f"{w['measured']} / {w['predicted']}{agree}")
+    return "\n".join(lines)
+
+
+__all__ = ["MODES", "QUICK", "MdiDdiOptions", "format_report", "mdi_allocation",
+           "run_mdi_ddi_bench"]
