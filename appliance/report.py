@@ -8,6 +8,12 @@ whose ``{{placeholders}}`` are filled from the results directory (``docs/results
     faults.json       armdi bench faults --json ...        {{faults}}
     mdi-vs-ddi.json   armdi bench mdi-vs-ddi --json ...    {{mdi_vs_ddi}}, {{win_map}}
 
+and, when present, the same benches run another way: ``pipeline-run*.json`` (repeated runs:
+each run's ratios and their median, ``{{pipeline_runs}}``), ``pipeline-old.json`` (the code
+before the data-plane rework, ``{{pipeline_old}}``), ``pipeline-mobilenet_v2.json``
+(``{{pipeline_mnv2}}``), ``adaptive-real.json`` (``--real``, ``{{adaptive_real}}``) and
+``faults-emulated.json`` (``--emulate``, ``{{faults_emulated}}``),
+
 plus ``{{machine}}`` (from the files' ``machine`` fields), ``{{emulation}}`` (which figures
 rest on emulation) and ``{{commands}}`` (the command of each file, as recorded by the bench
 or rebuilt from its settings). A missing file gives a note in its place, never an error; an
@@ -22,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +37,20 @@ from typing import Any
 from engines.errors import ArmdiError
 
 FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "faults.json",
-         "mdi_vs_ddi": "mdi-vs-ddi.json"}
+         "mdi_vs_ddi": "mdi-vs-ddi.json",
+         # optional companions: the same benches run another way
+         "pipeline_old": "pipeline-old.json",  # the code before the data-plane rework
+         "pipeline_mnv2": "pipeline-mobilenet_v2.json",
+         "adaptive_real": "adaptive-real.json",  # --real
+         "faults_emulated": "faults-emulated.json"}  # --emulate
 BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench adaptive",
-                  "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi"}
+                  "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi",
+                  "pipeline_old": "armdi bench pipeline",
+                  "pipeline_mnv2": "armdi bench pipeline --model mobilenet_v2",
+                  "adaptive_real": "armdi bench adaptive --real",
+                  "faults_emulated": "armdi bench faults --emulate"}
+PIPELINE_RUNS = "pipeline-run*.json"  # repeated runs of `armdi bench pipeline`: the median
+RATIOS = ("overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio")
 MDI_MODES = ("armdi", "edgepipe")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
@@ -69,7 +87,36 @@ def load_results(directory: Path) -> dict[str, dict[str, Any]]:
             if not isinstance(data, dict):
                 raise ArmdiError(f"{path}: not a bench result (a JSON object expected)")
             out[key] = data
+    runs = []
+    for path in sorted(directory.glob(PIPELINE_RUNS)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArmdiError(f"{path}: not a bench result ({exc})") from exc
+        if isinstance(data, dict) and isinstance(data.get("summary"), dict):
+            runs.append({**data, "_file": path.name})
+    if runs:
+        out["pipeline_runs"] = {"runs": runs}
     return out
+
+
+def pipeline_runs_section(data: dict[str, Any]) -> str:
+    """Each run's ratios, and their median (what the data-plane goals are judged on)."""
+    runs = data["runs"]
+    rows: list[list[Any]] = []
+    for r in runs:
+        s = r["summary"]
+        load = r.get("load_avg", {}).get("start", ["?"])
+        rows.append([f"`{r['_file']}`", *(s.get(k) for k in RATIOS),
+                     s.get("overhead_1node_ms"), load[0] if load else "?"])
+    med = [statistics.median([float(r["summary"][k]) for r in runs
+                              if isinstance(r["summary"].get(k), int | float)] or [math.nan])
+           for k in (*RATIOS, "overhead_1node_ms")]
+    rows.append([f"**median of {len(runs)}**", *med, ""])
+    goals = runs[0]["summary"].get("goals", {})
+    rows.append(["goal", *(goals.get(k, "") for k in RATIOS), "", ""])
+    return _table(["run", *(f"`{k}`" for k in RATIOS), "overhead ms", "load at start"],
+                  rows)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -93,6 +140,9 @@ def _table(header: list[str], rows: Iterable[list[Any]], align: str | None = Non
 
 
 def _missing(key: str) -> str:
+    if key == "pipeline_runs":
+        return (f"_Not measured: no `{PIPELINE_RUNS}` in the results directory (repeated runs "
+                "of `armdi bench pipeline --json docs/results/pipeline-run1.json`, ...)._")
     return (f"_Not measured: no `{FILES[key]}` in the results directory. Run "
             f"`{BENCH_COMMANDS[key]} --json docs/results/{FILES[key]}`._")
 
@@ -159,7 +209,7 @@ def command_of(key: str, data: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- sections
 def machine_section(results: dict[str, dict[str, Any]]) -> str:
     machines: dict[str, list[str]] = {}
-    for key, data in results.items():
+    for key, data in _files(results):
         m = data.get("machine")
         if isinstance(m, dict):
             text = (f"{m.get('cpu_count', '?')} x {m.get('cpu_model', '?')}, "
@@ -172,31 +222,41 @@ def machine_section(results: dict[str, dict[str, Any]]) -> str:
         load = data.get("load_avg")
         if isinstance(load, dict) and load.get("start"):
             text += f" (load average {load['start'][0]} at the start)"
-        machines.setdefault(text, []).append(FILES[key])
+        machines.setdefault(text, []).append(key)
     if not machines:
         return "_No results yet._"
     return "\n".join(f"- {', '.join(f'`{f}`' for f in files)}: {text}"
                      for text, files in machines.items())
 
 
+def _files(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, its data) of every result file read, the repeated runs one by one."""
+    out = [(FILES[k], d) for k, d in results.items() if k in FILES]
+    out += [(r["_file"], r) for r in results.get("pipeline_runs", {}).get("runs", [])]
+    return out
+
+
 def emulation_section(results: dict[str, dict[str, Any]]) -> str:
     lines = []
-    for key, data in results.items():
+    for key, data in _files(results):
         what = data.get("emulation")
-        if key == "faults" and not what:
+        if key.startswith("faults") and not what:
             what = f"compute: {data.get('settings', {}).get('compute', 'not recorded')}; " \
                    "all processes share this machine's cores, links are ipc:// sockets"
         link = data.get("link")
         if isinstance(link, dict) and link.get("how") and link["how"] not in str(what):
             what = f"{what}; {link['how']}"
-        lines.append(f"- `{FILES[key]}`: {what or 'not recorded'}")
+        lines.append(f"- `{key}`: {what or 'not recorded'}")
     return "\n".join(lines) or "_No results yet._"
 
 
 def commands_section(results: dict[str, dict[str, Any]]) -> str:
     if not results:
         return "_No results yet._"
-    body = "\n".join(command_of(k, d) for k, d in results.items())
+    commands = [command_of(k, d) for k, d in results.items() if k != "pipeline_runs"]
+    commands += [str(r.get("command", "armdi bench pipeline")) + f"  # {r['_file']}"
+                 for r in results.get("pipeline_runs", {}).get("runs", [])]
+    body = "\n".join(commands)
     return f"```\n{body}\narmdi bench report --out docs/benchmarks.md\n```"
 
 
@@ -238,7 +298,7 @@ def pipeline_section(data: dict[str, Any]) -> str:
 
 
 def adaptive_section(data: dict[str, Any], plots: Path, page_dir: Path,
-                     made: list[Path]) -> str:
+                     made: list[Path], name: str = "adaptive") -> str:
     runs = data.get("runs", {})
     rows = []
     for key, r in runs.items():
@@ -257,7 +317,7 @@ def adaptive_section(data: dict[str, Any], plots: Path, page_dir: Path,
                                             for k, v in summary.items()) + "."]
     from appliance.bench_adaptive import write_plot
 
-    png = plots / "adaptive.png"
+    png = plots / f"{name}.png"
     if runs and write_plot(data, png):
         made.append(png)
         out += ["", f"![throughput over time through a slowdown]({_rel(png, page_dir)})"]
@@ -265,7 +325,7 @@ def adaptive_section(data: dict[str, Any], plots: Path, page_dir: Path,
 
 
 def faults_section(data: dict[str, Any], plots: Path, page_dir: Path,
-                   made: list[Path]) -> str:
+                   made: list[Path], name: str = "faults") -> str:
     runs = [r for r in data.get("runs", []) if isinstance(r, dict)]
     rows = [[f"{r.get('mode')} / {r.get('fault')}", r.get("sent"), r.get("returned"),
              r.get("lost"), r.get("duplicated"), r.get("wrong"),
@@ -273,7 +333,7 @@ def faults_section(data: dict[str, Any], plots: Path, page_dir: Path,
     out = [_table(["mode / fault", "sent", "returned", "lost", "dup", "wrong",
                    "longest stall s"], rows)]
     if runs:
-        png = _faults_plot(data, runs, plots / "faults.png")
+        png = _faults_plot(data, runs, plots / f"{name}.png")
         made.append(png)
         out += ["", f"![throughput over time through a failure]({_rel(png, page_dir)})"]
     return "\n".join(out)
@@ -488,6 +548,13 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
         "adaptive": needs("adaptive", lambda d: adaptive_section(d, plots, page_dir, made)),
         "faults": needs("faults", lambda d: faults_section(d, plots, page_dir, made)),
         "mdi_vs_ddi": needs("mdi_vs_ddi", lambda d: mdi_section(d, plots, page_dir, made)),
+        "pipeline_runs": needs("pipeline_runs", pipeline_runs_section),
+        "pipeline_old": needs("pipeline_old", pipeline_section),
+        "pipeline_mnv2": needs("pipeline_mnv2", pipeline_section),
+        "adaptive_real": needs("adaptive_real", lambda d: adaptive_section(
+            d, plots, page_dir, made, "adaptive-real")),
+        "faults_emulated": needs("faults_emulated", lambda d: faults_section(
+            d, plots, page_dir, made, "faults-emulated")),
         "win_map": needs("mdi_vs_ddi", lambda d: win_map_section(d, plots, page_dir, made)),
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(sections))
@@ -496,7 +563,8 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
                          f"(known: {', '.join(sections)})")
     page = _PLACEHOLDER.sub(lambda m: sections[m.group(1)](), template)
     return Report(page=page, plots=made,
-                  missing=[FILES[k] for k in FILES if k not in results])
+                  missing=[FILES[k] for k in ("pipeline", "adaptive", "faults", "mdi_vs_ddi")
+                           if k not in results])
 
 
 def generate(options: ReportOptions) -> Report:

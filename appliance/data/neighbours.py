@@ -4,18 +4,21 @@
 ``appliance.control.membership``), takes the lists the source's ``Configure`` gives, answers
 its predecessor's stabilisation pings, and runs its own stabilisation on a thread of its own
 (never on the data loop): every ``stabilise_ms`` it pings its successors in order, nearest
-first, until one answers (each gets two tries of ``stabilise_ms / 2``, so a control thread
-busy for a moment is not taken for dead); those that did not are *dead* for this round, and
-the data path skips them at once (``next_hop``). A dead successor is found within about
-``2 x stabilise_ms`` (0.4 s by default), sooner than the source's detector (~0.5 s). A
-member found dead that answers again is taken back (the source's list stays the authority
-until the source re-configures).
+first, until one answers (each gets two tries of ``stabilise_ms / 2``). One that has not
+answered for ``DEAD_AFTER_S`` (1 s, or 5 rounds if longer) is *dead*, and the data path skips
+it at once (``next_hop``): a control thread busy loading an engine for a new range (it
+answers pings only between control messages) is not taken for dead, which would send
+frames past a live worker. A killed successor is found within about 1.2 s; the source's
+detector (~0.5 s) usually re-routes first, and this is the second line. A member found dead
+that answers again is taken back (the source's list stays the authority until the source
+re-configures).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from appliance.control import membership as mb
@@ -24,6 +27,8 @@ from appliance.wire.transport import ControlClient, TlsFiles
 from engines.errors import ArmdiError
 
 log = logging.getLogger("armdi.node")
+
+DEAD_AFTER_S = 1.0  # silent this long (and at least 5 stabilisation rounds): dead
 
 
 def to_member(m: msg.MemberInfo) -> mb.Member:
@@ -52,6 +57,8 @@ class Neighbours:
         self.dead_epoch = 0  # counts rounds that found a successor newly dead
         self.anchor: str | None = None  # the source's control address
         self._clients: dict[str, ControlClient] = {}  # used by the stabilisation thread only
+        self._answered: dict[str, float] = {}  # successor -> when it last answered (or came)
+        self.dead_after_s = max(DEAD_AFTER_S, 5 * stabilise_ms / 1000)
         self.rounds = 0
 
     # ------------------------------------------------------------------ from Configure
@@ -66,6 +73,8 @@ class Neighbours:
             pred = to_member(m.predecessor_member) if m.predecessor_member else None
             self._view = mb.View(to_member(m.me), pred, successors)
             self._configured, self._dead = successors, frozenset()
+            now = time.monotonic()
+            self._answered = {s.name: now for s in successors}  # each gets its grace
 
     # ------------------------------------------------------------------ the data path
     @property
@@ -132,12 +141,17 @@ class Neighbours:
         report: mb.Report | None = None
         for s in base.successors:
             reply = self._ask(s.control_addr, caller, timeout_ms)
-            if reply is None:  # once more: a control thread busy loading an engine is not dead
+            if reply is None:  # once more
                 reply = self._ask(s.control_addr, caller, timeout_ms)
+            now = time.monotonic()
             if isinstance(reply, msg.StabiliseReply) and reply.node == s.name:
+                self._answered[s.name] = now
                 report = _report(reply)
                 break
-            dead.add(s.name)
+            # silent: dead only once silent for dead_after_s (it may be busy loading an
+            # engine); either way ask the next one for a report
+            if now - self._answered.setdefault(s.name, now) >= self.dead_after_s:
+                dead.add(s.name)
         if report is None and self.anchor is not None:
             reply = self._ask(self.anchor, caller, timeout_ms)
             if isinstance(reply, msg.StabiliseReply):

@@ -213,3 +213,27 @@ def test_the_repository_page_is_generated_from_its_template() -> None:
     assert "{{" not in page
     head = template.split("{{", 1)[0]
     assert page.startswith(head)
+
+
+def test_repeated_pipeline_runs_and_companions_are_tabled(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for i, overhead in enumerate((1.30, 1.10, 1.20), start=1):
+        data = pipeline()
+        data["summary"] = {"overhead_1node": overhead, "hop_cost_ratio": 1.3,
+                           "speedup_2node": 1.7 + i / 100, "cpu_ratio": 1.05,
+                           "overhead_1node_ms": overhead - 1,
+                           "goals": {"overhead_1node": "<= 1.1"}, "met": {}}
+        (results / f"pipeline-run{i}.json").write_text(json.dumps(data))
+    (results / "faults-emulated.json").write_text(json.dumps(faults()))
+    template = tmp_path / "t.md"
+    template.write_text("{{pipeline_runs}}\n\n{{faults_emulated}}\n\n{{pipeline_old}}\n\n"
+                        "{{commands}}\n{{machine}}\n")
+    out = tmp_path / "page" / "b.md"
+    generate(ReportOptions(results=results, template=template, out=out))
+    page = out.read_text()
+    median_row = next(line for line in page.splitlines() if "median of 3" in line)
+    assert "1.2" in median_row and "1.72" in median_row  # the median of each ratio
+    assert "pipeline-run2.json" in page and "kill_middle" in page
+    assert "no `pipeline-old.json`" in page  # a missing companion: a note
+    assert (out.parent / "plots" / "faults-emulated.png").exists()
