@@ -14,11 +14,12 @@ device, another process on it, a thermal limit or a fused segment faster than it
 sum all show up as that factor; after a move the factor is measured afresh, so repeated
 moves converge even where the profile is wrong.
 
-Against oscillation and noise: each side's time is the median of the last ``samples`` frames
-measured on the current split (no decision before there are that many); a move must lower
-the pair's predicted bottleneck by more than ``hysteresis`` (a fraction); the boundary then
-stays put for ``dwell_s``. A small gain (below ``big``) must be proposed by two windows in a
-row, and a move back the way the last one came doubles the dwell (up to ``max_dwell_s``):
+Against oscillation and noise: each side's time is a low quantile (the 25th percentile) of
+the last ``samples`` frames measured on the current split (no decision before there are
+that many); a move must lower the pair's predicted bottleneck by more than ``hysteresis``
+(a fraction); the boundary then stays put for ``dwell_s``. A small gain (below ``big``) must
+be proposed by two windows in a row, and a move back the way the last one came doubles the
+dwell (up to ``max_dwell_s``):
 noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
 device 4x slower: a big gain) moves it at the next window.
 
@@ -28,7 +29,6 @@ device 4x slower: a big gain) moves it at the next window.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -45,11 +45,16 @@ class ControllerSettings:
     dwell_s: float = 1.0
     """At least this long between two moves of one boundary."""
     samples: int = 16
-    """Frames measured on a split before it is judged (each side: their median)."""
+    """Frames measured on a split before it is judged (each side: a low quantile of them)."""
     big: float = 0.25
     """A gain this large (a fraction of the bottleneck) is acted on at once."""
     max_dwell_s: float = 60.0
     """The longest the dwell grows to after moves that undo each other."""
+    quantile: float = 0.25
+    """Each side's time is this quantile of its samples: interference (another process on
+    the core, a scheduling hiccup) only ever adds time, so a low quantile tracks what the
+    device does when it runs, and noise moves it far less than it moves the median; a device
+    that really slows down moves every sample, and the quantile with them."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,14 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
     return best
 
 
+def _low(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``samples`` (0.0 when there are none)."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
 def _rank(move: Move, current: int) -> tuple[float, float, int]:
     """Lower is better: the pair's bottleneck, then the gap between the two stages (a
     balanced pair leaves its neighbours room to shed blocks), then the blocks moved."""
@@ -163,11 +176,11 @@ class BoundaryController:
 
     @property
     def left_ms(self) -> float:
-        return statistics.median(self._left_ms) if self._left_ms else 0.0
+        return _low(self._left_ms, self.settings.quantile)
 
     @property
     def right_ms(self) -> float:
-        return statistics.median(self._right_ms) if self._right_ms else 0.0
+        return _low(self._right_ms, self.settings.quantile)
 
     def observe(self, left: tuple[int, int], left_ms: float, right: tuple[int, int],
                 right_ms: float) -> None:

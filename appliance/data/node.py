@@ -62,6 +62,7 @@ JOIN_RETRY = "try again"  # an Ack reason that starts so: the joiner asks again 
 RESEND_GRACE_S = 1.0  # frames sent to a dead successor go again this long after, unless the
 # source re-routed meanwhile (it replays them itself; two replays would double the work)
 SUSPECT_S = 1.0  # a successor whose send timed out is passed over this long
+SPEED_STEP = 4.0  # one frame moves the speed estimate by at most this factor (see compute)
 SEEN_ATTEMPTS = 4096  # requests whose newest attempt a node remembers (to drop older ones)
 
 
@@ -669,12 +670,15 @@ class Node:
                 self._stop.wait((time.perf_counter() - t0) * (self.slowdown - 1.0))
         now = time.perf_counter()
         ms = self._last_ms = (now - t0) * 1000
-        self.stats.observe("compute_ms", ms)
         self.stats.processed += 1
         if profiled > 0:
             speed = ms / profiled
+            if self._speed is not None:  # one frame held up (the process stopped, swapped
+                speed = min(speed, SPEED_STEP * self._speed)  # out) moves it a step at most
             self._speed = speed if self._speed is None else self._speed + 0.2 * (
                 speed - self._speed)
+            ms = min(ms, speed * profiled)
+        self.stats.observe("compute_ms", ms)
         if self._move_at is not None and self._move_at[0] == end:  # first frame after a move
             self.swap_ms = (now - self._move_at[1]) * 1000
             self._move_at = None

@@ -89,6 +89,7 @@ POLL_S = 0.2
 STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
 REBALANCE_GAIN = 0.1  # ...and the source steps in only when the optimum is this much better
 URGENT_GAIN = 0.5  # an optimum this much better: the source steps in without waiting
+URGENT_QUIET_S = 3.0  # ...but not this soon after the chain's members changed
 
 
 class ConfigureError(ArmdiError):
@@ -195,6 +196,7 @@ class Source:
         self.workers = [_WorkerState(ref, detector=PhiAccrual(settings.detector))
                         for ref in settings.workers]
         self._recovering = threading.Lock()  # one re-route at a time
+        self._last_reroute = -math.inf  # when the chain last changed members (monotonic)
         self.refusals: dict[str, str] = {}  # worker name -> why it was left out
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
@@ -734,7 +736,8 @@ class Source:
             rate, latency = ref.bandwidth_Bps, ref.latency_ms
         return (None if math.isinf(rate) else rate), latency
 
-    def set_boundaries(self, boundaries: tuple[int, ...] | list[int]) -> Allocation:
+    def set_boundaries(self, boundaries: tuple[int, ...] | list[int],
+                       timeout_ms: int = 30_000) -> Allocation:
         """Place the boundaries by hand over the live workers (benchmarks sweep them): the
         workers are configured with their new ranges, then the source routes by them.
         Frames in flight that a worker no longer runs are re-sent by the watchdog."""
@@ -749,7 +752,7 @@ class Source:
             for n, w in enumerate(live, start=1):
                 w.reason = "" if n in allocation.used else "boundaries set by hand: no blocks"
             try:
-                self._configure(live)
+                self._configure(live, timeout_ms=timeout_ms)
             except ConfigureError:
                 self.allocation = previous  # the route is still the old one (callers re-route)
                 raise
@@ -1033,6 +1036,7 @@ class Source:
         is dropped: each request still gets exactly one); ``replay=False`` for a join,
         where nothing was lost (frames say where they are)."""
         with self._recovering, self._config_lock:
+            self._last_reroute = time.monotonic()
             for _ in range(3):
                 live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
                 try:
@@ -1052,6 +1056,13 @@ class Source:
             log.warning("re-routed (%s): %s over %s", why, list(self.boundaries()), route)
         if not replay:
             return
+        self._replay_pending(route)
+
+    def _replay_pending(self, route: list[str] | None = None) -> None:
+        """Every request in flight again, as a new attempt (a result of the old attempt that
+        was not lost after all is a duplicate, dropped: each request still gets one)."""
+        if route is None:
+            route = self._serving()
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
@@ -1197,7 +1208,12 @@ class Source:
         # A device several times slower than a moment ago (the optimum 1.5x better): pairs
         # moving a boundary at a time would take seconds, each pair blind to the next one's
         # side; the source, which sees the whole chain, places the optimum without waiting.
+        # Not right after a re-route or a join (the measurements still hold the old chain's)
+        # nor while a worker of the chain is not up (a death is being handled).
         urgent = (optimum is not None and live is not None
+                  and now - self._last_reroute > URGENT_QUIET_S
+                  and all(w.state in ("up", "slow") for w in self.workers
+                          if w.ref.name in {r[0] for r in self._route})
                   and should_rebalance(live, optimum.bottleneck_ms, URGENT_GAIN))
         if (optimum is None or live is None or optimum.boundaries == self.boundaries()
                 or not should_rebalance(live, optimum.bottleneck_ms, REBALANCE_GAIN)
@@ -1212,8 +1228,9 @@ class Source:
             return  # (seen on two polls in a row, so not a single noisy reading)
         self._last_rebalance, self._last_target = now, target
         before = list(self.boundaries())
+        serving = {r[0] for r in self._route}
         try:
-            self.set_boundaries(target)
+            self.set_boundaries(target, timeout_ms=2000)  # as a re-route: a worker may be dying
         except ConfigureError as exc:  # a worker died meanwhile: not half a chain, a re-route
             bad = next((w for w in self.workers if w.ref.name == exc.node), None)
             if bad is not None:
@@ -1224,6 +1241,10 @@ class Source:
         self._event("rebalanced", boundaries=list(target), before=before,
                     detail=f"measured bottleneck {live:.2f} ms, the optimum at the measured "
                            f"speeds {optimum.bottleneck_ms:.2f} ms")
+        if serving - {r[0] for r in self._route}:
+            # a worker left out now drops the frames it still holds (it runs no blocks and
+            # has no successor): replay what is in flight rather than wait for time-outs
+            self._replay_pending()
 
     def _live_bottleneck_ms(self) -> float | None:
         """The largest measured stage time in the chain (None until every stage measured)."""

@@ -138,7 +138,7 @@ def test_a_refused_move_is_retried_on_fresh_samples_without_a_dwell() -> None:
     assert move is not None and move.left_ms == 7.0  # [2, 9): the split as it is now
 
 
-def test_medians_ignore_outliers() -> None:
+def test_the_low_quantile_ignores_outliers() -> None:
     ctl = BoundaryController([1.0] * 10, ControllerSettings(samples=9, dwell_s=0.0))
     for i in range(9):
         spike = 500.0 if i in (2, 6) else 5.0  # two scheduling hiccups on a balanced split
