@@ -52,7 +52,7 @@ BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench a
 PIPELINE_RUNS = "pipeline-run*.json"  # repeated runs of `armdi bench pipeline`: the median
 RATIOS = ("overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio")
 MDI_MODES = ("armdi", "edgepipe")
-_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z0-9_]+)\s*\}\}")
 
 
 @dataclass(frozen=True)
