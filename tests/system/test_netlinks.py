@@ -131,8 +131,11 @@ def test_cluster_over_shaped_links_is_exact_and_leaves_nothing(built_tiny: Built
     assert left_by(os.getpid()) == []
 
 
+# A child started from a background job inherits SIGINT ignored (the shell's doing), and
+# Python then never turns SIGINT into KeyboardInterrupt: restore it, as a terminal would have.
 CHILD = textwrap.dedent("""
-    import json, sys, time
+    import json, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     from appliance.cluster import LocalClusterOptions, running
     from appliance.netlinks import parse_link
