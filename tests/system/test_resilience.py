@@ -76,7 +76,8 @@ def test_a_paused_worker_is_declared_dead_then_rejoins(built_tiny: BuiltModel,
         first = _inputs(30, seed=3)
         futures = submit_all(source, first)
         _wait(lambda: source.status().completed >= 5, 30, "no results before the pause")
-        source.fault("w2", "pause", seconds=2.0)  # SIGSTOP, SIGCONT 2 s later
+        # SIGSTOP, SIGCONT 4 s later (on a busy 2-core machine detection can take a while)
+        source.fault("w2", "pause", seconds=4.0)
         _wait(lambda: _events(source, "node_dead"), 10, "the paused worker was not declared dead")
         second = _inputs(30, seed=4)
         futures += submit_all(source, second)
