@@ -1210,6 +1210,11 @@ class Source:
         # side; the source, which sees the whole chain, places the optimum without waiting.
         # Not right after a re-route or a join (the measurements still hold the old chain's)
         # nor while a worker of the chain is not up (a death is being handled).
+        silent = any(now - (w.detector.last or now) > 3 * self.settings.detector.interval_ms
+                     / 1000 for w in self.workers if w.ref.name in {r[0] for r in self._route})
+        if silent:  # a worker of the chain missed its heartbeats: the detector decides first
+            self._stall_since = None
+            return
         urgent = (optimum is not None and live is not None
                   and now - self._last_reroute > URGENT_QUIET_S
                   and all(w.state in ("up", "slow") for w in self.workers
@@ -1233,8 +1238,11 @@ class Source:
             self.set_boundaries(target, timeout_ms=2000)  # as a re-route: a worker may be dying
         except ConfigureError as exc:  # a worker died meanwhile: not half a chain, a re-route
             bad = next((w for w in self.workers if w.ref.name == exc.node), None)
-            if bad is not None:
+            if bad is not None and bad.state != "dead":
                 bad.state, bad.reason = "dead", f"could not be configured: {exc}"
+                self._metrics.counters["deaths"] += 1
+                log.error("worker %s is dead: %s; routing around it", bad.ref.name, bad.reason)
+                self._event("node_dead", node=bad.ref.name, reason=bad.reason)
             self._reroute(f"a rebalance could not configure {exc.node}")
             return
         self._metrics.counters["rebalances"] += 1
