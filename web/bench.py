@@ -51,6 +51,7 @@ from appliance.api import (
     PipelineStatus,
     QueueFullError,
 )
+from appliance.bench import _quantile
 from engines.manifest import Manifest
 
 Progress = Callable[[str], None]
@@ -78,14 +79,7 @@ class RestBenchOptions:
 
 
 # --------------------------------------------------------------------------- helpers
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+quantile = _quantile  # the pipeline bench's (linear interpolation between closest ranks)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
