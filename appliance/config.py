@@ -168,6 +168,10 @@ class ClusterSection(_Frozen):
         100.0, ge=0, description="silence the failure detector always tolerates (GC, a busy "
                                  "scheduler), on top of the usual heartbeat interval"
     )
+    max_silence_ms: float = Field(
+        2000.0, gt=0, description="a worker silent this long is declared dead whatever phi "
+                                  "says (the ceiling of the adaptive threshold)"
+    )
     successors: int = Field(
         2, ge=1, le=16, description="membership: each worker knows its next N live successors "
                                     "and fails over to the next when one stops taking frames"

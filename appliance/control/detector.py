@@ -13,6 +13,11 @@ on its first late beat) and ``acceptable_pause_ms`` of slack added to the mean (
 collection, a busy scheduler). With the defaults (100 ms beats, phi 8, 50 ms std, 100 ms
 slack) a silent worker is declared dead about 0.5 s after its last beat.
 
+phi alone adapts to the history, and a history with a few long gaps in it (a busy machine, a
+worker that was loading engines, a source that was busy itself) inflates ``std`` enough that a
+worker paused for seconds is not declared dead before it resumes. So silence longer than
+``max_silence_ms`` is death whatever phi says: the ceiling of the adaptive threshold.
+
 Everything here is a pure function of the arrival times it is given; the source feeds it.
 """
 
@@ -35,6 +40,8 @@ class DetectorSettings:
     acceptable_pause_ms: float = 100.0
     window: int = 100
     """Intervals remembered per worker."""
+    max_silence_ms: float = 2000.0
+    """Dead after this much silence whatever phi says (the adaptive threshold's ceiling)."""
 
 
 def phi(elapsed_ms: float, mean_ms: float, std_ms: float) -> float:
@@ -72,8 +79,13 @@ class PhiAccrual:
             mean, std = s.interval_ms, s.min_std_ms
         return phi((now - self.last) * 1000.0, mean + s.acceptable_pause_ms, std)
 
+    def silence_ms(self, now: float) -> float:
+        """How long since the last heartbeat (0 before the first)."""
+        return 0.0 if self.last is None else (now - self.last) * 1000.0
+
     def dead(self, now: float) -> bool:
-        return self.phi(now) > self.settings.phi_threshold
+        return (self.silence_ms(now) > self.settings.max_silence_ms
+                or self.phi(now) > self.settings.phi_threshold)
 
     def reset(self) -> None:
         """Forget the history (a worker that rejoins starts afresh)."""

@@ -1135,6 +1135,10 @@ class Source:
         if w is None:
             raise KeyError(node)
         pid = w.last.pid if w.last is not None else 0
+        if pid == 0:  # not polled yet: ask, so a worker here gets the real signal
+            with contextlib.suppress(ArmdiError):
+                reply = self._client(w).request(msg.StatusRequest(), timeout_ms=1000)
+                pid = reply.pid if isinstance(reply, msg.NodeStatus) else 0
         local = pid > 0 and _is_local_worker(pid, node)
         done = f"{action} {node}"
         if local and action in ("kill", "pause", "resume"):

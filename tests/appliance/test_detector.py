@@ -43,6 +43,24 @@ def test_a_jittery_sender_earns_more_patience() -> None:
     assert jittery.phi(t + 0.5) < steady.phi(5.9 + 0.5)
 
 
+def test_long_gaps_in_the_history_cannot_stretch_the_threshold_past_the_ceiling() -> None:
+    """A history with a few multi-second gaps (engines loading, a busy machine) makes phi
+    patient: a worker paused for 3 s would outlast it. The silence ceiling still declares it
+    dead, and a worker beating regularly again is alive."""
+    detector = PhiAccrual()
+    t = 0.0
+    for k in range(100):
+        t += 2.5 if k % 20 == 0 else 0.1
+        detector.heartbeat(t)
+    assert detector.phi(t + 2.5) < DetectorSettings().phi_threshold  # phi alone: alive
+    assert not detector.dead(t + 1.9)
+    assert detector.dead(t + 2.1)
+    patient = PhiAccrual(DetectorSettings(max_silence_ms=60_000))
+    for k in range(60):
+        patient.heartbeat(k * 0.1)
+    assert not patient.dead(5.9 + 0.25) and patient.dead(5.9 + 3.0)  # phi still decides
+
+
 def test_before_any_heartbeat_nothing_is_suspected_and_reset_forgets() -> None:
     detector = PhiAccrual()
     assert detector.phi(1e9) == 0.0 and not detector.dead(1e9)
