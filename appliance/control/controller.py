@@ -18,8 +18,9 @@ Against oscillation and noise: each side's time is a low quantile (the 25th perc
 the last ``samples`` frames measured on the current split (no decision before there are
 that many); a move must lower the pair's predicted bottleneck by more than ``hysteresis``
 (a fraction); the boundary then stays put for ``dwell_s``. A small gain (below ``big``) must
-be proposed by two windows in a row, and a move back the way the last one came doubles the
-dwell (up to ``max_dwell_s``):
+be proposed by two windows in a row and moves one block (the prediction's error near balance
+is as large as the gain), and a move back the way the last one came doubles the dwell (up to
+``max_dwell_s``; only a big gain resets it):
 noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
 device 4x slower: a big gain) moves it at the next window.
 
@@ -91,7 +92,8 @@ def _scaled(prefix: Sequence[float], measured_ms: float, start: int, end: int
 def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
             right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
             right_transfer_ms: float, hysteresis: float,
-            measured: Mapping[int, float] | None = None) -> Move | None:
+            measured: Mapping[int, float] | None = None,
+            max_step: int | None = None) -> Move | None:
     """The boundary between two neighbours that minimises their larger stage time, or None
     when no boundary beats the current one by more than ``hysteresis``.
 
@@ -105,6 +107,8 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
     outer ends). Where known it replaces the prediction, so a boundary that was tried and
     found no better is not tried again: the profile can be wrong (fused segments run faster
     than their blocks' sum), and predictions alone may send a boundary to and fro forever.
+
+    ``max_step``: consider only boundaries at most this many blocks from the current one.
     """
     a, b = left
     b2, c = right
@@ -121,7 +125,10 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
     before = max(left_ms + left_transfer_ms[b], right_ms + right_transfer_ms)
     known = measured or {}
     best: Move | None = None
-    for k in range(a + 1, c):
+    lo, hi = a + 1, c
+    if max_step is not None:
+        lo, hi = max(lo, b - max_step), min(hi, b + max_step + 1)
+    for k in range(lo, hi):
         left_k = left_of(a, k) + left_transfer_ms[k]
         right_k = right_of(k, c) + right_transfer_ms
         if k in known and k != b:  # tried before: the measurement, not the model
@@ -170,6 +177,7 @@ class BoundaryController:
         self._direction = 0  # of the last move: -1 left, +1 right
         self._seen: int | None = None  # a small move's direction, proposed once already
         self._proposed: Move | None = None
+        self._expected: float | None = None  # the bottleneck the last move predicted
         # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
         self._tried: dict[int, float] = {}
         self._ends: tuple[int, int] | None = None
@@ -207,7 +215,9 @@ class BoundaryController:
             self._ends, self._tried = ends, {}
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
-        past = self._tried.get(self.left[1])
+        # what this boundary measured before, or what the move here predicted it would
+        past = self._tried.get(self.left[1], self._expected)
+        self._expected = None
         if past is not None and abs(here - past) > s.big * past:
             self._tried = {}  # conditions changed (a device slowed or sped up): start afresh
         self._tried[self.left[1]] = here
@@ -216,8 +226,19 @@ class BoundaryController:
         if move is None:
             self._seen = None
             return None
-        direction = 1 if move.boundary > self.left[1] else -1
         gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+        if gain < s.big:
+            # Near balance the prediction's error (a profile that misjudges fused segments,
+            # interference that differs from one window to the next) is as large as the gain:
+            # one block at a time, each step measured before the next.
+            move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
+                           left_transfer_ms, right_transfer_ms, s.hysteresis, self._tried,
+                           max_step=1)
+            if move is None:
+                self._seen = None
+                return None
+            gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+        direction = 1 if move.boundary > self.left[1] else -1
         if gain < s.big:
             if self._seen != direction:  # a small gain: wait for a second window to agree
                 self._seen = direction
@@ -246,13 +267,15 @@ class BoundaryController:
         """The proposed move was made (or failed): start the dwell, judge the new split on
         fresh samples; a move that undoes the last one doubles the dwell."""
         move, self._proposed = self._proposed, None
+        self._expected = move.after_ms if move is not None else None
         if move is not None and self.left is not None:
             direction = 1 if move.boundary > self.left[1] else -1
             gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
-            if gain < self.settings.big and direction == -self._direction:
-                self.dwell_s = min(self.dwell_s * 2, self.settings.max_dwell_s)
-            else:
+            if gain >= self.settings.big:  # a real change: act on the next one promptly
                 self.dwell_s = self.settings.dwell_s
+            elif direction == -self._direction:  # undoing the last move: noise, likely
+                self.dwell_s = min(self.dwell_s * 2, self.settings.max_dwell_s)
+            # a small step on in the same direction keeps the dwell as it is
             self._direction = direction
         self.last_move = self.clock()
         self.left = self.right = None
