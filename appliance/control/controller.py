@@ -178,6 +178,7 @@ class BoundaryController:
         self._seen: int | None = None  # a small move's direction, proposed once already
         self._proposed: Move | None = None
         self._expected: float | None = None  # the bottleneck the last move predicted
+        self._retry_at = -math.inf  # after a refused move, not before this
         # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
         self._tried: dict[int, float] = {}
         self._ends: tuple[int, int] | None = None
@@ -207,7 +208,7 @@ class BoundaryController:
         """A move to make now, or None (too soon, too few samples, or nothing pays)."""
         s = self.settings
         if (self.left is None or self.right is None or self.count < s.samples
-                or self.clock() - self.last_move < s.dwell_s
+                or self.clock() - self.last_move < s.dwell_s or self.clock() < self._retry_at
                 or not self.left[0] < self.left[1] < self.right[1]):
             return None
         ends = (self.left[0], self.right[1])
@@ -253,10 +254,10 @@ class BoundaryController:
 
     def refused(self, pause_s: float = 0.2) -> None:
         """The predecessor refused the proposed move (its range changed meanwhile, e.g. its
-        other boundary moved): judge afresh on fresh samples after ``pause_s``, with no
-        dwell, since nothing moved."""
+        other boundary moved): judge afresh on fresh samples after ``pause_s``; nothing moved,
+        so no new dwell (the last real move's still holds)."""
         self._proposed = None
-        self.last_move = self.clock() - self.dwell_s + min(pause_s, self.dwell_s)
+        self._retry_at = self.clock() + pause_s  # the last real move's dwell still holds
         self.left = self.right = None
         self._left_ms.clear()
         self._right_ms.clear()

@@ -87,7 +87,10 @@ log = logging.getLogger("armdi.source")
 
 POLL_S = 0.2
 STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
-REBALANCE_GAIN = 0.1  # ...and the source steps in only when the optimum is this much better
+# ...and the source steps in only when the optimum is this much better: its optimum scales
+# the profile by each worker's speed, which misjudges fused segments by 10-20 %, so a smaller
+# gap is the pairs' to close (they measure each split) and the source would only fight them
+REBALANCE_GAIN = 0.25
 URGENT_GAIN = 0.5  # an optimum this much better: the source steps in without waiting
 URGENT_QUIET_S = 3.0  # ...but not this soon after the chain's members changed
 
