@@ -854,7 +854,7 @@ def bench_adaptive(
         help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), h (two "
              "identical workers at rest, one core each, real compute).")] = "a,bc,h",
     hysteresis: Annotated[float | None, typer.Option(
-        help="The controller's hysteresis (default: the config's, 0.05).")] = None,
+        help="The controller's hysteresis (default: the config's, 0.02).")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
                                                                   "(and a PNG plot beside it)."
                                                    )] = None,

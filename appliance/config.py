@@ -144,7 +144,7 @@ class ClusterSection(_Frozen):
         100.0, gt=0, le=10_000, description="workers send the source a heartbeat this often"
     )
     hysteresis: float = Field(
-        0.05, ge=0, le=0.5,
+        0.02, ge=0, le=0.5,
         description="mode armdi: a boundary moves only when the pair's predicted bottleneck "
                     "drops by more than this fraction (lower: closer to equal stage times, "
                     "more moves on noise)"

@@ -41,7 +41,7 @@ __all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "shoul
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    hysteresis: float = 0.05
+    hysteresis: float = 0.02
     """Move only when the pair's predicted bottleneck is this fraction below the measured."""
     dwell_s: float = 1.0
     """At least this long between two moves of one boundary."""
