@@ -8,8 +8,9 @@ Scenarios, each run once per mode on a cluster of its own:
   ``back_s`` (c);
 - **h** two identical workers at rest, pinned to one core each, always with real compute:
   block times profiled one by one misjudge fused segments, so the profile's split is off
-  even here; the summary's ``homogeneous_spread`` is how far armdi's final stage times are
-  from equal (max / min - 1).
+  even here; the summary's ``homogeneous_spread`` is how far armdi's settled stage times
+  (each worker's median over the second half's snapshots on the final split) are from equal
+  (max / min - 1).
 
 Modes: ``armdi`` (the controller moves the boundaries), ``edgepipe`` (the exact optimum at
 start, from the configured slowdowns, then static), ``equal`` (every worker the same number
@@ -162,7 +163,11 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
                     status = source.status()
                     snapshots.append({"t": round(now, 2), "boundaries": list(status.boundaries),
                                       "optimum_ips": _optimum_ips(block_ms, sizes, slowdowns,
-                                                                  options.emulate_scale)})
+                                                                  options.emulate_scale),
+                                      "compute_ms": {
+                                          w.ref.name: w.last.compute_ms_ewma
+                                          for w in source.workers
+                                          if w.last is not None and w.last.processed}})
                     next_snapshot += 1.0
                 while len(pending) < o.window:
                     try:
@@ -215,6 +220,7 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         # compute alone (the stage time above also holds the time a send waited for a busy
         # successor: in a saturated chain every stage then shows the bottleneck's cycle)
         "compute_ms": computes,
+        "settled_compute_ms": _settled_compute(snapshots, o.duration_s / 2),
     }
 
 
@@ -225,6 +231,18 @@ def _move_costs(source: Any) -> dict[str, list[float]]:
     return {"swap_ms": [float(e["swap_ms"]) for e in moved if e.get("swap_ms")],
             "fused_load_ms": [float(e["fused_load_ms"]) for e in moved
                               if e.get("fused_load_ms")]}
+
+
+def _settled_compute(snapshots: list[dict[str, Any]], since_s: float) -> dict[str, float]:
+    """Each worker's median compute time over the snapshots from ``since_s`` on that show the
+    final boundaries (the split the run settled on)."""
+    if not snapshots:
+        return {}
+    final = snapshots[-1]["boundaries"]
+    kept = [s for s in snapshots if s["t"] >= since_s and s["boundaries"] == final]
+    names = sorted({name for s in kept for name in s["compute_ms"]})
+    return {name: round(statistics.median(s["compute_ms"][name] for s in kept
+                                          if name in s["compute_ms"]), 3) for name in names}
 
 
 def _move_times(source: Any) -> list[float]:
@@ -290,10 +308,14 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
             summary[f"recovery_s_{mode}" if mode != "armdi" else "recovery_s"] = rec
     h = runs.get("h/armdi")
     if h is not None:
-        stages = [t for t in h["compute_ms"].values() if t]
+        stages = [t for t in h["settled_compute_ms"].values() if t]
+        if len(stages) < 2:  # a run too short for snapshots on its final split: the last one
+            stages = [t for t in h["compute_ms"].values() if t]
         if len(stages) >= 2:
             # how far the final split is from equal stage times (goal: within 5 %): compute
-            # times, the links being ipc:// sockets of ~0.1 ms on either side
+            # times, the links being ipc:// sockets of ~0.1 ms on either side; each worker's
+            # median over the second half's snapshots on the final split, as one reading of
+            # an average over a few frames swings by 10-20 % on 2 cores shared with the source
             summary["homogeneous_compute_ms"] = stages
             summary["homogeneous_spread"] = round(max(stages) / min(stages) - 1, 3)
             summary["homogeneous_boundaries"] = h["final_boundaries"]

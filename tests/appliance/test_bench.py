@@ -163,3 +163,16 @@ def test_bench_security_only_measures_tls_and_hmac_side_by_side(built_tiny: Buil
     assert all(_positive(v) for v in section["ratios"].values())
     text = format_report(data)
     assert "tls+tcp://, HMAC" in text and "tls_throughput_ratio" in text
+
+
+def test_the_settled_split_is_read_as_medians_over_the_second_half_on_the_final_boundaries(
+) -> None:
+    from appliance.bench_adaptive import _settled_compute
+
+    snaps = [{"t": 1.0, "boundaries": [0, 0, 24, 49], "compute_ms": {"w1": 9.0, "w2": 1.0}},
+             {"t": 6.0, "boundaries": [0, 0, 24, 49], "compute_ms": {"w1": 9.0, "w2": 1.0}},
+             {"t": 7.0, "boundaries": [0, 0, 27, 49], "compute_ms": {"w1": 5.0, "w2": 6.0}},
+             {"t": 8.0, "boundaries": [0, 0, 27, 49], "compute_ms": {"w1": 7.0, "w2": 5.5}},
+             {"t": 9.0, "boundaries": [0, 0, 27, 49], "compute_ms": {"w1": 5.2, "w2": 5.4}}]
+    assert _settled_compute(snaps, since_s=5.0) == {"w1": 5.2, "w2": 5.5}
+    assert _settled_compute([], since_s=5.0) == {}
