@@ -17,8 +17,9 @@ moves converge even where the profile is wrong.
 Against oscillation and noise: each side's time is a low quantile (the 25th percentile) of
 the last ``samples`` frames measured on the current split (no decision before there are
 that many); a move must lower the pair's predicted bottleneck by more than ``hysteresis``
-(a fraction); the boundary then stays put for ``dwell_s``. A small gain (below ``big``) must
-be proposed by two windows in a row and moves one block (the prediction's error near balance
+(a fraction); the boundary then stays put for ``dwell_s``. Every move must be proposed by
+two windows in a row (one window can read a passing interference as a slowed device); a small
+gain (below ``big``) moves one block (the prediction's error near balance
 is as large as the gain), and a move back the way the last one came doubles the dwell (up to
 ``max_dwell_s``; only a big gain resets it):
 noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
@@ -240,15 +241,18 @@ class BoundaryController:
                 return None
             gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
         direction = 1 if move.boundary > self.left[1] else -1
-        if gain < s.big:
-            if self._seen != direction:  # a small gain: wait for a second window to agree
-                self._seen = direction
-                self._left_ms.clear()
-                self._right_ms.clear()
-                self.count = 0
-                return None
-            if direction == -self._direction and self.clock() - self.last_move < self.dwell_s:
-                return None  # undoing the last move: only after the (grown) dwell
+        if self._seen != direction:
+            # a second window must agree: on a shared machine one window in a few hundred
+            # reads 30-60 % slow on one side (another process took the core), which looks
+            # just like a device that slowed down, except that it is gone by the next window
+            self._seen = direction
+            self._left_ms.clear()
+            self._right_ms.clear()
+            self.count = 0
+            return None
+        if (gain < s.big and direction == -self._direction
+                and self.clock() - self.last_move < self.dwell_s):
+            return None  # undoing the last move: only after the (grown) dwell
         self._proposed = move
         return move
 
