@@ -20,8 +20,8 @@ that many); a move must lower the pair's predicted bottleneck by more than ``hys
 (a fraction); the boundary then stays put for ``dwell_s``. Every move must be proposed by
 two windows in a row (one window can read a passing interference as a slowed device); a small
 gain (below ``big``) moves one block (the prediction's error near balance
-is as large as the gain), and a move back the way the last one came doubles the dwell (up to
-``max_dwell_s``; only a big gain resets it):
+is as large as the gain) and waits out the dwell, which a move back the way the last one came
+doubles (up to ``max_dwell_s``; only a big gain resets it):
 noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
 device 4x slower: a big gain) moves it at the next window.
 
@@ -180,6 +180,7 @@ class BoundaryController:
         self._proposed: Move | None = None
         self._expected: float | None = None  # the bottleneck the last move predicted
         self._retry_at = -math.inf  # after a refused move, not before this
+        self._proposed_from = 0  # the boundary the proposed move leaves
         # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
         self._tried: dict[int, float] = {}
         self._ends: tuple[int, int] | None = None
@@ -250,10 +251,9 @@ class BoundaryController:
             self._right_ms.clear()
             self.count = 0
             return None
-        if (gain < s.big and direction == -self._direction
-                and self.clock() - self.last_move < self.dwell_s):
-            return None  # undoing the last move: only after the (grown) dwell
-        self._proposed = move
+        if gain < s.big and self.clock() - self.last_move < self.dwell_s:
+            return None  # a small gain: only after the dwell, grown by reversals
+        self._proposed, self._proposed_from = move, self.left[1]
         return move
 
     def refused(self, pause_s: float = 0.2) -> None:
@@ -273,8 +273,9 @@ class BoundaryController:
         fresh samples; a move that undoes the last one doubles the dwell."""
         move, self._proposed = self._proposed, None
         self._expected = move.after_ms if move is not None else None
-        if move is not None and self.left is not None:
-            direction = 1 if move.boundary > self.left[1] else -1
+        if move is not None:
+            # from what decide saw: frames on the new split may already have been observed
+            direction = 1 if move.boundary > self._proposed_from else -1
             gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
             if gain >= self.settings.big:  # a real change: act on the next one promptly
                 self.dwell_s = self.settings.dwell_s

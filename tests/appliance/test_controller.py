@@ -174,6 +174,33 @@ def test_a_refused_move_is_retried_on_fresh_samples_without_a_dwell() -> None:
     assert move is not None and move.left_ms == 7.0  # [2, 9): the split as it is now
 
 
+def test_the_dwell_grows_even_when_frames_on_the_new_split_arrive_before_the_move_is_done(
+) -> None:
+    """The data thread observes frames on the new split while the mover thread is still
+    finishing the move: the move's direction is the one decided, so reversals are counted."""
+    clock = Clock()
+    s = ControllerSettings(samples=4, dwell_s=1.0, hysteresis=0.01, big=0.5)
+    ctl = BoundaryController([1.0] * 20, s, clock)
+    for _ in range(2):
+        _feed(ctl, (0, 10), (10, 20), 10.0, 11.5, 4)
+        move = ctl.decide(FREE, 0.0)
+    assert move is not None and move.boundary == 11
+    _feed(ctl, (0, 11), (11, 20), 12.5, 9.0, 2)  # already on the new split
+    ctl.moved()
+    clock.now = 1.5
+    for _ in range(2):
+        _feed(ctl, (0, 11), (11, 20), 12.5, 9.0, 4)
+        move = ctl.decide(FREE, 0.0)
+    assert move is not None and move.boundary == 10
+    _feed(ctl, (0, 10), (10, 20), 10.0, 11.5, 1)
+    ctl.moved()
+    assert ctl.dwell_s == 2.0  # a reversal: doubled
+    clock.now = 3.0  # a small move, in either direction, waits out the grown dwell
+    for _ in range(2):
+        _feed(ctl, (0, 10), (10, 20), 9.0, 12.5, 4)
+        assert ctl.decide(FREE, 0.0) is None
+
+
 def test_one_window_of_interference_moves_nothing() -> None:
     """Another process takes w2's core for one window: it reads 60 % slow, a big gain on
     paper, and is gone by the next window; the boundary stays."""
