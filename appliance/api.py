@@ -118,6 +118,8 @@ class PipelineStatus:
     counters: dict[str, int] = field(default_factory=dict)
     optimum: tuple[int, ...] = ()  # the exact optimum at the measured speeds (the reference)
     optimum_bottleneck_ms: float | None = None
+    # mode auto: the mode chosen, why, and every alternative's predicted figures
+    auto: dict[str, Any] | None = None
 
 
 class Pipeline(Protocol):

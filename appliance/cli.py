@@ -535,7 +535,9 @@ def up(
     = "efficientnet_lite0",
     mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
                                           "edgepipe (the static optimum) | ddi (every "
-                                          "worker runs the whole model) | local")] = "armdi",
+                                          "worker runs the whole model) | local | auto "
+                                          "(the one predicted fastest, chosen at start)")]
+    = "armdi",
     ddi_input: Annotated[str, typer.Option(help="mode ddi: images travel as uint8 pixels | "
                                                "jpeg (decoded on the worker)")] = "pixels",
     slowdown: Annotated[str | None, typer.Option(
@@ -572,8 +574,8 @@ def up(
         _fail("--nodes must be 0 or more")
     if not 0 <= min_workers <= nodes:
         _fail(f"--min-workers must be between 0 and --nodes ({nodes})")
-    if mode not in ("armdi", "edgepipe", "ddi", "local"):
-        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi or local")
+    if mode not in ("armdi", "edgepipe", "ddi", "local", "auto"):
+        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi, local or auto")
     if ddi_input not in ("pixels", "jpeg"):
         _fail(f"--ddi-input {ddi_input!r}: use pixels or jpeg")
     if wire_dtype not in ("float32", "float16"):

@@ -58,8 +58,8 @@ __all__ = [
 ADDRESS_SCHEMES = ("tcp://", "tls+tcp://", "ipc://", "inproc://")
 MIN_KEY_BYTES = 16
 
-Mode = Literal["armdi", "edgepipe", "ddi", "local"]
-MODES_NEEDING_WORKERS: tuple[Mode, ...] = ("armdi", "edgepipe", "ddi")
+Mode = Literal["armdi", "edgepipe", "ddi", "local", "auto"]
+MODES_NEEDING_WORKERS: tuple[Mode, ...] = ("armdi", "edgepipe", "ddi", "auto")
 
 
 class ConfigError(ArmdiError):
@@ -111,7 +111,8 @@ class ClusterSection(_Frozen):
     mode: Mode = Field(
         "armdi",
         description="armdi (adaptive, resilient) | edgepipe (static optimum) | ddi "
-                    "(data-distributed: every worker runs the whole model) | local",
+                    "(data-distributed: every worker runs the whole model) | local | auto "
+                    "(the one of local, ddi and armdi predicted fastest, chosen at start)",
     )
     ddi_input: Literal["pixels", "jpeg"] = Field(
         "pixels", description="mode ddi: image requests travel as uint8 pixels, or as the "

@@ -63,6 +63,8 @@ class Scenario:
     overhead_ms: float = 0.0
     """The runtime's own cost per request at every node, source included (receiving,
     checking, encoding, sending, Python), on top of compute and link (ms)."""
+    max_blocks: tuple[int | None, ...] | None = None
+    """MDI: per worker, the most blocks its memory holds (None: no cap)."""
 
     def __post_init__(self) -> None:
         if not self.block_ms or any(not (math.isfinite(t) and t >= 0) for t in self.block_ms):
@@ -83,6 +85,9 @@ class Scenario:
                                   f"{list(self.speeds)}")
         if self.wire_dtype not in ("float32", "float16"):
             raise PredictionError(f"wire_dtype {self.wire_dtype!r}: use float32 or float16")
+        if self.max_blocks is not None and len(self.max_blocks) != len(self.speeds):
+            raise PredictionError(f"max_blocks: one per worker ({len(self.speeds)}), got "
+                                  f"{len(self.max_blocks)}")
         if self.input_bytes is not None and self.input_bytes < 0:
             raise PredictionError(f"input_bytes must be >= 0, got {self.input_bytes}")
 
@@ -154,7 +159,7 @@ def mdi_allocation(scenario: Scenario) -> Allocation:
     snapshot = snapshot_from_profile(
         [scenario.block_ms] * (workers + 1), sizes, bandwidth_Bps=scenario.link_Bps,
         latency_ms=scenario.latency_ms, slowdown=[1.0, *scenario.speeds],
-        max_blocks=[0] + [None] * workers)
+        max_blocks=[0, *(scenario.max_blocks or [None] * workers)])
     return solve(snapshot)
 
 

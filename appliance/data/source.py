@@ -59,9 +59,11 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
+from appliance.control.auto import AutoDecision, choose
 from appliance.control.controller import should_rebalance
 from appliance.control.detector import DetectorSettings, PhiAccrual
 from appliance.control.membership import RANK_GAP
+from appliance.control.predict import Scenario
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -86,6 +88,10 @@ from engines.repository import ModelRepository
 log = logging.getLogger("armdi.source")
 
 POLL_S = 0.2
+# mode auto: the runtime's own cost per request at each node (receive, check, send, Python)
+# that the prediction adds to compute and links; about what `armdi bench pipeline` measures
+# over ONNX Runtime alone on a 2-core x86 (0.5-1 ms)
+AUTO_OVERHEAD_MS = 0.5
 STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
 # ...and the source steps in only when the optimum is this much better: its optimum scales
 # the profile by each worker's speed, which misjudges fused segments by 10-20 %, so a smaller
@@ -220,6 +226,9 @@ class Source:
         self.engines = EngineCache(self.repository, self._manifest, self.backend,
                                    settings.threads)
         self.slowdown = settings.slowdown  # set_slowdown changes it while it runs
+        # the mode it runs: the configured one, or what mode auto chose at start
+        self.mode = settings.mode
+        self.auto: AutoDecision | None = None
         self.optimum: Allocation | None = None  # over the measured speeds (the reference)
         self._compute_ms: float | None = None  # the source's own blocks (EWMA)
         self._last_rebalance = -math.inf
@@ -282,7 +291,7 @@ class Source:
         span = min(10.0, now - self._started)
         return PipelineStatus(
             model_id=self._manifest.model_id, fingerprint=self._manifest.fingerprint,
-            mode=self.settings.mode, blocks=self.blocks, ready=self.ready(), nodes=tuple(views),
+            mode=self.mode, blocks=self.blocks, ready=self.ready(), nodes=tuple(views),
             boundaries=self.boundaries(),
             optimum=self.optimum.boundaries if self.optimum else (),
             optimum_bottleneck_ms=self.optimum.bottleneck_ms if self.optimum else None,
@@ -290,6 +299,7 @@ class Source:
             throughput_per_s=len(recent) / span if span > 0 else 0.0,
             latency_p50_ms=_quantile(lat, 0.5), latency_p99_ms=_quantile(lat, 0.99),
             counters=dict(m.counters),
+            auto=self.auto.to_dict() if self.auto is not None else None,
         )
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
@@ -314,7 +324,7 @@ class Source:
         return pixels(decode_image(image), self._manifest.preprocessing)
 
     def _ships_encoded(self) -> bool:
-        return self.settings.mode == "ddi" and self.settings.ddi_input == "jpeg"
+        return self.mode == "ddi" and self.settings.ddi_input == "jpeg"
 
     def submit_image(self, image: bytes,
                      timeout_s: float | None = None) -> Future[InferenceResult]:
@@ -369,7 +379,7 @@ class Source:
         another thread), or on the source thread when it runs blocks first or emulates a slow
         link (neither may block a caller, which may be an event loop). In ``ddi``, first
         pick where it goes (``_pick``); the source's own share runs on its ``_local`` thread."""
-        if self.settings.mode == "ddi":
+        if self.mode == "ddi":
             with self._lock:
                 if pending.future.done() or attempt != pending.attempt:
                     return
@@ -456,9 +466,9 @@ class Source:
     def start(self) -> None:
         """Connect to the workers, place the boundaries, open the engine, start the loops."""
         s = self.settings
-        if s.mode not in ("armdi", "edgepipe", "ddi", "local"):
-            raise ArmdiError(f"mode {s.mode!r} is not available yet; use edgepipe, armdi, "
-                             "ddi or local")
+        if s.mode not in ("armdi", "edgepipe", "ddi", "local", "auto"):
+            raise ArmdiError(f"mode {s.mode!r} is not available yet; use armdi, edgepipe, "
+                             "ddi, local or auto")
         if s.ddi_input not in ("pixels", "jpeg"):
             raise ArmdiError(f"ddi_input {s.ddi_input!r}: use pixels or jpeg")
         if s.cpus:
@@ -466,10 +476,18 @@ class Source:
         self._started = time.monotonic()
         self._inbox = DataInbox(s.data_addr, max_bytes=s.max_frame_bytes,
                                 recv_buffer=s.send_buffer, tls=s.tls)
-        if s.control_addr and s.mode == "armdi":
-            self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
         live = self._handshake() if s.mode != "local" else []
-        if s.mode == "ddi":
+        if s.mode == "auto":
+            self.auto = self._choose_mode(live)
+            self.mode = self.auto.mode
+            log.info("mode auto: %s", self.auto.reason)
+            self._event("auto", mode=self.mode, reason=self.auto.reason,
+                        alternatives=[a.to_dict() for a in self.auto.alternatives])
+            if self.mode == "local":
+                live = []  # the workers stay idle
+        if s.control_addr and self.mode == "armdi":
+            self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
+        if self.mode == "ddi":
             self._place_ddi(live)
         else:
             self.allocation = self._allocate(live)
@@ -477,7 +495,7 @@ class Source:
         loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
         if self._control is not None:
             loops.append(self._control_loop)
-        if s.mode == "ddi":
+        if self.mode == "ddi":
             loops.append(self._local_loop)
         for target in loops:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
@@ -573,11 +591,30 @@ class Source:
         log.error("worker %s refused%s: %s", w.ref.name, when, reason)
         self._event("refused", node=w.ref.name, reason=reason)
 
+    def _choose_mode(self, live: list[_WorkerState]) -> AutoDecision:
+        """Mode auto: the mode predicted fastest over the live workers, from the profile,
+        the configured links and speeds, and each device's block cap."""
+        s = self.settings
+        profile = self._manifest.profile_for(device_signature(), self.backend)
+        base = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
+        refs = [w.ref for w in live]
+        links = [s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs]
+        scenario = Scenario(
+            block_ms=base, activation_bytes=tuple(self._manifest.activation_bytes()),
+            link_Bps=min(links), latency_ms=max([s.latency_ms] + [r.latency_ms for r in refs]),
+            speeds=tuple(r.slowdown for r in refs) or (1.0,), overhead_ms=AUTO_OVERHEAD_MS)
+        try:
+            return choose(scenario, worker_max_blocks=[r.max_blocks for r in refs] or [0],
+                          source_runs_blocks=s.run_blocks, source_max_blocks=s.max_blocks,
+                          source_speed=s.slowdown)
+        except ValueError as exc:
+            raise ArmdiError(f"mode auto: {exc}") from exc
+
     def _allocate(self, live: list[_WorkerState]) -> Allocation:
         s = self.settings
         profile = self._manifest.profile_for(device_signature(), self.backend)
         base = list(profile.block_ms) if profile else [1.0] * self.blocks
-        if s.mode == "local" or not live:
+        if self.mode == "local" or not live:
             snap = snapshot_from_profile([base], self._manifest.activation_bytes())
             self._snapshot = snap
             return evaluate(snap, [0, self.blocks])
@@ -632,7 +669,7 @@ class Source:
             configure = msg.Configure(
                 node=name, start=start, end=end, successor_addr=nxt or None,
                 result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
-                chain=tuple(chain), adaptive=self.settings.mode == "armdi" and prev is not None
+                chain=tuple(chain), adaptive=self.mode == "armdi" and prev is not None
                 and prev_ctl is not None, predecessor=prev, predecessor_control_addr=prev_ctl,
                 upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
                 downstream_latency_ms=down[1], session=self._stamper.session.hex(),
@@ -673,7 +710,7 @@ class Source:
     def _membership_fields(self, name: str, members: list[msg.MemberInfo]) -> dict[str, Any]:
         """Configure's membership fields for ``name`` (mode armdi only: the static baseline
         has no recovery): itself, its predecessor, its next r successors, the anchor."""
-        if self.settings.mode != "armdi":
+        if self.mode != "armdi":
             return {}
         i = next(k for k, m in enumerate(members) if m.name == name)
         return {"me": members[i], "predecessor_member": members[i - 1] if i > 0 else None,
@@ -726,7 +763,7 @@ class Source:
 
     def _serving(self) -> list[str]:
         """The nodes that run requests now: the chain, or in ddi every node that serves."""
-        if self.settings.mode == "ddi":
+        if self.mode == "ddi":
             return list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
         return [r[0] for r in self._route]
 
@@ -744,7 +781,7 @@ class Source:
         """Place the boundaries by hand over the live workers (benchmarks sweep them): the
         workers are configured with their new ranges, then the source routes by them.
         Frames in flight that a worker no longer runs are re-sent by the watchdog."""
-        if self.settings.mode == "ddi":
+        if self.mode == "ddi":
             raise PipelineError("mode ddi has no boundaries: every worker runs the whole model")
         with self._config_lock:
             if self._snapshot is None:
@@ -815,7 +852,7 @@ class Source:
         """Run the source's own blocks, if any, and send the activation on. False when the
         send did not go out within ``timeout_ms`` (0: the outbox's buffer is full now)."""
         end, nxt = self._first_hop()
-        if self.settings.mode == "ddi":  # the whole model here, or whole to a worker
+        if self.mode == "ddi":  # the whole model here, or whole to a worker
             local = pending.where == self.settings.name
             end, nxt = (self.blocks, None) if local else (0, self._ddi.get(pending.where))
         if end == 0 and nxt is None:  # its node left meanwhile: the watchdog re-sends it
@@ -1004,7 +1041,7 @@ class Source:
         while not self._stop.wait(0.05):
             try:
                 now = time.monotonic()
-                if self.settings.mode in ("armdi", "ddi"):  # edgepipe only re-sends
+                if self.mode in ("armdi", "ddi"):  # edgepipe only re-sends
                     self._check_liveness(now)
                 self._check_deadlines(now)
             except Exception as exc:
@@ -1043,7 +1080,7 @@ class Source:
             for _ in range(3):
                 live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
                 try:
-                    if self.settings.mode == "ddi":
+                    if self.mode == "ddi":
                         self._place_ddi(live, timeout_ms=2000)
                     else:
                         self.allocation = self._allocate(live)
@@ -1069,7 +1106,7 @@ class Source:
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
-            if self.settings.mode == "ddi":  # only what was on a node that left
+            if self.mode == "ddi":  # only what was on a node that left
                 pending = [p for p in pending if p.where not in route]
             for p in pending:
                 self._arm(p, now)
@@ -1195,11 +1232,11 @@ class Source:
             used = [w.last.compute_ms_ewma + w.last.send_ms_ewma for w in self.workers
                     if w.last is not None and w.state == "up" and w.last.processed > 0]
             self._measured_bottleneck_ms = max(used, default=0.0)
-            if self.settings.mode == "ddi" and used:  # they work side by side
+            if self.mode == "ddi" and used:  # they work side by side
                 self._measured_bottleneck_ms /= len(used) + int(self._ddi_local)
             try:
                 self.optimum = self._measured_optimum()
-                if self.settings.mode == "armdi":
+                if self.mode == "armdi":
                     self._maybe_rebalance()
             except Exception as exc:
                 self._loop_error("optimum", exc)
@@ -1317,7 +1354,7 @@ class Source:
         self._reroute(f"{w.ref.name} rejoined")
 
     def _poll(self, w: _WorkerState) -> None:
-        if w.state == "dead" and self.settings.mode in ("armdi", "ddi"):
+        if w.state == "dead" and self.mode in ("armdi", "ddi"):
             self._rejoin(w)
             return
         try:
@@ -1400,7 +1437,7 @@ class Source:
     def _source_view(self) -> NodeView:
         start, end = (self._route[0][2], self._route[0][3]) if (
             self._route and self._route[0][0] == self.settings.name) else (0, 0)
-        if self.settings.mode == "ddi":
+        if self.mode == "ddi":
             start, end = (0, self.blocks) if self._ddi_local else (0, 0)
         stage = self.allocation.stage_ms[0] if self.allocation else None
         return NodeView(self.settings.name, "source", start, end,

@@ -1,0 +1,123 @@
+"""Mode ``auto``: pick, from the measured profile, the link rates and each device's memory,
+the way of running the model that the prediction says is fastest.
+
+A pure function of what the source knows when it starts: the profile (block times on the
+reference device), the activation sizes, every node's configured link, the workers' speeds
+(their slowdown factors) and memory caps (``max_blocks``: a device that cannot hold every
+block cannot run the whole model). The alternatives:
+
+- ``local``: the source runs the whole model (only if it runs blocks and can hold them all);
+- ``ddi``: every worker that can hold the whole model runs whole requests side by side, the
+  source shipping each input (as uint8 pixels) over its link;
+- ``armdi``: one chain at the exact optimum over the workers (the adaptive controller keeps
+  it there as conditions change).
+
+Each is predicted with ``appliance.control.predict`` (the same analytical model the
+``mdi-vs-ddi`` bench reports next to its measurements) and the highest predicted throughput
+wins; ties go to the simpler mode (local, then ddi, then armdi). Hybrids (several shorter
+chains side by side, DDI over chains) are not among the alternatives: the runtime runs one
+chain or DDI, not both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from appliance.control.predict import Scenario, predict
+
+__all__ = ["Alternative", "AutoDecision", "choose"]
+
+ORDER = ("local", "ddi", "armdi")  # simplest first: ties go to it
+IMAGES = 200  # the predicted run: long enough for the pipeline's fill to matter little
+WINDOW = 8
+
+
+@dataclass(frozen=True)
+class Alternative:
+    mode: str
+    feasible: bool
+    throughput_ips: float  # predicted steady throughput (0 when not feasible)
+    latency_ms: float  # one image through an idle system
+    why: str  # why not feasible, or what it would use
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "feasible": self.feasible,
+                "throughput_ips": round(self.throughput_ips, 2) if self.feasible else None,
+                "latency_ms": round(self.latency_ms, 3) if self.feasible else None,
+                "why": self.why}
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    mode: str
+    alternatives: tuple[Alternative, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "reason": self.reason,
+                "alternatives": [a.to_dict() for a in self.alternatives]}
+
+
+def choose(scenario: Scenario, *, worker_max_blocks: Sequence[int | None],
+           source_runs_blocks: bool, source_max_blocks: int | None = None,
+           source_speed: float = 1.0) -> AutoDecision:
+    """The mode predicted fastest for ``scenario`` (its ``speeds``: one per worker, in the
+    order of ``worker_max_blocks``), among those the devices' memory allows."""
+    k = scenario.blocks
+    if len(worker_max_blocks) != len(scenario.speeds):
+        raise ValueError(f"worker_max_blocks: one per worker ({len(scenario.speeds)}), got "
+                         f"{len(worker_max_blocks)}")
+    alternatives = []
+
+    def holds(cap: int | None) -> bool:
+        return cap is None or cap >= k
+
+    # local: the source alone
+    if not source_runs_blocks:
+        alternatives.append(Alternative("local", False, 0.0, 0.0, "the source runs no blocks"))
+    elif not holds(source_max_blocks):
+        alternatives.append(Alternative("local", False, 0.0, 0.0, f"the source holds at most "
+                                        f"{source_max_blocks} of the {k} blocks"))
+    else:
+        local = predict("local", dataclasses.replace(scenario, speeds=(source_speed,),
+                                                     block_ms=_scaled(scenario.block_ms,
+                                                                      source_speed)),
+                        IMAGES, WINDOW)
+        alternatives.append(Alternative("local", True, local.throughput_ips, local.latency_ms,
+                                        "the whole model on the source"))
+    # ddi: the workers that can hold the whole model
+    whole = [s for s, cap in zip(scenario.speeds, worker_max_blocks, strict=True) if holds(cap)]
+    if not whole:
+        alternatives.append(Alternative("ddi", False, 0.0, 0.0, f"no worker holds all {k} "
+                                        "blocks (max_blocks)"))
+    else:
+        ddi = predict("ddi", dataclasses.replace(scenario, speeds=tuple(whole)), IMAGES,
+                      WINDOW)
+        alternatives.append(Alternative("ddi", True, ddi.throughput_ips, ddi.latency_ms,
+                                        f"{len(whole)} worker(s) with the whole model"))
+    # armdi: one chain over the workers (memory caps are the allocator's max_blocks)
+    if sum(k if cap is None else cap for cap in worker_max_blocks) < k:
+        alternatives.append(Alternative("armdi", False, 0.0, 0.0, "the workers together hold "
+                                        f"fewer than the {k} blocks"))
+    else:
+        chain = predict("armdi", dataclasses.replace(
+            scenario, max_blocks=tuple(worker_max_blocks)), IMAGES, WINDOW)
+        alternatives.append(Alternative("armdi", True, chain.throughput_ips, chain.latency_ms,
+                                        f"one chain, boundaries {list(chain.boundaries)}"))
+    feasible = [a for a in alternatives if a.feasible]
+    if not feasible:
+        raise ValueError("no mode can run this model on these devices: "
+                         + "; ".join(f"{a.mode}: {a.why}" for a in alternatives))
+    best = max(feasible, key=lambda a: (round(a.throughput_ips, 6), -ORDER.index(a.mode)))
+    others = ", ".join(f"{a.mode} {a.throughput_ips:.1f}" for a in feasible if a is not best)
+    reason = (f"{best.mode} is predicted fastest: {best.throughput_ips:.1f} img/s"
+              + (f" (against {others})" if others else " (the only one that fits)"))
+    return AutoDecision(best.mode, tuple(alternatives), reason)
+
+
+def _scaled(block_ms: Sequence[float], speed: float) -> tuple[float, ...]:
+    return tuple(t * speed for t in block_ms) if not math.isclose(speed, 1.0) else tuple(
+        block_ms)
