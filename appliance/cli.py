@@ -536,7 +536,7 @@ def up(
     mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
                                           "edgepipe (the static optimum) | ddi (every "
                                           "worker runs the whole model) | local | auto "
-                                          "(the one predicted fastest, chosen at start)")]
+                                          "(the one predicted fastest, switched as speeds change)")]
     = "armdi",
     ddi_input: Annotated[str, typer.Option(help="mode ddi: images travel as uint8 pixels | "
                                                "jpeg (decoded on the worker)")] = "pixels",

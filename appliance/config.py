@@ -112,7 +112,7 @@ class ClusterSection(_Frozen):
         "armdi",
         description="armdi (adaptive, resilient) | edgepipe (static optimum) | ddi "
                     "(data-distributed: every worker runs the whole model) | local | auto "
-                    "(the one of local, ddi and armdi predicted fastest, chosen at start)",
+                    "(local, ddi or armdi: the one predicted fastest, switched as speeds change)",
     )
     ddi_input: Literal["pixels", "jpeg"] = Field(
         "pixels", description="mode ddi: image requests travel as uint8 pixels, or as the "

@@ -92,6 +92,9 @@ POLL_S = 0.2
 # that the prediction adds to compute and links; about what `armdi bench pipeline` measures
 # over ONNX Runtime alone on a 2-core x86 (0.5-1 ms)
 AUTO_OVERHEAD_MS = 0.5
+AUTO_EVERY_S = 5.0  # mode auto decides again this often at run time
+AUTO_GAIN = 0.25  # ...and switches when another mode is predicted this much faster
+AUTO_QUIET_S = 20.0  # ...but not this soon after a switch or a re-route
 STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source steps in
 # ...and the source steps in only when the optimum is this much better: its optimum scales
 # the profile by each worker's speed, which misjudges fused segments by 10-20 %, so a smaller
@@ -229,6 +232,8 @@ class Source:
         # the mode it runs: the configured one, or what mode auto chose at start
         self.mode = settings.mode
         self.auto: AutoDecision | None = None
+        self._auto_at = -math.inf  # when mode auto last chose
+        self._auto_switched = -math.inf  # ...and last switched modes
         self.optimum: Allocation | None = None  # over the measured speeds (the reference)
         self._compute_ms: float | None = None  # the source's own blocks (EWMA)
         self._last_rebalance = -math.inf
@@ -483,9 +488,10 @@ class Source:
             log.info("mode auto: %s", self.auto.reason)
             self._event("auto", mode=self.mode, reason=self.auto.reason,
                         alternatives=[a.to_dict() for a in self.auto.alternatives])
+            self._auto_at = time.monotonic()
             if self.mode == "local":
                 live = []  # the workers stay idle
-        if s.control_addr and self.mode == "armdi":
+        if s.control_addr and (self.mode == "armdi" or s.mode == "auto"):
             self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
         if self.mode == "ddi":
             self._place_ddi(live)
@@ -495,7 +501,7 @@ class Source:
         loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
         if self._control is not None:
             loops.append(self._control_loop)
-        if self.mode == "ddi":
+        if self.mode == "ddi" or s.mode == "auto":  # auto may switch to ddi later
             loops.append(self._local_loop)
         for target in loops:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
@@ -599,16 +605,85 @@ class Source:
         base = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         refs = [w.ref for w in live]
         links = [s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs]
+        serving = set(self._serving())
         scenario = Scenario(
             block_ms=base, activation_bytes=tuple(self._manifest.activation_bytes()),
             link_Bps=min(links), latency_ms=max([s.latency_ms] + [r.latency_ms for r in refs]),
-            speeds=tuple(r.slowdown for r in refs) or (1.0,), overhead_ms=AUTO_OVERHEAD_MS)
+            speeds=tuple(_speed_of(w, w.ref.name in serving) for w in live) or (1.0,),
+            overhead_ms=AUTO_OVERHEAD_MS)
         try:
             return choose(scenario, worker_max_blocks=[r.max_blocks for r in refs] or [0],
                           source_runs_blocks=s.run_blocks, source_max_blocks=s.max_blocks,
-                          source_speed=s.slowdown)
+                          source_speed=self.slowdown)
         except ValueError as exc:
             raise ArmdiError(f"mode auto: {exc}") from exc
+
+    def _maybe_switch_mode(self) -> None:
+        """Mode auto at run time: decide again every ``AUTO_EVERY_S`` with the speeds the
+        workers measure, and switch when another mode is predicted ``AUTO_GAIN`` faster
+        than the one running (not within ``AUTO_QUIET_S`` of a switch or a re-route, nor
+        while a worker is starting, joining or down)."""
+        now = time.monotonic()
+        if (now - self._auto_at < AUTO_EVERY_S or now - self._last_reroute < AUTO_QUIET_S
+                or self.auto is None
+                or any(w.state not in ("up", "slow", "idle", "dead", "refused")
+                       for w in self.workers)):
+            return
+        live = [w for w in self.workers if w.state in ("up", "slow", "idle")]
+        try:
+            decision = self._choose_mode(live)
+        except ArmdiError as exc:
+            log.warning("mode auto: %s", exc)
+            return
+        self._auto_at = now
+        predicted = {a.mode: a.throughput_ips for a in decision.alternatives if a.feasible}
+        current = predicted.get(self.mode, 0.0)
+        if decision.mode == self.mode or predicted[decision.mode] <= current * (1 + AUTO_GAIN):
+            self.auto = dataclasses.replace(decision, mode=self.mode,
+                                            reason=f"staying with {self.mode}: "
+                                                   f"{decision.reason}")
+            return
+        if now - self._auto_switched < AUTO_QUIET_S:
+            return
+        self._switch_mode(decision, live)
+
+    def _switch_mode(self, decision: AutoDecision, live: list[_WorkerState]) -> None:
+        """Run another mode now: configure the workers for it, then replay what is in
+        flight (the old mode's results that still come are duplicates, dropped)."""
+        with self._recovering, self._config_lock:
+            old, self.mode, self.auto = self.mode, decision.mode, decision
+            self._auto_switched = time.monotonic()
+            try:
+                if self.mode == "ddi":
+                    self._place_ddi(live, timeout_ms=2000)
+                elif self.mode == "local":
+                    self.allocation = self._allocate([])
+                    self._configure([], timeout_ms=2000)
+                    for w in live:  # idle now: no blocks
+                        w.state, w.reason = "idle", "mode auto runs the model on the source"
+                        if self._configures.pop(w.ref.name, None) is not None:
+                            with contextlib.suppress(ArmdiError):
+                                self._client(w).request(msg.Configure(
+                                    node=w.ref.name, start=0, end=0, successor_addr=None,
+                                    result_addr=self.settings.data_addr,
+                                    wire_dtype=self.settings.wire_dtype,
+                                    chain=(self.settings.name,)), timeout_ms=2000)
+                else:
+                    self.allocation = self._allocate(live)
+                    self._configure(live, timeout_ms=2000)
+            except ConfigureError as exc:
+                log.warning("mode auto: switching to %s: %s; re-routing", self.mode, exc)
+                bad = next((w for w in live if w.ref.name == exc.node), None)
+                if bad is not None:
+                    bad.state, bad.reason = "dead", f"could not be configured: {exc}"
+            self._metrics.counters["mode_switches"] += 1
+            self._event("auto", mode=self.mode, previous=old, reason=decision.reason,
+                        alternatives=[a.to_dict() for a in decision.alternatives])
+            log.warning("mode auto: %s -> %s: %s", old, self.mode, decision.reason)
+        if any(w.state == "dead" for w in live):
+            self._reroute(f"mode auto: a worker failed the switch to {self.mode}")
+            return
+        self._replay_pending()
 
     def _allocate(self, live: list[_WorkerState]) -> Allocation:
         s = self.settings
@@ -1238,6 +1313,8 @@ class Source:
                 self.optimum = self._measured_optimum()
                 if self.mode == "armdi":
                     self._maybe_rebalance()
+                if self.settings.mode == "auto":
+                    self._maybe_switch_mode()
             except Exception as exc:
                 self._loop_error("optimum", exc)
 
@@ -1500,6 +1577,17 @@ class Source:
                     if (loop, q) in self._subscribers:
                         self._subscribers.remove((loop, q))
 
+
+
+def _speed_of(w: _WorkerState, serving: bool) -> float:
+    """A worker's slowdown against the profile, for mode auto's prediction: what it measures
+    on the blocks it runs now (its status's ``speed``), else its emulated slowdown as it last
+    reported it, else the configured one. (An idle worker's measured speed is stale, and one
+    that never ran counts as the profiled device: optimistic, which ``AUTO_GAIN`` and
+    ``AUTO_QUIET_S`` keep from turning into switching to and fro.)"""
+    if serving and w.last is not None and w.last.speed > 0 and w.last.processed > 0:
+        return max(w.last.speed, 1e-3)
+    return w.last.slowdown if w.last is not None else w.ref.slowdown
 
 
 def _is_local_worker(pid: int, node: str) -> bool:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from fastapi.testclient import TestClient
 
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster, submit_all
-from tests.system.test_resilience import _check, _events, _inputs
+from tests.system.test_resilience import _check, _events, _inputs, _wait
 from web.app import create_app
 
 
@@ -45,3 +46,26 @@ def test_auto_keeps_the_work_on_the_source_when_the_workers_are_far_slower(
     assert status.mode == "local" and status.auto is not None
     assert "local is predicted fastest" in status.auto["reason"]
     assert all([h.node for h in r.path] == ["source"] for r in results)
+
+
+def test_auto_switches_modes_at_run_time_without_losing_a_request(
+        built_tiny: BuiltModel, tmp_path: Path) -> None:
+    """Local at start (the workers 1000x slower); then the workers become fast and the source
+    1000x slow: the source decides again, switches to a mode that uses the workers, and the
+    requests in flight across the switch each end with the full model's one answer."""
+    first, second = _inputs(10, seed=13), _inputs(30, seed=14)
+    with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, mode="auto",
+                 source_runs_blocks=True, slowdown=(1000.0, 1000.0)) as source:
+        futures = submit_all(source, first)
+        [f.result(timeout=30) for f in futures]
+        assert source.status().mode == "local"
+        for node, factor in (("w1", 1.0), ("w2", 1.0), (source.settings.name, 1000.0)):
+            source.set_slowdown(node, factor)
+        futures += submit_all(source, second)  # in flight while it switches
+        _wait(lambda: source.status().mode != "local", 20, "mode auto never switched")
+        _check(built_tiny, np.concatenate([first, second]), futures)
+        status = source.status()
+        switched = [e for e in _events(source, "auto") if e.get("previous") == "local"]
+    assert status.mode in ("ddi", "armdi") and status.failed == 0
+    assert status.counters.get("mode_switches") == 1 and switched
+    assert switched[0]["mode"] == status.mode

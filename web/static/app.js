@@ -118,7 +118,9 @@ $("token-form").addEventListener("submit", async (event) => {
 // --- the chain over the model ---------------------------------------------------------------
 
 function renderSummary(s) {
-  $("model").textContent = `${s.model_id} · ${s.blocks} blocks · ${s.mode}`;
+  $("model").textContent = `${s.model_id} · ${s.blocks} blocks · ${s.mode}` +
+    (s.auto ? " (auto)" : "");
+  if (s.auto) $("model").title = s.auto.reason;  // mode auto: why this mode
   $("ready").textContent = s.ready ? "yes" : "no";
   $("throughput").textContent = `${(s.throughput_per_s || 0).toFixed(1)} /s`;
   $("latency").textContent = `${fmtMs(s.latency_p50_ms)} / ${fmtMs(s.latency_p99_ms)}`;
