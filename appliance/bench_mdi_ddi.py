@@ -10,7 +10,11 @@ result, at the source), beside what the prediction says for the same case.
   for uint8 pixel inputs; ``armdi`` then adapts), each with the float32 and the float16
   wire; ``ddi`` (whole uint8 images to the least-loaded worker); ``ddi_jpeg`` (the JPEG bytes
   instead, decoded on the worker; a variant, not in the default set); ``local`` (one device
-  runs everything: one emulated worker on a free link).
+  runs everything: one emulated worker on a free link); ``auto`` (the source's mode auto,
+  which picks ddi or an armdi chain from the prediction; its choice is in each cell's
+  ``auto_choice``: here the source runs no blocks, so running everything on the source is
+  not one of its alternatives, and the summary's ``auto`` compares it with the best of
+  armdi, edgepipe and ddi, and separately with local).
 - The source owns the images and runs no blocks: N workers are N compute devices.
 - **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)
   instead of computing, so 3-4 workers run faithfully on 2 cores. JPEG decoding in
@@ -48,14 +52,15 @@ from typing import Any
 import numpy as np
 
 from appliance.bench import _quantile, load_avg, machine_info
+from appliance.control.auto import choose
 from appliance.control.predict import Prediction, Scenario, mdi_allocation, predict
 from engines.device import device_signature
 from engines.errors import ArmdiError
 from engines.manifest import Manifest
 from engines.repository import ModelRepository
 
-MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "local")
-DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "local")
+MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "local", "auto")
+DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "local", "auto")
 LINKS = ("transport", "tc")  # where the links come from
 LINK_LABEL = "links emulated in the transport"
 TC_LABEL = ("links shaped with tc tbf between network namespaces where root allows, else "
@@ -192,7 +197,7 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
     shaped = o.link == "tc" and link_mbps is not None
     options = LocalClusterOptions(
         model=manifest.model_id, repo=o.repo, nodes=workers,
-        mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,
+        mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,  # auto: the source's
         ddi_input="jpeg" if mode == "ddi_jpeg" else "pixels", wire_dtype=wire_dtype, port=0,
         source_runs_blocks=False, emulate_compute=True, emulate_scale=o.time_scale,
         link_mbps=None if shaped else link_mbps, request_timeout_s=o.request_timeout_s,
@@ -220,7 +225,9 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
             boundaries = list(source.boundaries())
         finally:
             source.close()
-    return {"time_s": round(elapsed, 4), "throughput_ips": round(o.images / elapsed, 3),
+    chosen = {"auto_choice": status.mode,
+              "auto_reason": (status.auto or {}).get("reason", "")} if mode == "auto" else {}
+    return {**chosen, "time_s": round(elapsed, 4), "throughput_ips": round(o.images / elapsed, 3),
             "latency_p50_ms": round(_quantile(latencies, 0.5), 3),
             "latency_p99_ms": round(_quantile(latencies, 0.99), 3),
             "failed": status.failed, "retried": status.retried,
@@ -280,6 +287,9 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                                         decode_ms=decode if image else 0.0,
                                         overhead_ms=overhead)
                 kind = "ddi" if mode == "ddi_jpeg" else mode
+                if mode == "auto":  # what the source will choose (it runs no blocks here)
+                    kind = choose(scenario, worker_max_blocks=(None,) * workers,
+                                  source_runs_blocks=False).mode
                 predicted = predict(kind, scenario, o.images, o.window)
                 label = (f"{manifest.model_id} {size}x{size} {mode} {dtype} x{workers} "
                          f"@ {'no link' if link is None else f'{link:g} Mbit/s'}")
@@ -306,16 +316,45 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
         "calibration": calibration,
         "cells": rows,  # (the name armdi bench report reads)
         "winners": winners(rows),
+        "auto": auto_summary(rows),
     }
+
+
+def auto_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model, size, link and worker count with an ``auto`` cell: its throughput over the
+    best of armdi, edgepipe and ddi (what it chooses among here) and over local's; the worst
+    of each, and how often it beat them all."""
+    local = {r["model_id"]: r for r in rows if r["mode"] == "local"}
+    cells = []
+    for a in (r for r in rows if r["mode"] == "auto"):
+        key = (a["model_id"], a["size"], a["link_mbps"], a["workers"])
+        others = [r for r in rows if r["mode"] in ("armdi", "edgepipe", "ddi")
+                  and (r["model_id"], r["size"], r["link_mbps"], r["workers"]) == key]
+        if not others:
+            continue
+        best = max(others, key=lambda r: r["throughput_ips"])
+        lo = local.get(a["model_id"])
+        cells.append({"model_id": a["model_id"], "size": a["size"], "link_mbps": a["link_mbps"],
+                      "workers": a["workers"], "chose": a.get("auto_choice"),
+                      "best_other": best["mode"] + ("/f16" if best["wire_dtype"] == "float16"
+                                                    else ""),
+                      "ratio_to_best": round(a["throughput_ips"] / best["throughput_ips"], 3),
+                      "ratio_to_local": round(a["throughput_ips"] / lo["throughput_ips"], 3)
+                      if lo else None})
+    ratios = [c["ratio_to_best"] for c in cells]
+    return {"cells": cells, "min_ratio_to_best": min(ratios) if ratios else None,
+            "beats_all": sum(1 for c in cells if c["ratio_to_best"] > 1.0
+                             and (c["ratio_to_local"] or 0.0) > 1.0)}
 
 
 def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per model, size, link and worker count: the fastest mode measured and predicted
-    (``local`` competes everywhere; it needs no link)."""
+    (``local`` competes everywhere; it needs no link; ``auto`` runs one of the others and
+    is summarised apart, ``auto_summary``)."""
     local = {(r["model_id"]): r for r in rows if r["mode"] == "local"}
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["mode"] != "local":
+        if r["mode"] not in ("local", "auto"):
             groups.setdefault((r["model_id"], r["size"], r["link_mbps"], r["workers"]),
                               []).append(r)
     out = []
@@ -353,6 +392,13 @@ def format_report(result: dict[str, Any]) -> str:
             f"{m['throughput_ips']:>7.1f}/{p['throughput_ips']:<7.1f}  "
             f"{m['latency_p50_ms']:>8.1f}/{p['latency_p50_ms']:<8.1f}  "
             f"{m['latency_p99_ms']:>8.1f}  {r['time_ratio']:>9}")
+    auto = result.get("auto") or {}
+    if auto.get("cells"):
+        lines += ["", "mode auto (throughput over the best of armdi/edgepipe/ddi, over local):"]
+        for c in auto["cells"]:
+            lines.append(f"  {c['model_id']:<22} x{c['workers']} @ {c['link_mbps']:g} Mbit/s: "
+                         f"chose {c['chose']}, x{c['ratio_to_best']} of {c['best_other']}, "
+                         f"x{c['ratio_to_local']} of local")
     if result["winners"]:
         lines += ["", "fastest mode (measured / predicted):"]
         for w in result["winners"]:

@@ -942,7 +942,7 @@ def bench_mdi_vs_ddi(
                                                    "20,50,100,1000.")] = None,
     workers: Annotated[str | None, typer.Option(help="Worker counts, e.g. 2,3,4.")] = None,
     modes: Annotated[str | None, typer.Option(
-        help="Comma-separated: armdi,edgepipe,ddi,local (and ddi_jpeg).")] = None,
+        help="Comma-separated: armdi,edgepipe,ddi,local,auto (and ddi_jpeg).")] = None,
     wire_dtypes: Annotated[str, typer.Option(help="MDI wire: float32,float16.")]
     = "float32,float16",
     images: Annotated[int | None, typer.Option(help="Images per measurement.")] = None,

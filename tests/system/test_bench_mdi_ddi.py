@@ -19,7 +19,7 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
                                                                 tmp_path: Path) -> None:
     options = MdiDdiOptions(repo=built_tiny.repo, models=("tiny",), sizes=(8,),
                             links_mbps=(50.0,), workers=(2,),
-                            modes=("armdi", "edgepipe", "ddi", "ddi_jpeg", "local"),
+                            modes=("armdi", "edgepipe", "ddi", "ddi_jpeg", "local", "auto"),
                             wire_dtypes=("float32", "float16"), images=6, window=3, warmup=1,
                             build_missing=False)
     result = run_mdi_ddi_bench(options)
@@ -27,7 +27,8 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
     cases = sorted((r["mode"], r["wire_dtype"]) for r in rows)
     assert cases == sorted([("local", "float32"), ("armdi", "float32"), ("armdi", "float16"),
                             ("edgepipe", "float32"), ("edgepipe", "float16"),
-                            ("ddi", "float32"), ("ddi_jpeg", "float32")])
+                            ("ddi", "float32"), ("ddi_jpeg", "float32"),
+                            ("auto", "float32")])
     for r in rows:
         assert r["failed"] == 0 and r["time_s"] > 0
         assert r["predicted"]["time_s"] > 0 and r["time_ratio"] > 0
@@ -37,6 +38,11 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
     assert "links emulated in the transport" in result["emulation"]
     assert "emulated compute" in result["emulation"]
     assert len(result["winners"]) == 1
+    auto = next(r for r in rows if r["mode"] == "auto")  # the source's own choice, and why
+    assert auto["auto_choice"] in ("ddi", "armdi") and "predicted fastest" in auto["auto_reason"]
+    [summary] = result["auto"]["cells"]
+    assert summary["chose"] == auto["auto_choice"] and summary["ratio_to_best"] > 0
+    assert result["auto"]["min_ratio_to_best"] == summary["ratio_to_best"]
     assert result["calibration"]["tiny"]["overhead_ms"] > 0  # measured, not assumed
     report = format_report(result)
     assert "links emulated in the transport" in report and "ddi_jpeg" in report
@@ -47,7 +53,7 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
 
 def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ArmdiError, match="--modes"):
-        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, modes=("auto",)))
+        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, modes=("hybrid",)))
     with pytest.raises(ArmdiError, match="--link 'netns'"):  # transport | tc
         run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, link="netns"))
     with pytest.raises(ArmdiError, match="not built"):
