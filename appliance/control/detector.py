@@ -60,6 +60,7 @@ class PhiAccrual:
         self.settings = settings or DetectorSettings()
         self._intervals: deque[float] = deque(maxlen=self.settings.window)
         self.last: float | None = None
+        self.armed: float | None = None  # beats expected from then on (see ``expect``)
 
     def heartbeat(self, now: float) -> None:
         if self.last is not None and now > self.last:
@@ -79,9 +80,16 @@ class PhiAccrual:
             mean, std = s.interval_ms, s.min_std_ms
         return phi((now - self.last) * 1000.0, mean + s.acceptable_pause_ms, std)
 
+    def expect(self, now: float) -> None:
+        """Heartbeats are due from ``now`` on (the worker was given work): one that never
+        beats at all is then dead after ``max_silence_ms`` too (phi needs a first beat)."""
+        if self.armed is None:
+            self.armed = now
+
     def silence_ms(self, now: float) -> float:
-        """How long since the last heartbeat (0 before the first)."""
-        return 0.0 if self.last is None else (now - self.last) * 1000.0
+        """How long since the last heartbeat, or since beats were expected (0 before)."""
+        since = self.last if self.last is not None else self.armed
+        return 0.0 if since is None else (now - since) * 1000.0
 
     def dead(self, now: float) -> bool:
         return (self.silence_ms(now) > self.settings.max_silence_ms
@@ -90,4 +98,4 @@ class PhiAccrual:
     def reset(self) -> None:
         """Forget the history (a worker that rejoins starts afresh)."""
         self._intervals.clear()
-        self.last = None
+        self.last = self.armed = None

@@ -761,6 +761,7 @@ class Source:
         for w in live:
             if w.ref.name in chain:
                 w.state = "up"
+                w.detector.expect(time.monotonic())  # it beats from now on, or is dead
                 continue
             w.state = "idle"
             log.warning("worker %s runs no blocks: %s", w.ref.name, w.reason)
@@ -811,6 +812,7 @@ class Source:
                 raise ConfigureError(w.ref.name, f"worker {w.ref.name} rejected the whole "
                                                  f"model: {getattr(reply, 'reason', reply)}")
             w.state, w.reason = "up", ""
+            w.detector.expect(time.monotonic())  # it beats from now on, or is dead
         local = s.run_blocks or not live
         if local:
             self.engines.load_now(0, self.blocks)

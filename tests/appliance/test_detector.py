@@ -61,6 +61,18 @@ def test_long_gaps_in_the_history_cannot_stretch_the_threshold_past_the_ceiling(
     assert not patient.dead(5.9 + 0.25) and patient.dead(5.9 + 3.0)  # phi still decides
 
 
+def test_a_worker_given_work_that_never_beats_is_dead_after_the_ceiling() -> None:
+    detector = PhiAccrual()
+    assert not detector.dead(100.0)  # nothing expected yet: nothing suspected
+    detector.expect(100.0)
+    detector.expect(101.0)  # the first expectation counts
+    assert not detector.dead(101.9) and detector.dead(102.1)
+    detector.heartbeat(102.5)  # it beats after all: phi decides from then on
+    assert not detector.dead(102.6)
+    detector.reset()
+    assert detector.armed is None and not detector.dead(1e9)
+
+
 def test_before_any_heartbeat_nothing_is_suspected_and_reset_forgets() -> None:
     detector = PhiAccrual()
     assert detector.phi(1e9) == 0.0 and not detector.dead(1e9)
