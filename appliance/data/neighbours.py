@@ -60,10 +60,12 @@ class Neighbours:
         self._answered: dict[str, float] = {}  # successor -> when it last answered (or came)
         self.dead_after_s = max(DEAD_AFTER_S, 5 * stabilise_ms / 1000)
         self.rounds = 0
+        self._epoch = 0  # counts Configures: a round that straddles one is thrown away
 
     # ------------------------------------------------------------------ from Configure
     def configure(self, m: msg.Configure) -> None:
         with self._lock:
+            self._epoch += 1
             self.anchor = m.anchor_control_addr
             if m.me is None or m.start == m.end:  # an old source, or no blocks: no membership
                 self._view, self._configured, self._dead = None, (), frozenset()
@@ -130,6 +132,7 @@ class Neighbours:
         with self._lock:
             view = self._view
             configured = self._configured
+            epoch = self._epoch
         if view is None:
             return
         # our list, with the source's members that answer again taken back
@@ -157,8 +160,11 @@ class Neighbours:
             if isinstance(reply, msg.StabiliseReply):
                 report = _report(reply)
         with self._lock:
-            if self._view is None or self._view.me != view.me:
-                return  # re-configured meanwhile: the source's lists win
+            if self._epoch != epoch:
+                # re-configured meanwhile (a round pinging a dead successor takes a second or
+                # more, and the source's re-route around it lands within it): the source's
+                # lists win, or the round would put the dead successor back in front
+                return
             new = mb.stabilise(base, report, dead, self._r)
             newly_dead = dead - self._dead
             self._view, self._dead = new, frozenset(dead)

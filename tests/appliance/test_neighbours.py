@@ -45,3 +45,30 @@ def test_a_ping_answers_with_the_lists_and_takes_a_nearer_predecessor() -> None:
     assert reply.successors == (_info("w3", 30),)
     again = n.answer(msg.Stabilise(caller=_info("w0", 5)))  # further away: not taken
     assert again.predecessor == _info("w1", 10)
+
+
+def test_a_round_that_straddles_a_configure_leaves_the_new_lists_alone() -> None:
+    """The round pings a dead w3 (a second or more of time-outs); meanwhile the source routes
+    around it and configures [w4, w5]: the round's stale view must not put w3 back."""
+    n = Neighbours("w2", None, None, 200.0)
+    n.configure(_configure(me=_info("w2", 20), predecessor_member=_info("w1", 10),
+                           successors=(_info("w3", 30), _info("w4", 40))))
+    calls: list[str] = []
+
+    def ask(addr: str, m: msg.ControlMessage, timeout_ms: int) -> msg.ControlMessage | None:
+        calls.append(addr)
+        if len(calls) == 1:  # the source re-routes while we wait on w3
+            n.configure(_configure(me=_info("w2", 20), predecessor_member=_info("w1", 10),
+                                   successors=(_info("w4", 40), _info("w5", 50))))
+        if "w3" in addr:
+            return None  # dead
+        name = addr.rsplit("/", 1)[-1].split(".")[0]
+        return msg.StabiliseReply(node=name, successors=(_info("w5", 50),))
+
+    n._ask = ask  # type: ignore[method-assign]
+    n.stabilise_once()
+    assert n.successor_names() == ("w4", "w5")
+    hop = n.next_hop()
+    assert hop is not None and hop.name == "w4"
+    n.stabilise_once()  # the next round starts from the new lists
+    assert n.successor_names()[0] == "w4"
