@@ -52,6 +52,10 @@ class ControllerSettings:
     """A gain this large (a fraction of the bottleneck) is acted on at once."""
     max_dwell_s: float = 60.0
     """The longest the dwell grows to after moves that undo each other."""
+    memory_s: float = 10.0
+    """How long a split's measured bottleneck is remembered (and preferred to the
+    prediction): comparing it with one measured much later compares two moments of the
+    machine as much as two splits."""
     quantile: float = 0.25
     """Each side's time is this quantile of its samples: interference (another process on
     the core, a scheduling hiccup) only ever adds time, so a low quantile tracks what the
@@ -183,6 +187,7 @@ class BoundaryController:
         self._proposed_from = 0  # the boundary the proposed move leaves
         # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
         self._tried: dict[int, float] = {}
+        self._tried_at: dict[int, float] = {}  # when each was measured
         self._ends: tuple[int, int] | None = None
 
     @property
@@ -219,11 +224,16 @@ class BoundaryController:
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
         # what this boundary measured before, or what the move here predicted it would
+        now = self.clock()
+        for k in [k for k, t in self._tried_at.items() if now - t > s.memory_s]:
+            self._tried.pop(k, None)  # measured too long ago: the machine has changed since
+            del self._tried_at[k]
         past = self._tried.get(self.left[1], self._expected)
         self._expected = None
         if past is not None and abs(here - past) > s.big * past:
             self._tried = {}  # conditions changed (a device slowed or sped up): start afresh
         self._tried[self.left[1]] = here
+        self._tried_at[self.left[1]] = now
         move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
                        left_transfer_ms, right_transfer_ms, s.hysteresis, self._tried)
         if move is None:

@@ -201,6 +201,24 @@ def test_the_dwell_grows_even_when_frames_on_the_new_split_arrive_before_the_mov
         assert ctl.decide(FREE, 0.0) is None
 
 
+def test_a_remembered_split_is_forgotten_after_memory_s() -> None:
+    """11 measured worse than 10 a while ago; much later 10 reads 10 | 12.5 ms: with the old
+    memory the controller would not try 11, after ``memory_s`` the prediction decides."""
+    clock = Clock()
+    s = ControllerSettings(samples=4, dwell_s=1.0, hysteresis=0.01, big=0.5, memory_s=10.0)
+    ctl = BoundaryController([1.0] * 20, s, clock)
+    ctl._tried, ctl._tried_at, ctl._ends = {11: 12.6}, {11: 0.0}, (0, 20)
+    clock.now = 5.0  # remembered: 11 (12.6) is no better than 10 (12.5) now
+    for _ in range(2):
+        _feed(ctl, (0, 10), (10, 20), 10.0, 12.5, 4)
+        assert ctl.decide(FREE, 0.0) is None
+    clock.now = 10.5  # past memory_s since 11 was measured
+    for _ in range(2):
+        _feed(ctl, (0, 10), (10, 20), 10.0, 12.5, 4)
+        move = ctl.decide(FREE, 0.0)
+    assert move is not None and move.boundary == 11
+
+
 def test_one_window_of_interference_moves_nothing() -> None:
     """Another process takes w2's core for one window: it reads 60 % slow, a big gain on
     paper, and is gone by the next window; the boundary stays."""
