@@ -51,15 +51,16 @@ def test_auto_keeps_the_work_on_the_source_when_the_workers_are_far_slower(
 def test_auto_switches_modes_at_run_time_without_losing_a_request(
         built_tiny: BuiltModel, tmp_path: Path) -> None:
     """Local at start (the workers 1000x slower); then the workers become fast and the source
-    1000x slow: the source decides again, switches to a mode that uses the workers, and the
-    requests in flight across the switch each end with the full model's one answer."""
+    100x slow: the source decides again, switches to a mode that uses the workers, and the
+    requests in flight across the switch each end with the full model's one answer. (Not
+    slower: in ddi the source, which runs blocks, still takes a share of the requests.)"""
     first, second = _inputs(10, seed=13), _inputs(30, seed=14)
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, mode="auto",
                  source_runs_blocks=True, slowdown=(1000.0, 1000.0)) as source:
         futures = submit_all(source, first)
         [f.result(timeout=30) for f in futures]
         assert source.status().mode == "local"
-        for node, factor in (("w1", 1.0), ("w2", 1.0), (source.settings.name, 1000.0)):
+        for node, factor in (("w1", 1.0), ("w2", 1.0), (source.settings.name, 100.0)):
             source.set_slowdown(node, factor)
         futures += submit_all(source, second)  # in flight while it switches
         _wait(lambda: source.status().mode != "local", 20, "mode auto never switched")
