@@ -661,13 +661,8 @@ class Source:
                     self._configure([], timeout_ms=2000)
                     for w in live:  # idle now: no blocks
                         w.state, w.reason = "idle", "mode auto runs the model on the source"
-                        if self._configures.pop(w.ref.name, None) is not None:
-                            with contextlib.suppress(ArmdiError):
-                                self._client(w).request(msg.Configure(
-                                    node=w.ref.name, start=0, end=0, successor_addr=None,
-                                    result_addr=self.settings.data_addr,
-                                    wire_dtype=self.settings.wire_dtype,
-                                    chain=(self.settings.name,)), timeout_ms=2000)
+                        with contextlib.suppress(ArmdiError):
+                            self._unassign(w, (self.settings.name,), 2000)
                 else:
                     self.allocation = self._allocate(live)
                     self._configure(live, timeout_ms=2000)
@@ -765,11 +760,7 @@ class Source:
                 continue
             w.state = "idle"
             log.warning("worker %s runs no blocks: %s", w.ref.name, w.reason)
-            if self._configures.pop(w.ref.name, None) is not None:  # it ran blocks before
-                self._client(w).request(msg.Configure(
-                    node=w.ref.name, start=0, end=0, successor_addr=None,
-                    result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
-                    chain=tuple(chain)), timeout_ms=timeout_ms)
+            self._unassign(w, tuple(chain), timeout_ms)
         if route and route[0][0] == self.settings.name:
             self.engines.load_now(route[0][2], route[0][3])
         self._route = route
@@ -792,6 +783,14 @@ class Source:
         return {"me": members[i], "predecessor_member": members[i - 1] if i > 0 else None,
                 "successors": tuple(members[i + 1: i + 1 + self.settings.successors]),
                 "anchor_control_addr": self.settings.control_addr}
+
+    def _unassign(self, w: _WorkerState, chain: tuple[str, ...], timeout_ms: int) -> None:
+        """A worker that ran blocks runs none from now on (told so with an empty range)."""
+        if self._configures.pop(w.ref.name, None) is not None:
+            self._client(w).request(msg.Configure(
+                node=w.ref.name, start=0, end=0, successor_addr=None,
+                result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
+                chain=chain), timeout_ms=timeout_ms)
 
     def _place_ddi(self, live: list[_WorkerState], timeout_ms: int = 30_000) -> None:
         """ddi: every live worker runs the whole model and returns results here; the source
