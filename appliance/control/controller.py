@@ -225,7 +225,10 @@ class BoundaryController:
                    self.right_ms + right_transfer_ms)
         # what this boundary measured before, or what the move here predicted it would
         now = self.clock()
-        for k in [k for k, t in self._tried_at.items() if now - t > s.memory_s]:
+        # remembered longer while moves keep undoing each other (the dwell has grown): there
+        # the prediction is what is wrong, and forgetting the measurement reopens the to-and-fro
+        keep_s = max(s.memory_s, 2.0 * self.dwell_s)
+        for k in [k for k, t in self._tried_at.items() if now - t > keep_s]:
             self._tried.pop(k, None)  # measured too long ago: the machine has changed since
             del self._tried_at[k]
         past = self._tried.get(self.left[1], self._expected)
@@ -287,10 +290,11 @@ class BoundaryController:
             # from what decide saw: frames on the new split may already have been observed
             direction = 1 if move.boundary > self._proposed_from else -1
             gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
-            if gain >= self.settings.big:  # a real change: act on the next one promptly
-                self.dwell_s = self.settings.dwell_s
-            elif direction == -self._direction:  # undoing the last move: noise, likely
+            if direction == -self._direction:  # undoing the last move: noise or a wrong
+                # profile, likely, even when it was predicted to gain much
                 self.dwell_s = min(self.dwell_s * 2, self.settings.max_dwell_s)
+            elif gain >= self.settings.big:  # a real change: act on the next one promptly
+                self.dwell_s = self.settings.dwell_s
             # a small step on in the same direction keeps the dwell as it is
             self._direction = direction
         self.last_move = self.clock()
