@@ -189,6 +189,7 @@ class BoundaryController:
         self._tried: dict[int, float] = {}
         self._tried_at: dict[int, float] = {}  # when each was measured
         self._ends: tuple[int, int] | None = None
+        self._last_here: tuple[tuple[tuple[int, int], tuple[int, int]], float] | None = None
 
     @property
     def left_ms(self) -> float:
@@ -223,6 +224,12 @@ class BoundaryController:
             self._ends, self._tried = ends, {}
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
+        # how much two windows on this very split differ: the measurement's own noise
+        split = (self.left, self.right)
+        last = self._last_here
+        noise = (abs(here - last[1]) / max(here, last[1], 1e-12)
+                 if last is not None and last[0] == split else 0.0)
+        self._last_here = (split, here)
         # what this boundary measured before, or what the move here predicted it would
         now = self.clock()
         # remembered longer while moves keep undoing each other (the dwell has grown): there
@@ -263,6 +270,11 @@ class BoundaryController:
             self._left_ms.clear()
             self._right_ms.clear()
             self.count = 0
+            return None
+        if gain < s.big and gain <= noise:
+            # no more than two windows on this split differ by: on a busy machine (2 cores
+            # shared by the source and two workers, each window's low quantile swinging by
+            # 10-20 %) such moves go to and fro one block at a time and gain nothing
             return None
         if gain < s.big and self.clock() - self.last_move < self.dwell_s:
             return None  # a small gain: only after the dwell, grown by reversals

@@ -232,6 +232,21 @@ def test_one_window_of_interference_moves_nothing() -> None:
     assert ctl.decide(FREE, 0.0) is None
 
 
+def test_a_small_gain_within_the_windows_own_noise_moves_nothing() -> None:
+    """Two windows on one split agree on the direction but differ by more than the move
+    would gain (a busy machine): no move; once two windows agree closely, the move."""
+    clock = Clock()
+    s = ControllerSettings(samples=4, dwell_s=0.0, hysteresis=0.01, big=0.5)
+    ctl = BoundaryController([1.0] * 20, s, clock)
+    _feed(ctl, (0, 10), (10, 20), 10.0, 11.5, 4)  # one block: 11.5 -> 11.0 ms, a 4 % gain
+    assert ctl.decide(FREE, 0.0) is None
+    _feed(ctl, (0, 10), (10, 20), 10.0, 13.5, 4)  # the same split reads 15 % slower, and
+    assert ctl.decide(FREE, 0.0) is None          # one block would gain 10 % of it
+    _feed(ctl, (0, 10), (10, 20), 10.0, 13.2, 4)  # 2 % apart, the move gains 10 %
+    move = ctl.decide(FREE, 0.0)
+    assert move is not None and move.boundary == 11
+
+
 def test_the_low_quantile_ignores_outliers() -> None:
     ctl = BoundaryController([1.0] * 10, ControllerSettings(samples=9, dwell_s=0.0))
     for i in range(9):
