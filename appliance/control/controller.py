@@ -40,6 +40,14 @@ __all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "shoul
            "transfer_ms"]
 
 
+NOISE_WEIGHT = 0.2
+"""The weight of the newest pair of windows in the controller's running noise estimate."""
+NOISE_MARGIN = 2.0
+"""A small move must gain more than this many times the mean difference of two windows on
+one split (two windows' values differ by about 1.1 standard deviations on average: the
+margin asks for a gain of about two of them)."""
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     hysteresis: float = 0.02
@@ -190,6 +198,7 @@ class BoundaryController:
         self._tried_at: dict[int, float] = {}  # when each was measured
         self._ends: tuple[int, int] | None = None
         self._last_here: tuple[tuple[tuple[int, int], tuple[int, int]], float] | None = None
+        self.noise: float | None = None  # mean relative difference of two windows on a split
 
     @property
     def left_ms(self) -> float:
@@ -224,12 +233,17 @@ class BoundaryController:
             self._ends, self._tried = ends, {}
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
-        # how much two windows on this very split differ: the measurement's own noise
+        # how much two windows on one split differ, on average: the measurement's own noise
+        # (a jump over ``big`` is a device that changed, not noise)
         split = (self.left, self.right)
         last = self._last_here
-        noise = (abs(here - last[1]) / max(here, last[1], 1e-12)
-                 if last is not None and last[0] == split else 0.0)
+        if last is not None and last[0] == split:
+            jump = abs(here - last[1]) / max(here, last[1], 1e-12)
+            if jump < s.big:
+                self.noise = jump if self.noise is None else (
+                    NOISE_WEIGHT * jump + (1.0 - NOISE_WEIGHT) * self.noise)
         self._last_here = (split, here)
+        noise = NOISE_MARGIN * (self.noise or 0.0)
         # what this boundary measured before, or what the move here predicted it would
         now = self.clock()
         # remembered longer while moves keep undoing each other (the dwell has grown): there
@@ -272,9 +286,9 @@ class BoundaryController:
             self.count = 0
             return None
         if gain < s.big and gain <= noise:
-            # no more than two windows on this split differ by: on a busy machine (2 cores
+            # within what two windows on one split differ by: on a busy machine (2 cores
             # shared by the source and two workers, each window's low quantile swinging by
-            # 10-20 %) such moves go to and fro one block at a time and gain nothing
+            # 5-30 %) such moves go to and fro one block at a time and gain nothing
             return None
         if gain < s.big and self.clock() - self.last_move < self.dwell_s:
             return None  # a small gain: only after the dwell, grown by reversals

@@ -233,8 +233,9 @@ def test_one_window_of_interference_moves_nothing() -> None:
 
 
 def test_a_small_gain_within_the_windows_own_noise_moves_nothing() -> None:
-    """Two windows on one split agree on the direction but differ by more than the move
-    would gain (a busy machine): no move; once two windows agree closely, the move."""
+    """Windows on one split agree on the direction but differ by more than the move would
+    gain (a busy machine): no move; once windows have agreed closely for a while (the noise
+    estimate decays), the move."""
     clock = Clock()
     s = ControllerSettings(samples=4, dwell_s=0.0, hysteresis=0.01, big=0.5)
     ctl = BoundaryController([1.0] * 20, s, clock)
@@ -242,9 +243,16 @@ def test_a_small_gain_within_the_windows_own_noise_moves_nothing() -> None:
     assert ctl.decide(FREE, 0.0) is None
     _feed(ctl, (0, 10), (10, 20), 10.0, 13.5, 4)  # the same split reads 15 % slower, and
     assert ctl.decide(FREE, 0.0) is None          # one block would gain 10 % of it
-    _feed(ctl, (0, 10), (10, 20), 10.0, 13.2, 4)  # 2 % apart, the move gains 10 %
-    move = ctl.decide(FREE, 0.0)
+    assert ctl.noise == pytest.approx(2.0 / 13.5)
+    windows = []
+    for window in range(20):  # now steady at 13.2 ms: a 10 % gain, windows 0 % apart
+        _feed(ctl, (0, 10), (10, 20), 10.0, 13.2, 4)
+        move = ctl.decide(FREE, 0.0)
+        if move is not None:
+            windows.append(window)
+            break
     assert move is not None and move.boundary == 11
+    assert 3 <= windows[0] <= 8  # 2 x noise fell below the gain: 0.15 x 0.8^k < 0.05
 
 
 def test_the_low_quantile_ignores_outliers() -> None:
