@@ -197,8 +197,7 @@ class BoundaryController:
         self._tried: dict[int, float] = {}
         self._tried_at: dict[int, float] = {}  # when each was measured
         self._ends: tuple[int, int] | None = None
-        self._last_here: tuple[tuple[tuple[int, int], tuple[int, int]], float] | None = None
-        self.noise: float | None = None  # mean relative difference of two windows on a split
+        self.noise: float | None = None  # mean relative difference of two readings of a split
 
     @property
     def left_ms(self) -> float:
@@ -233,18 +232,6 @@ class BoundaryController:
             self._ends, self._tried = ends, {}
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
-        # how much two windows on one split differ, on average: the measurement's own noise
-        # (a jump over ``big`` is a device that changed, not noise)
-        split = (self.left, self.right)
-        last = self._last_here
-        if last is not None and last[0] == split:
-            jump = abs(here - last[1]) / max(here, last[1], 1e-12)
-            if jump < s.big:
-                self.noise = jump if self.noise is None else (
-                    NOISE_WEIGHT * jump + (1.0 - NOISE_WEIGHT) * self.noise)
-        self._last_here = (split, here)
-        noise = NOISE_MARGIN * (self.noise or 0.0)
-        # what this boundary measured before, or what the move here predicted it would
         now = self.clock()
         # remembered longer while moves keep undoing each other (the dwell has grown): there
         # the prediction is what is wrong, and forgetting the measurement reopens the to-and-fro
@@ -252,7 +239,18 @@ class BoundaryController:
         for k in [k for k, t in self._tried_at.items() if now - t > keep_s]:
             self._tried.pop(k, None)  # measured too long ago: the machine has changed since
             del self._tried_at[k]
-        past = self._tried.get(self.left[1], self._expected)
+        before = self._tried.get(self.left[1])
+        if before is not None:
+            # how much two readings of this split differ (the window before, or the last visit
+            # seconds ago), on average: the measurement's own noise, drift included; a jump
+            # over ``big`` is a device that changed, not noise
+            jump = abs(here - before) / max(here, before, 1e-12)
+            if jump < s.big:
+                self.noise = jump if self.noise is None else (
+                    NOISE_WEIGHT * jump + (1.0 - NOISE_WEIGHT) * self.noise)
+        noise = NOISE_MARGIN * (self.noise or 0.0)
+        # what this boundary measured before, or what the move here predicted it would
+        past = before if before is not None else self._expected
         self._expected = None
         if past is not None and abs(here - past) > s.big * past:
             self._tried = {}  # conditions changed (a device slowed or sped up): start afresh
