@@ -197,8 +197,7 @@ class BoundaryController:
         self._retry_at = -math.inf  # after a refused move, not before this
         self._proposed_from = 0  # the boundary the proposed move leaves
         # the pair's measured bottleneck by boundary, for the current outer ends (a, c)
-        self._tried: dict[int, float] = {}
-        self._tried_at: dict[int, float] = {}  # when each was measured
+        self._tried: dict[int, tuple[float, float]] = {}  # boundary -> (ms, when measured)
         self._ends: tuple[int, int] | None = None
         self.noise: float | None = None  # mean relative difference of two readings of a split
 
@@ -226,8 +225,9 @@ class BoundaryController:
     def decide(self, left_transfer_ms: Sequence[float], right_transfer_ms: float) -> Move | None:
         """A move to make now, or None (too soon, too few samples, or nothing pays)."""
         s = self.settings
+        now = self.clock()
         if (self.left is None or self.right is None or self.count < s.samples
-                or self.clock() - self.last_move < s.dwell_s or self.clock() < self._retry_at
+                or now - self.last_move < s.dwell_s or now < self._retry_at
                 or not self.left[0] < self.left[1] < self.right[1]):
             return None
         ends = (self.left[0], self.right[1])
@@ -235,14 +235,12 @@ class BoundaryController:
             self._ends, self._tried = ends, {}
         here = max(self.left_ms + left_transfer_ms[self.left[1]],
                    self.right_ms + right_transfer_ms)
-        now = self.clock()
         # remembered longer while moves keep undoing each other (the dwell has grown): there
         # the prediction is what is wrong, and forgetting the measurement reopens the to-and-fro
         keep_s = max(s.memory_s, 2.0 * self.dwell_s)
-        for k in [k for k, t in self._tried_at.items() if now - t > keep_s]:
-            self._tried.pop(k, None)  # measured too long ago: the machine has changed since
-            del self._tried_at[k]
-        before = self._tried.get(self.left[1])
+        # (measured too long ago: the machine has changed since)
+        self._tried = {k: (ms, at) for k, (ms, at) in self._tried.items() if now - at <= keep_s}
+        before = self._tried[self.left[1]][0] if self.left[1] in self._tried else None
         if before is not None:
             # how much two readings of this split differ (the window before, or the last visit
             # seconds ago), on average: the measurement's own noise, drift included; a jump
@@ -257,10 +255,10 @@ class BoundaryController:
         self._expected = None
         if past is not None and abs(here - past) > s.big * past:
             self._tried = {}  # conditions changed (a device slowed or sped up): start afresh
-        self._tried[self.left[1]] = here
-        self._tried_at[self.left[1]] = now
+        self._tried[self.left[1]] = (here, now)
+        measured = {k: ms for k, (ms, _at) in self._tried.items()}
         move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
-                       left_transfer_ms, right_transfer_ms, s.hysteresis, self._tried)
+                       left_transfer_ms, right_transfer_ms, s.hysteresis, measured)
         if move is None:
             self._seen = None
             return None
@@ -270,7 +268,7 @@ class BoundaryController:
             # interference that differs from one window to the next) is as large as the gain:
             # one block at a time, each step measured before the next.
             move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
-                           left_transfer_ms, right_transfer_ms, s.hysteresis, self._tried,
+                           left_transfer_ms, right_transfer_ms, s.hysteresis, measured,
                            max_step=1)
             if move is None:
                 self._seen = None
@@ -291,7 +289,7 @@ class BoundaryController:
             # shared by the source and two workers, each window's low quantile swinging by
             # 5-30 %) such moves go to and fro one block at a time and gain nothing
             return None
-        if gain < s.big and self.clock() - self.last_move < self.dwell_s:
+        if gain < s.big and now - self.last_move < self.dwell_s:
             return None  # a small gain: only after the dwell, grown by reversals
         self._proposed, self._proposed_from = move, self.left[1]
         return move
