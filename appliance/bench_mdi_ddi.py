@@ -9,12 +9,16 @@ result, at the source), beside what the prediction says for the same case.
 - Modes: ``armdi`` and ``edgepipe`` (one MDI chain, placed at the allocator's exact optimum
   for uint8 pixel inputs; ``armdi`` then adapts), each with the float32 and the float16
   wire; ``ddi`` (whole uint8 images to the least-loaded worker); ``ddi_jpeg`` (the JPEG bytes
-  instead, decoded on the worker; a variant, not in the default set); ``local`` (one device
-  runs everything: one emulated worker on a free link); ``auto`` (the source's mode auto,
-  which picks ddi or an armdi chain from the prediction; its choice is in each cell's
-  ``auto_choice``: here the source runs no blocks, so running everything on the source is
-  not one of its alternatives, and the summary's ``auto`` compares it with the best of
-  armdi, edgepipe and ddi, and separately with local).
+  instead, decoded on the worker; a variant, not in the default set); ``hybrid`` (DDI over
+  chains, at the chain length the prediction rates best; 3 workers or more); ``local`` (one
+  device runs everything: one emulated worker on a free link); ``auto`` (the source's mode
+  auto, which picks ddi, an armdi chain or hybrid from the prediction; its choice is in each
+  cell's ``auto_choice``: here the source runs no blocks, so running everything on the
+  source is not one of its alternatives, and the summary's ``auto`` compares it with the
+  best of armdi, edgepipe and ddi (the paper's modes), with hybrid, and with local).
+- **Memory budgets** (``memory``): per worker, the fraction of the model's blocks its memory
+  holds (1: the whole model). Below 1, ``ddi`` and ``local`` cannot run (no device holds the
+  model) and are not measured; the chains respect the cap (``max_blocks``).
 - The source owns the images and runs no blocks: N workers are N compute devices.
 - **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)
   instead of computing, so 3-4 workers run faithfully on 2 cores. JPEG decoding in
@@ -59,8 +63,9 @@ from engines.errors import ArmdiError
 from engines.manifest import Manifest
 from engines.repository import ModelRepository
 
-MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "local", "auto")
-DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "local", "auto")
+MODES = ("armdi", "edgepipe", "ddi", "ddi_jpeg", "hybrid", "local", "auto")
+DEFAULT_MODES = ("armdi", "edgepipe", "ddi", "hybrid", "local", "auto")
+WHOLE_MODEL_MODES = ("ddi", "ddi_jpeg", "local")  # a device holds the whole model
 LINKS = ("transport", "tc")  # where the links come from
 LINK_LABEL = "links emulated in the transport"
 TC_LABEL = ("links shaped with tc tbf between network namespaces where root allows, else "
@@ -85,6 +90,7 @@ class MdiDdiOptions:
     build_missing: bool = True
     request_timeout_s: float = 120.0
     calibrate: bool = True  # measure the runtime's per-request cost; the prediction adds it
+    memory: tuple[float, ...] = (1.0,)  # per-worker memory budgets, fractions of the model
 
 
 QUICK = {"models": ("mobilenet_v2", "vgg16"), "sizes": (224, 32), "links_mbps": (20.0, 1000.0),
@@ -112,6 +118,9 @@ def check_options(o: MdiDdiOptions) -> None:
         raise ArmdiError("--images and --window must be 1 or more")
     if not o.time_scale > 0:
         raise ArmdiError("--time-scale must be above 0")
+    if not o.memory or any(not (math.isfinite(m) and 0 < m <= 1) for m in o.memory):
+        raise ArmdiError("--memory: fractions of the model each worker holds, above 0 and "
+                         "at most 1")
 
 
 def model_for(repository: ModelRepository, model: str, size: int, build_missing: bool,
@@ -159,9 +168,15 @@ def _decode_ms(image: bytes, manifest: Manifest) -> float:
     return statistics.median(times)
 
 
+def cap_for(blocks: int, memory: float) -> int | None:
+    """The most blocks a worker with ``memory`` (a fraction of the model) holds; None: all."""
+    return None if memory >= 1 else max(1, math.floor(blocks * memory + 1e-9))
+
+
 def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbps: float | None,
                  wire_dtype: str = "float32", jpeg: bytes | None = None,
-                 decode_ms: float = 0.0, overhead_ms: float = 0.0) -> Scenario:
+                 decode_ms: float = 0.0, overhead_ms: float = 0.0,
+                 cap: int | None = None) -> Scenario:
     profile = manifest.profile_for(device_signature(), "ort")
     if profile is None:
         raise ArmdiError(f"{manifest.model_id} has no profile; rebuild it")
@@ -171,7 +186,8 @@ def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbp
         link_Bps=math.inf if link_mbps is None else link_mbps * 1e6 / 8,
         latency_ms=LOOPBACK_LATENCY_MS, speeds=(1.0,) * workers,
         input_bytes=len(jpeg) if jpeg is not None else None, wire_dtype=wire_dtype,
-        decode_ms=decode_ms, overhead_ms=overhead_ms)
+        decode_ms=decode_ms, overhead_ms=overhead_ms,
+        max_blocks=None if cap is None else (cap,) * workers)
 
 
 def calibrate_overhead(o: MdiDdiOptions, manifest: Manifest) -> float:
@@ -181,13 +197,13 @@ def calibrate_overhead(o: MdiDdiOptions, manifest: Manifest) -> float:
     none = Prediction("ddi", 1, 1.0, 1.0, 1.0, 1.0, 1.0)
     images = max(o.images, 20)
     measured = _run(dataclasses.replace(quiet, images=images), manifest, "local", 1, None,
-                    "float32", None, none)
+                    "float32", None, none, None)
     return float(measured["time_s"]) * 1000 / images
 
 
 def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
          link_mbps: float | None, wire_dtype: str, jpeg: bytes | None,
-         prediction: Prediction) -> dict[str, Any]:
+         prediction: Prediction, cap: int | None, chain_workers: int = 2) -> dict[str, Any]:
     """One cluster, N images through it; the measured figures."""
     from appliance.cluster import LocalClusterOptions, running
     from appliance.data.source import Source
@@ -199,6 +215,7 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
         model=manifest.model_id, repo=o.repo, nodes=workers,
         mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,  # auto: the source's
         ddi_input="jpeg" if mode == "ddi_jpeg" else "pixels", wire_dtype=wire_dtype, port=0,
+        chain_workers=chain_workers, max_blocks=(cap,) * workers,
         source_runs_blocks=False, emulate_compute=True, emulate_scale=o.time_scale,
         link_mbps=None if shaped else link_mbps, request_timeout_s=o.request_timeout_s,
         link=LinkSpec(rate_bps=link_mbps * 1e6) if shaped and link_mbps else None)
@@ -227,6 +244,8 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
             source.close()
     chosen = {"auto_choice": status.mode,
               "auto_reason": (status.auto or {}).get("reason", "")} if mode == "auto" else {}
+    if mode == "hybrid":
+        chosen = {"chain_workers": chain_workers}
     return {**chosen, "time_s": round(elapsed, 4), "throughput_ips": round(o.images / elapsed, 3),
             "latency_p50_ms": round(_quantile(latencies, 0.5), 3),
             "latency_p99_ms": round(_quantile(latencies, 0.99), 3),
@@ -248,18 +267,23 @@ def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,
     return latencies
 
 
-def _cases(o: MdiDdiOptions) -> list[tuple[str, int, float | None, str]]:
-    """(mode, workers, link Mbit/s or None, wire dtype) for one model and size."""
-    cases: list[tuple[str, int, float | None, str]] = []
-    if "local" in o.modes:
-        cases.append(("local", 1, None, "float32"))
-    for link in o.links_mbps:
-        for workers in o.workers:
-            for mode in o.modes:
-                if mode in ("armdi", "edgepipe"):
-                    cases += [(mode, workers, link, d) for d in o.wire_dtypes]
-                elif mode != "local":
-                    cases.append((mode, workers, link, "float32"))
+def _cases(o: MdiDdiOptions) -> list[tuple[str, int, float | None, str, float]]:
+    """(mode, workers, link Mbit/s or None, wire dtype, memory) for one model and size."""
+    cases: list[tuple[str, int, float | None, str, float]] = []
+    if "local" in o.modes and any(m >= 1 for m in o.memory):
+        cases.append(("local", 1, None, "float32", 1.0))
+    for memory in o.memory:
+        for link in o.links_mbps:
+            for workers in o.workers:
+                for mode in o.modes:
+                    if memory < 1 and mode in WHOLE_MODEL_MODES:
+                        continue  # no device holds the whole model
+                    if mode == "hybrid" and workers < 3:
+                        continue  # chains of 2 or more, at least two of them
+                    if mode in ("armdi", "edgepipe"):
+                        cases += [(mode, workers, link, d, memory) for d in o.wire_dtypes]
+                    elif mode != "local":
+                        cases.append((mode, workers, link, "float32", memory))
     return cases
 
 
@@ -280,24 +304,34 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
             calibration[manifest.model_id] = {"overhead_ms": round(overhead, 3),
                                               "decode_ms": round(decode, 3)}
             say(f"{manifest.model_id}: runtime overhead {overhead:.2f} ms per request")
-            for mode, workers, link, dtype in _cases(o):
+            for mode, workers, link, dtype, memory in _cases(o):
                 image = jpeg if mode == "ddi_jpeg" else None
+                cap = cap_for(manifest.blocks, memory)
                 scenario = scenario_for(manifest, o, workers=workers, link_mbps=link,
                                         wire_dtype=dtype, jpeg=image,
                                         decode_ms=decode if image else 0.0,
-                                        overhead_ms=overhead)
-                kind = "ddi" if mode == "ddi_jpeg" else mode
-                if mode == "auto":  # what the source will choose (it runs no blocks here)
-                    kind = choose(scenario, worker_max_blocks=(None,) * workers,
-                                  source_runs_blocks=False).mode
+                                        overhead_ms=overhead, cap=cap)
+                kind, length = ("ddi" if mode == "ddi_jpeg" else mode), 2
+                if mode in ("auto", "hybrid"):  # what auto chooses (the source runs no blocks)
+                    decision = choose(scenario, worker_max_blocks=(cap,) * workers,
+                                      source_runs_blocks=False)
+                    hybrid = next(a for a in decision.alternatives if a.mode == "hybrid")
+                    if mode == "hybrid" and not hybrid.feasible:
+                        continue
+                    kind = decision.mode if mode == "auto" else "hybrid"
+                    length = (decision if mode == "auto" else hybrid).chain_workers or 2
+                    scenario = dataclasses.replace(scenario, chain_workers=length)
                 predicted = predict(kind, scenario, o.images, o.window)
                 label = (f"{manifest.model_id} {size}x{size} {mode} {dtype} x{workers} "
-                         f"@ {'no link' if link is None else f'{link:g} Mbit/s'}")
+                         f"@ {'no link' if link is None else f'{link:g} Mbit/s'}"
+                         + (f", memory {memory:g} ({cap} blocks)" if cap else ""))
                 say(label)
-                measured = _run(o, manifest, mode, workers, link, dtype, image, predicted)
+                measured = _run(o, manifest, mode, workers, link, dtype, image, predicted, cap,
+                                length)
                 rows.append({
                     "model": model, "model_id": manifest.model_id, "size": size, "mode": mode,
                     "workers": workers, "link_mbps": link, "wire_dtype": dtype,
+                    "memory": memory, "max_blocks": cap,
                     "input_bytes": scenario.wire_input_bytes, "images": o.images, **measured,
                     "predicted": predicted.to_dict(),
                     "time_ratio": round(measured["time_s"] / predicted.time_s, 3)
@@ -312,7 +346,8 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
         "options": {"models": list(o.models), "sizes": list(o.sizes),
                     "links_mbps": list(o.links_mbps), "workers": list(o.workers),
                     "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
-                    "images": o.images, "window": o.window, "time_scale": o.time_scale},
+                    "images": o.images, "window": o.window, "time_scale": o.time_scale,
+                    "memory": list(o.memory)},
         "calibration": calibration,
         "cells": rows,  # (the name armdi bench report reads)
         "winners": winners(rows),
@@ -320,54 +355,63 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
     }
 
 
+def _key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """A cell's condition: model, size, link, workers and memory budget (1: none)."""
+    return (r["model_id"], r["size"], r["link_mbps"], r["workers"], r.get("memory", 1.0))
+
+
+def _name(r: dict[str, Any]) -> str:
+    return f"{r['mode']}{'/f16' if r['wire_dtype'] == 'float16' else ''}"
+
+
+PAPER_MODES = ("armdi", "edgepipe", "ddi")
+
+
 def auto_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per model, size, link and worker count with an ``auto`` cell: its throughput over the
-    best of armdi, edgepipe and ddi (what it chooses among here) and over local's; the worst
-    of each, and how often it beat them all."""
+    """Per condition with an ``auto`` cell: its throughput over the best of the paper's
+    distributed modes (armdi, edgepipe, ddi), over hybrid's, over local's (where a device
+    holds the whole model); the worst of the first, and how often it beat them all."""
     local = {r["model_id"]: r for r in rows if r["mode"] == "local"}
     cells = []
     for a in (r for r in rows if r["mode"] == "auto"):
-        key = (a["model_id"], a["size"], a["link_mbps"], a["workers"])
-        others = [r for r in rows if r["mode"] in ("armdi", "edgepipe", "ddi")
-                  and (r["model_id"], r["size"], r["link_mbps"], r["workers"]) == key]
+        here = [r for r in rows if _key(r) == _key(a)]
+        others = [r for r in here if r["mode"] in PAPER_MODES]
+        hybrid = [r for r in here if r["mode"] == "hybrid"]
         if not others:
             continue
         best = max(others, key=lambda r: r["throughput_ips"])
-        lo = local.get(a["model_id"])
+        lo = local.get(a["model_id"]) if a.get("memory", 1.0) >= 1 else None
+        h = max(hybrid, key=lambda r: r["throughput_ips"]) if hybrid else None
         cells.append({"model_id": a["model_id"], "size": a["size"], "link_mbps": a["link_mbps"],
-                      "workers": a["workers"], "chose": a.get("auto_choice"),
-                      "best_other": best["mode"] + ("/f16" if best["wire_dtype"] == "float16"
-                                                    else ""),
+                      "workers": a["workers"], "memory": a.get("memory", 1.0),
+                      "chose": a.get("auto_choice"), "best_other": _name(best),
                       "ratio_to_best": round(a["throughput_ips"] / best["throughput_ips"], 3),
+                      "ratio_to_hybrid": round(a["throughput_ips"] / h["throughput_ips"], 3)
+                      if h else None,
                       "ratio_to_local": round(a["throughput_ips"] / lo["throughput_ips"], 3)
                       if lo else None})
     ratios = [c["ratio_to_best"] for c in cells]
     return {"cells": cells, "min_ratio_to_best": min(ratios) if ratios else None,
             "beats_all": sum(1 for c in cells if c["ratio_to_best"] > 1.0
-                             and (c["ratio_to_local"] or 0.0) > 1.0)}
+                             and (c["ratio_to_local"] is None or c["ratio_to_local"] > 1.0))}
 
 
 def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, size, link and worker count: the fastest mode measured and predicted
-    (``local`` competes everywhere; it needs no link; ``auto`` runs one of the others and
-    is summarised apart, ``auto_summary``)."""
+    """Per condition: the fastest mode measured and predicted (``local`` competes wherever a
+    device holds the whole model; it needs no link; ``auto`` runs one of the others and is
+    summarised apart, ``auto_summary``)."""
     local = {(r["model_id"]): r for r in rows if r["mode"] == "local"}
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         if r["mode"] not in ("local", "auto"):
-            groups.setdefault((r["model_id"], r["size"], r["link_mbps"], r["workers"]),
-                              []).append(r)
+            groups.setdefault(_key(r), []).append(r)
     out = []
-    for (model_id, size, link, workers), group in groups.items():
-        contenders = group + ([local[model_id]] if model_id in local else [])
-
-        def name(r: dict[str, Any]) -> str:
-            return f"{r['mode']}{'/f16' if r['wire_dtype'] == 'float16' else ''}"
-
+    for (model_id, size, link, workers, memory), group in groups.items():
+        contenders = group + ([local[model_id]] if model_id in local and memory >= 1 else [])
         best_m = min(contenders, key=lambda r: r["time_s"])
         best_p = min(contenders, key=lambda r: r["predicted"]["time_s"])
         out.append({"model_id": model_id, "size": size, "link_mbps": link, "workers": workers,
-                    "measured": name(best_m), "predicted": name(best_p)})
+                    "memory": memory, "measured": _name(best_m), "predicted": _name(best_p)})
     return out
 
 
@@ -384,7 +428,7 @@ def format_report(result: dict[str, Any]) -> str:
              f"{'images/s':>15}  {'p50 ms':>17}  {'p99 ms':>8}  {'meas/pred':>9}"]
     for r in result["cells"]:
         m, p = r, r["predicted"]
-        mode = r["mode"] + ("/f16" if r["wire_dtype"] == "float16" else "")
+        mode = _name(r) + (f" m{r['memory']:g}" if r.get("memory", 1.0) < 1 else "")
         link = "-" if r["link_mbps"] is None else f"{r['link_mbps']:g}"
         lines.append(
             f"{r['model_id']:<22}{mode:<14}{r['workers']:>3}{link:>8}  "
@@ -394,17 +438,21 @@ def format_report(result: dict[str, Any]) -> str:
             f"{m['latency_p99_ms']:>8.1f}  {r['time_ratio']:>9}")
     auto = result.get("auto") or {}
     if auto.get("cells"):
-        lines += ["", "mode auto (throughput over the best of armdi/edgepipe/ddi, over local):"]
+        lines += ["", "mode auto (throughput over the best of armdi/edgepipe/ddi, over hybrid, "
+                  "over local):"]
         for c in auto["cells"]:
-            lines.append(f"  {c['model_id']:<22} x{c['workers']} @ {c['link_mbps']:g} Mbit/s: "
-                         f"chose {c['chose']}, x{c['ratio_to_best']} of {c['best_other']}, "
+            memory = f", memory {c['memory']:g}" if c["memory"] < 1 else ""
+            lines.append(f"  {c['model_id']:<22} x{c['workers']} @ {c['link_mbps']:g} Mbit/s"
+                         f"{memory}: chose {c['chose']}, x{c['ratio_to_best']} of "
+                         f"{c['best_other']}, x{c['ratio_to_hybrid']} of hybrid, "
                          f"x{c['ratio_to_local']} of local")
     if result["winners"]:
         lines += ["", "fastest mode (measured / predicted):"]
         for w in result["winners"]:
             agree = "" if w["measured"] == w["predicted"] else "   (differ)"
-            lines.append(f"  {w['model_id']:<22} x{w['workers']} @ {w['link_mbps']:g} Mbit/s: "
-                         f"{w['measured']} / {w['predicted']}{agree}")
+            memory = f", memory {w['memory']:g}" if w["memory"] < 1 else ""
+            lines.append(f"  {w['model_id']:<22} x{w['workers']} @ {w['link_mbps']:g} Mbit/s"
+                         f"{memory}: {w['measured']} / {w['predicted']}{agree}")
     return "\n".join(lines)
 
 

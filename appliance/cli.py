@@ -535,11 +535,17 @@ def up(
     = "efficientnet_lite0",
     mode: Annotated[str, typer.Option(help="armdi (adaptive: boundaries move at run time) | "
                                           "edgepipe (the static optimum) | ddi (every "
-                                          "worker runs the whole model) | local | auto "
-                                          "(the one predicted fastest, switched as speeds change)")]
+                                          "worker runs the whole model) | hybrid (DDI over "
+                                          "chains of --chain-workers) | local | auto (the one "
+                                          "predicted fastest, switched as speeds change)")]
     = "armdi",
     ddi_input: Annotated[str, typer.Option(help="mode ddi: images travel as uint8 pixels | "
                                                "jpeg (decoded on the worker)")] = "pixels",
+    chain_workers: Annotated[int, typer.Option(
+        help="mode hybrid: workers per chain (the chains run side by side).")] = 2,
+    max_blocks: Annotated[str | None, typer.Option(
+        help="Per-worker memory cap in blocks, e.g. 6 (every worker) or 6,6,12: a worker "
+             "never runs more (ddi and local need one that holds the whole model).")] = None,
     slowdown: Annotated[str | None, typer.Option(
         help="Per-worker emulated slowdown factors, e.g. 1,2,4.")] = None,
     cpus: Annotated[str | None, typer.Option(
@@ -565,7 +571,13 @@ def up(
     """Start a whole cluster on this machine: workers, source and web front end."""
     import logging
 
-    from appliance.cluster import LocalClusterOptions, parse_cpus, parse_slowdown, running
+    from appliance.cluster import (
+        LocalClusterOptions,
+        parse_cpus,
+        parse_max_blocks,
+        parse_slowdown,
+        running,
+    )
     from appliance.data.source import Source
     from appliance.settings import source_settings
     from engines.repository import ModelRepository
@@ -574,10 +586,12 @@ def up(
         _fail("--nodes must be 0 or more")
     if not 0 <= min_workers <= nodes:
         _fail(f"--min-workers must be between 0 and --nodes ({nodes})")
-    if mode not in ("armdi", "edgepipe", "ddi", "local", "auto"):
-        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi, local or auto")
+    if mode not in ("armdi", "edgepipe", "ddi", "hybrid", "local", "auto"):
+        _fail(f"--mode {mode!r}: use armdi, edgepipe, ddi, hybrid, local or auto")
     if ddi_input not in ("pixels", "jpeg"):
         _fail(f"--ddi-input {ddi_input!r}: use pixels or jpeg")
+    if chain_workers < 1:
+        _fail(f"--chain-workers must be 1 or more, got {chain_workers}")
     if wire_dtype not in ("float32", "float16"):
         _fail(f"--wire-dtype {wire_dtype!r}: use float32 or float16")
     token = api_token(api_token_file)
@@ -591,7 +605,8 @@ def up(
         build(model=model, repo=root)
     options = LocalClusterOptions(
         model=model, repo=root, nodes=nodes, mode="local" if nodes == 0 else mode,
-        ddi_input=ddi_input,
+        ddi_input=ddi_input, chain_workers=chain_workers,
+        max_blocks=parse_max_blocks(max_blocks, nodes),
         slowdown=parse_slowdown(slowdown, nodes), cpus=parse_cpus(cpus, nodes), host=host,
         port=port, wire_dtype=wire_dtype, run_dir=run_dir, min_workers=min_workers,
         supervise=supervise, link=_link(link), link_shaping=_link_shaping(link_shaping),
@@ -942,7 +957,10 @@ def bench_mdi_vs_ddi(
                                                    "20,50,100,1000.")] = None,
     workers: Annotated[str | None, typer.Option(help="Worker counts, e.g. 2,3,4.")] = None,
     modes: Annotated[str | None, typer.Option(
-        help="Comma-separated: armdi,edgepipe,ddi,local,auto (and ddi_jpeg).")] = None,
+        help="Comma-separated: armdi,edgepipe,ddi,hybrid,local,auto (and ddi_jpeg).")] = None,
+    memory: Annotated[str | None, typer.Option(
+        help="Per-worker memory budgets as fractions of the model, e.g. 1,0.5 (below 1, "
+             "ddi and local cannot run; the chains respect the cap).")] = None,
     wire_dtypes: Annotated[str, typer.Option(help="MDI wire: float32,float16.")]
     = "float32,float16",
     images: Annotated[int | None, typer.Option(help="Images per measurement.")] = None,
@@ -974,7 +992,7 @@ def bench_mdi_vs_ddi(
     chosen: dict[str, Any] = dict(QUICK) if quick else {}
     for key, value in (("models", listed(models, str)), ("sizes", listed(sizes, int)),
                        ("links_mbps", listed(links, float)), ("workers", listed(workers, int)),
-                       ("modes", listed(modes, str)),
+                       ("modes", listed(modes, str)), ("memory", listed(memory, float)),
                        ("wire_dtypes", listed(wire_dtypes, str)), ("images", images)):
         if value is not None:
             chosen[key] = value

@@ -53,7 +53,9 @@ class LocalClusterOptions:
     nodes: int = 3
     mode: str = "edgepipe"
     ddi_input: str = "pixels"  # mode ddi: pixels | jpeg
+    chain_workers: int = 2  # mode hybrid: workers per chain
     slowdown: tuple[float, ...] = ()
+    max_blocks: tuple[int | None, ...] = ()  # per worker: its memory cap (None: none)
     cpus: tuple[tuple[int, ...] | None, ...] = ()
     threads: int = 1
     wire_dtype: str = "float32"
@@ -99,6 +101,25 @@ def parse_slowdown(text: str | None, nodes: int) -> tuple[float, ...]:
     if len(values) > nodes:
         raise ArmdiError(f"--slowdown gives {len(values)} factors for {nodes} nodes")
     return tuple(values + [1.0] * (nodes - len(values)))
+
+
+def parse_max_blocks(text: str | None, nodes: int) -> tuple[int | None, ...]:
+    """``"6"`` (every worker) or ``"6,6,12"`` -> per worker memory caps in blocks."""
+    values = []
+    for part in parse_list(text):
+        try:
+            value = int(part)
+        except ValueError as exc:
+            raise ArmdiError(f"--max-blocks: {part!r} is not a whole number") from exc
+        if value < 1:
+            raise ArmdiError(f"--max-blocks: {value} is below 1 (a worker that can hold no "
+                             "block serves nothing)")
+        values.append(value)
+    if len(values) == 1:
+        return tuple(values * nodes)
+    if len(values) > nodes:
+        raise ArmdiError(f"--max-blocks gives {len(values)} caps for {nodes} nodes")
+    return tuple(values + [None] * (nodes - len(values)))
 
 
 def parse_cpus(text: str | None, nodes: int) -> tuple[tuple[int, ...] | None, ...]:
@@ -187,6 +208,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path,
             "name": name,
             **_addresses(options, run_dir, name, ports, network),
             "slowdown": options.slowdown[i] if i < len(options.slowdown) else 1.0,
+            "max_blocks": options.max_blocks[i] if i < len(options.max_blocks) else None,
             "threads": options.threads,
             "bandwidth_mbps": rate_mbps,
             "latency_ms": latency_ms,
@@ -197,7 +219,7 @@ def local_config(options: LocalClusterOptions, run_dir: Path,
         workers.append(worker)
     cluster: dict[str, object] = {
         "model": options.model, "repo": str(options.repo), "mode": options.mode,
-        "ddi_input": options.ddi_input,
+        "ddi_input": options.ddi_input, "chain_workers": options.chain_workers,
         "wire_dtype": options.wire_dtype, "request_timeout_s": options.request_timeout_s,
         "queue_depth": options.queue_depth,
         "min_workers": options.min_workers if options.mode != "local" else 0,

@@ -58,8 +58,8 @@ __all__ = [
 ADDRESS_SCHEMES = ("tcp://", "tls+tcp://", "ipc://", "inproc://")
 MIN_KEY_BYTES = 16
 
-Mode = Literal["armdi", "edgepipe", "ddi", "local", "auto"]
-MODES_NEEDING_WORKERS: tuple[Mode, ...] = ("armdi", "edgepipe", "ddi", "auto")
+Mode = Literal["armdi", "edgepipe", "ddi", "hybrid", "local", "auto"]
+MODES_NEEDING_WORKERS: tuple[Mode, ...] = ("armdi", "edgepipe", "ddi", "hybrid", "auto")
 
 
 class ConfigError(ArmdiError):
@@ -111,8 +111,12 @@ class ClusterSection(_Frozen):
     mode: Mode = Field(
         "armdi",
         description="armdi (adaptive, resilient) | edgepipe (static optimum) | ddi "
-                    "(data-distributed: every worker runs the whole model) | local | auto "
-                    "(local, ddi or armdi: the one predicted fastest, switched as speeds change)",
+                    "(data-distributed: every worker runs the whole model) | hybrid (DDI "
+                    "over chains of chain_workers) | local | auto (local, ddi, armdi or "
+                    "hybrid: the one predicted fastest, switched as speeds change)",
+    )
+    chain_workers: int = Field(
+        2, ge=1, description="mode hybrid: workers per chain (the chains run side by side)"
     )
     ddi_input: Literal["pixels", "jpeg"] = Field(
         "pixels", description="mode ddi: image requests travel as uint8 pixels, or as the "

@@ -42,13 +42,15 @@ FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "fa
          "pipeline_old": "pipeline-old.json",  # the code before the data-plane rework
          "pipeline_mnv2": "pipeline-mobilenet_v2.json",
          "adaptive_real": "adaptive-real.json",  # --real
-         "faults_emulated": "faults-emulated.json"}  # --emulate
+         "faults_emulated": "faults-emulated.json",  # --emulate
+         "mdi_vs_ddi_memory": "mdi-vs-ddi-memory.json"}  # --memory below 1, hybrid
 BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench adaptive",
                   "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi",
                   "pipeline_old": "armdi bench pipeline",
                   "pipeline_mnv2": "armdi bench pipeline --model mobilenet_v2",
                   "adaptive_real": "armdi bench adaptive --real",
-                  "faults_emulated": "armdi bench faults --emulate"}
+                  "faults_emulated": "armdi bench faults --emulate",
+                  "mdi_vs_ddi_memory": "armdi bench mdi-vs-ddi --memory 0.5"}
 PIPELINE_RUNS = "pipeline-run*.json"  # repeated runs of `armdi bench pipeline`: the median
 RATIOS = ("overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio")
 MDI_MODES = ("armdi", "edgepipe")
@@ -419,7 +421,10 @@ def mdi_cells(data: dict[str, Any]) -> list[Cell]:
             p_time = _float(r.get("predicted_time_s"))
         if link is None:
             continue
-        cells.append(Cell(model=str(r.get("model", data.get("model", "?"))),
+        memory = _float(r.get("memory"))
+        model = str(r.get("model", data.get("model", "?"))) + (
+            f" (memory {memory:g})" if memory is not None and memory < 1 else "")
+        cells.append(Cell(model=model,
                           input=str(size or "?"), link_mbps=link,
                           workers=int(_first(r, "workers", "nodes") or 0),
                           mode=str(r["mode"]), wire=str(_first(r, "wire_dtype", "wire")
@@ -441,7 +446,8 @@ def _groups(cells: list[Cell]) -> dict[tuple[str, str, int], list[Cell]]:
     return out
 
 
-def mdi_section(data: dict[str, Any], plots: Path, page_dir: Path, made: list[Path]) -> str:
+def mdi_section(data: dict[str, Any], plots: Path, page_dir: Path, made: list[Path],
+                name: str = "mdi-vs-ddi") -> str:
     cells = [c for c in mdi_cells(data) if c.time_s is not None]
     if not cells:
         return "_`mdi-vs-ddi.json` holds no measurement the report can read (see " \
@@ -467,10 +473,32 @@ def mdi_section(data: dict[str, Any], plots: Path, page_dir: Path, made: list[Pa
         ax.set_ylabel("time for N images, s")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = _save(fig, plots / "mdi-vs-ddi.png")
+    png = _save(fig, plots / f"{name}.png")
     made.append(png)
     out += ["", f"![inference time vs link rate]({_rel(png, page_dir)})"]
     return "\n".join(out)
+
+
+def winners_section(data: dict[str, Any]) -> str:
+    """The bench's own summaries: the fastest mode per condition (measured / predicted) and
+    what mode auto chose there, against the best of the paper's modes and of hybrid."""
+    auto = {(c.get("model_id"), c.get("link_mbps"), c.get("workers"), c.get("memory", 1.0)): c
+            for c in (data.get("auto") or {}).get("cells", []) if isinstance(c, dict)}
+    rows = []
+    for w in data.get("winners", []):
+        if not isinstance(w, dict):
+            continue
+        a = auto.get((w.get("model_id"), w.get("link_mbps"), w.get("workers"),
+                      w.get("memory", 1.0)), {})
+        rows.append([w.get("model_id"), w.get("memory", 1.0), w.get("workers"),
+                     _num(_float(w.get("link_mbps")), 0), w.get("measured"), w.get("predicted"),
+                     a.get("chose"), _float(a.get("ratio_to_best")),
+                     _float(a.get("ratio_to_hybrid"))])
+    if not rows:
+        return "_No condition to summarise._"
+    return _table(["model", "memory", "workers", "link Mbit/s", "fastest (measured)",
+                   "fastest (predicted)", "auto chose", "auto / best of armdi, edgepipe, ddi",
+                   "auto / hybrid"], rows, "lrrrllllr")
 
 
 def win_map(cells: list[Cell]) -> dict[tuple[str, str, int], dict[float, float]]:
@@ -556,6 +584,9 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
         "faults_emulated": needs("faults_emulated", lambda d: faults_section(
             d, plots, page_dir, made, "faults-emulated")),
         "win_map": needs("mdi_vs_ddi", lambda d: win_map_section(d, plots, page_dir, made)),
+        "mdi_vs_ddi_memory": needs("mdi_vs_ddi_memory", lambda d: mdi_section(
+            d, plots, page_dir, made, "mdi-vs-ddi-memory")),
+        "memory_winners": needs("mdi_vs_ddi_memory", winners_section),
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(sections))
     if unknown:

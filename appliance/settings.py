@@ -46,7 +46,8 @@ def source_settings(config: ClusterConfig) -> SourceSettings:
     )
     return SourceSettings(
         name=s.name, data_addr=s.data_addr, repo=c.repo, model_id=c.model, workers=workers,
-        mode=c.mode, ddi_input=c.ddi_input, backend=resolve_backend(c.backend), threads=s.threads,
+        mode=c.mode, ddi_input=c.ddi_input,
+        chain_workers=c.chain_workers, backend=resolve_backend(c.backend), threads=s.threads,
         slowdown=s.slowdown, bandwidth_Bps=s.bandwidth_Bps, latency_ms=s.latency_ms,
         cpus=s.cpus, run_blocks=s.run_blocks, max_blocks=s.max_blocks, key=c.hmac_key(),
         wire_dtype=c.wire_dtype, min_workers=c.min_workers, control_addr=s.control_addr,

@@ -10,13 +10,15 @@ block cannot run the whole model). The alternatives:
 - ``ddi``: every worker that can hold the whole model runs whole requests side by side, the
   source shipping each input (as uint8 pixels) over its link;
 - ``armdi``: one chain at the exact optimum over the workers (the adaptive controller keeps
-  it there as conditions change).
+  it there as conditions change);
+- ``hybrid``: DDI over chains: shorter chains side by side (``chain_workers`` each, the best
+  of 2 up to one fewer than the workers), each input whole to the chain that frees up first.
+  It wins where no worker holds the whole model (DDI is out) and one long chain pays for
+  every cut on every image: each chain's links carry only its share of the images.
 
 Each is predicted with ``appliance.control.predict`` (the same analytical model the
 ``mdi-vs-ddi`` bench reports next to its measurements) and the highest predicted throughput
-wins; ties go to the simpler mode (local, then ddi, then armdi). Hybrids (several shorter
-chains side by side, DDI over chains) are not among the alternatives: the runtime runs one
-chain or DDI, not both.
+wins; ties go to the simpler mode (local, then ddi, then armdi, then hybrid).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.control.predict import Scenario, predict
+from appliance.control.predict import PredictionError, Scenario, predict
 
 __all__ = ["Alternative", "AutoDecision", "choose"]
 
-ORDER = ("local", "ddi", "armdi")  # simplest first: ties go to it
+ORDER = ("local", "ddi", "armdi", "hybrid")  # simplest first: ties go to it
 IMAGES = 200  # the predicted run: long enough for the pipeline's fill to matter little
 WINDOW = 8
 
@@ -42,9 +44,11 @@ class Alternative:
     throughput_ips: float  # predicted steady throughput (0 when not feasible)
     latency_ms: float  # one image through an idle system
     why: str  # why not feasible, or what it would use
+    chain_workers: int = 0  # hybrid: workers per chain
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "feasible": self.feasible,
+                **({"chain_workers": self.chain_workers} if self.chain_workers else {}),
                 "throughput_ips": round(self.throughput_ips, 2) if self.feasible else None,
                 "latency_ms": round(self.latency_ms, 3) if self.feasible else None,
                 "why": self.why}
@@ -55,6 +59,11 @@ class AutoDecision:
     mode: str
     alternatives: tuple[Alternative, ...]
     reason: str
+
+    @property
+    def chain_workers(self) -> int:
+        """hybrid: the chosen chains' length (0 for the other modes)."""
+        return next((a.chain_workers for a in self.alternatives if a.mode == self.mode), 0)
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "reason": self.reason,
@@ -107,6 +116,7 @@ def choose(scenario: Scenario, *, worker_max_blocks: Sequence[int | None],
             scenario, max_blocks=tuple(worker_max_blocks)), IMAGES, WINDOW)
         alternatives.append(Alternative("armdi", True, chain.throughput_ips, chain.latency_ms,
                                         f"one chain, boundaries {list(chain.boundaries)}"))
+    alternatives.append(_best_hybrid(scenario, worker_max_blocks))
     feasible = [a for a in alternatives if a.feasible]
     if not feasible:
         raise ValueError("no mode can run this model on these devices: "
@@ -116,6 +126,28 @@ def choose(scenario: Scenario, *, worker_max_blocks: Sequence[int | None],
     reason = (f"{best.mode} is predicted fastest: {best.throughput_ips:.1f} img/s"
               + (f" (against {others})" if others else " (the only one that fits)"))
     return AutoDecision(best.mode, tuple(alternatives), reason)
+
+
+def _best_hybrid(scenario: Scenario, worker_max_blocks: Sequence[int | None]) -> Alternative:
+    """hybrid at its best chain length: 2 up to one fewer than the workers (1 is ddi, all
+    of them one chain)."""
+    workers = len(worker_max_blocks)
+    if workers < 3:
+        return Alternative("hybrid", False, 0.0, 0.0, "needs 3 or more workers (chains of 2 "
+                           "or more, side by side)")
+    best: Alternative | None = None
+    for length in range(2, workers):
+        try:
+            p = predict("hybrid", dataclasses.replace(
+                scenario, max_blocks=tuple(worker_max_blocks), chain_workers=length),
+                IMAGES, WINDOW)
+        except PredictionError:
+            continue  # no chain of this length holds the model
+        why = f"{len(p.chains)} chains of {length} worker(s) side by side"
+        if best is None or round(p.throughput_ips, 6) > round(best.throughput_ips, 6):
+            best = Alternative("hybrid", True, p.throughput_ips, p.latency_ms, why, length)
+    return best or Alternative("hybrid", False, 0.0, 0.0, "no chain shorter than all the "
+                               "workers holds the model (max_blocks)")
 
 
 def _scaled(block_ms: Sequence[float], speed: float) -> tuple[float, ...]:

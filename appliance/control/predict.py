@@ -22,11 +22,17 @@ latency under that load.
   workers; activations cross the links as ``wire_dtype`` (float16 halves them; results stay
   float32). Under steady conditions ``armdi`` converges to that optimum, so both predict the
   same.
+- ``hybrid``: DDI over chains. The workers, in order, form chains of ``chain_workers``
+  (``chain_groups``; a chain that cannot hold the model between its members' memory is left
+  out), each at its own optimum; the source ships each whole input over its one link to the
+  chain that frees up first. ``chain_workers = 1`` is ``ddi`` over the workers that hold the
+  whole model, and one chain of all of them is ``edgepipe``.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 from collections.abc import Sequence
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from appliance.control.allocator import Allocation, snapshot_from_profile, solve
 from engines.errors import ArmdiError
 
-MODES = ("local", "ddi", "edgepipe", "armdi")
+MODES = ("local", "ddi", "edgepipe", "armdi", "hybrid")
 
 
 class PredictionError(ArmdiError):
@@ -65,6 +71,8 @@ class Scenario:
     checking, encoding, sending, Python), on top of compute and link (ms)."""
     max_blocks: tuple[int | None, ...] | None = None
     """MDI: per worker, the most blocks its memory holds (None: no cap)."""
+    chain_workers: int = 2
+    """hybrid: workers per chain (the last chain takes what is left over)."""
 
     def __post_init__(self) -> None:
         if not self.block_ms or any(not (math.isfinite(t) and t >= 0) for t in self.block_ms):
@@ -88,6 +96,8 @@ class Scenario:
         if self.max_blocks is not None and len(self.max_blocks) != len(self.speeds):
             raise PredictionError(f"max_blocks: one per worker ({len(self.speeds)}), got "
                                   f"{len(self.max_blocks)}")
+        if self.chain_workers < 1:
+            raise PredictionError(f"chain_workers must be >= 1, got {self.chain_workers}")
         if self.input_bytes is not None and self.input_bytes < 0:
             raise PredictionError(f"input_bytes must be >= 0, got {self.input_bytes}")
 
@@ -118,9 +128,12 @@ class Prediction:
     """Median latency (submission to result) of the N images under the window."""
     boundaries: tuple[int, ...] = ()
     """MDI: the chain's boundaries over the source and the workers."""
+    chains: tuple[tuple[int, ...], ...] = ()
+    """hybrid: each chain's workers (indices into ``speeds``), the chains side by side."""
 
     def to_dict(self) -> dict[str, object]:
-        return {"mode": self.mode, "images": self.images, "time_s": round(self.time_s, 4),
+        return {**({"chains": [list(c) for c in self.chains]} if self.chains else {}),
+                "mode": self.mode, "images": self.images, "time_s": round(self.time_s, 4),
                 "throughput_ips": round(self.images / self.time_s, 3),  # as a run measures it
                 "steady_ips": round(self.throughput_ips, 3),
                 "bottleneck_ms": round(self.bottleneck_ms, 3),
@@ -145,6 +158,8 @@ def predict(mode: str, scenario: Scenario, images: int, window: int = 8) -> Pred
         stages = _chain_stages(scenario, allocation)
         return _played(mode, images, window, stages, scenario.latency_ms,
                        allocation.boundaries)
+    if mode == "hybrid":
+        return _hybrid(scenario, images, window)
     raise PredictionError(f"mode {mode!r}: use one of {', '.join(MODES)}")
 
 
@@ -161,6 +176,38 @@ def mdi_allocation(scenario: Scenario) -> Allocation:
         latency_ms=scenario.latency_ms, slowdown=[1.0, *scenario.speeds],
         max_blocks=[0, *(scenario.max_blocks or [None] * workers)])
     return solve(snapshot)
+
+
+def chain_groups(max_blocks: Sequence[int | None], blocks: int,
+                 chain_workers: int) -> list[tuple[int, ...]]:
+    """hybrid: the workers (indices, in order) in chains of ``chain_workers``, the last one
+    with what is left over; a chain whose members cannot hold all ``blocks`` between them
+    (``max_blocks``, None: no cap) is left out. The runtime forms its chains with this."""
+    if chain_workers < 1:
+        raise PredictionError(f"chain_workers must be >= 1, got {chain_workers}")
+    n = len(max_blocks)
+    groups = [tuple(range(i, min(i + chain_workers, n))) for i in range(0, n, chain_workers)]
+    def holds(i: int) -> int:
+        cap = max_blocks[i]
+        return blocks if cap is None else cap
+
+    return [g for g in groups if sum(holds(i) for i in g) >= blocks]
+
+
+def _hybrid(scenario: Scenario, images: int, window: int) -> Prediction:
+    caps = scenario.max_blocks or (None,) * len(scenario.speeds)
+    groups = chain_groups(caps, scenario.blocks, scenario.chain_workers)
+    if not groups:
+        raise PredictionError(f"hybrid: no chain of {scenario.chain_workers} worker(s) holds "
+                              f"the {scenario.blocks} blocks")
+    chains = []
+    for g in groups:
+        sub = dataclasses.replace(scenario, speeds=tuple(scenario.speeds[i] for i in g),
+                                  max_blocks=tuple(caps[i] for i in g))
+        chains.append(_chain_stages(sub, mdi_allocation(sub))[1:])
+    head = (scenario.overhead_ms, scenario.transfer_ms(scenario.wire_input_bytes))
+    return _played("hybrid", images, window, [head], scenario.latency_ms, (), chains,
+                   tuple(groups))
 
 
 def _chain_stages(scenario: Scenario, allocation: Allocation) -> list[tuple[float, float]]:
@@ -180,27 +227,46 @@ def _chain_stages(scenario: Scenario, allocation: Allocation) -> list[tuple[floa
     return stages
 
 
-def _played(mode: str, images: int, window: int, stages: Sequence[tuple[float, float]],
-            latency_ms: float, boundaries: tuple[int, ...]) -> Prediction:
-    """A chain of serial nodes (compute, then send, then the next request), played through."""
+Stage = tuple[float, float]  # (compute ms, send ms) of one node
+
+
+def _played(mode: str, images: int, window: int, stages: Sequence[Stage], latency_ms: float,
+            boundaries: tuple[int, ...], chains: Sequence[Sequence[Stage]] = (),
+            groups: tuple[tuple[int, ...], ...] = ()) -> Prediction:
+    """Serial nodes (compute, then send, then the next request), played through: ``stages``
+    one after another, then (hybrid) the one of ``chains`` whose first node frees up first."""
     free = [0.0] * len(stages)
+    free_in = [[0.0] * len(c) for c in chains]
     done: list[float] = []
     latencies = []
     for i in range(images):
         t = submit = _slot(done, i, window)
+        hops = 0
         for n, (compute, send) in enumerate(stages):
-            if n > 0:
-                t += latency_ms
+            t += latency_ms if n > 0 else 0.0
             start = max(t, free[n])
             t = free[n] = start + compute + send
-        t += latency_ms if len(stages) > 1 else 0.0
+        if chains:
+            k = min(range(len(chains)), key=lambda c: (free_in[c][0] if free_in[c] else 0.0, c))
+            for n, (compute, send) in enumerate(chains[k]):
+                start = max(t + latency_ms, free_in[k][n])
+                t = free_in[k][n] = start + compute + send
+            hops = len(chains[k])
+        hops += len(stages) - 1
+        t += latency_ms if hops > 0 else 0.0
         bisect.insort(done, t)
         latencies.append(t - submit)
     bottleneck = max(c + s for c, s in stages)
-    idle = math.fsum(c + s for c, s in stages) + latency_ms * (len(stages) - 1 + (
-        1 if len(stages) > 1 else 0))
+    idle = math.fsum(c + s for c, s in stages) + latency_ms * (len(stages) - 1)
+    if chains:
+        pace = 1.0 / sum(1.0 / max(max((c + s for c, s in chain), default=0.0), 1e-9)
+                         for chain in chains)
+        bottleneck = max(bottleneck, pace)
+        idle += min(math.fsum(c + s for c, s in chain) + latency_ms * len(chain)
+                    for chain in chains)
+    idle += latency_ms if len(stages) > 1 or chains else 0.0
     return Prediction(mode, images, done[-1] / 1000, _rate(bottleneck), bottleneck, idle,
-                      _median(latencies), boundaries)
+                      _median(latencies), boundaries, groups)
 
 
 def _ddi(scenario: Scenario, images: int, window: int) -> Prediction:

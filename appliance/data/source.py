@@ -13,7 +13,11 @@ request that cannot finish before its deadline fails with a clear error.
 In mode ``ddi`` (data-distributed) every worker holds the whole model: each request goes
 whole to the least-loaded live worker (fewest requests in flight, ties round-robin), or to
 the source itself when it runs blocks, as uint8 pixels or (``ddi_input = "jpeg"``) as the
-encoded image, which the worker decodes. A re-send goes to another live worker.
+encoded image, which the worker decodes. A re-send goes to another live worker. Mode
+``hybrid`` is DDI over chains: the live workers form chains of ``chain_workers``
+(``appliance.control.predict.chain_groups``), each at its own optimum, and each request goes
+whole to the head of the least-loaded chain; a worker that dies re-forms the chains and
+replays only what was on its chain.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from appliance.control.auto import AutoDecision, choose
 from appliance.control.controller import should_rebalance
 from appliance.control.detector import DetectorSettings, PhiAccrual
 from appliance.control.membership import RANK_GAP
-from appliance.control.predict import Scenario
+from appliance.control.predict import Scenario, chain_groups
 from appliance.data.engines import EngineCache
 from appliance.wire import frames as fr
 from appliance.wire import messages as msg
@@ -99,6 +103,7 @@ STALL_S = 1.0  # the pairs get this long to fix an imbalance before the source s
 # ...and the source steps in only when the optimum is this much better: its optimum scales
 # the profile by each worker's speed, which misjudges fused segments by 10-20 %, so a smaller
 # gap is the pairs' to close (they measure each split) and the source would only fight them
+SPREAD = ("ddi", "hybrid")  # the modes that spread whole requests over independent units
 REBALANCE_GAIN = 0.25
 URGENT_GAIN = 0.5  # an optimum this much better: the source steps in without waiting
 URGENT_QUIET_S = 3.0  # ...but not this soon after the chain's members changed
@@ -132,8 +137,9 @@ class SourceSettings:
     repo: Path
     model_id: str
     workers: tuple[WorkerRef, ...] = ()
-    mode: str = "edgepipe"  # armdi | edgepipe | ddi | local
+    mode: str = "edgepipe"  # armdi | edgepipe | ddi | hybrid | local | auto
     ddi_input: str = "pixels"  # ddi: image requests travel as uint8 pixels | jpeg (encoded)
+    chain_workers: int = 2  # hybrid: workers per chain
     backend: str = "ort"
     threads: int = 1
     slowdown: float = 1.0
@@ -170,7 +176,7 @@ class _Pending:
     deadline: float
     attempt: int = 0
     attempt_deadline: float = 0.0
-    where: str = ""  # ddi: the node the current attempt went to
+    where: str = ""  # ddi/hybrid: the node (chain head) the current attempt went to
     encoded: bool = False  # the tensor is an encoded image's bytes, shape (1, n)
 
 
@@ -212,7 +218,12 @@ class Source:
         self.refusals: dict[str, str] = {}  # worker name -> why it was left out
         self.allocation: Allocation | None = None
         self._route: list[tuple[str, str, int, int]] = []  # (name, data_addr, start, end)
-        self._ddi: dict[str, str] = {}  # ddi: live workers (name -> data_addr), all of [0, K)
+        # ddi/hybrid: where whole requests go (name -> data_addr): every worker that holds
+        # the whole model, or each chain's head
+        self._ddi: dict[str, str] = {}
+        self._chains: dict[str, tuple[str, ...]] = {}  # ...each one's members (head first)
+        self._kept: set[str] = set()  # ...those the last placing left as they were
+        self.chain_workers = settings.chain_workers  # hybrid (mode auto may choose another)
         self._ddi_local = False  # ddi: the source computes a share itself
         self._ddi_next = 0  # ddi: where the round-robin among equally loaded nodes resumes
         # ddi: the source's own share runs on a thread of its own (its sends do not wait)
@@ -382,9 +393,10 @@ class Source:
     def _dispatch(self, pending: _Pending, attempt: int) -> None:
         """Start an attempt: here, when the source only ships the input (no hand-off to
         another thread), or on the source thread when it runs blocks first or emulates a slow
-        link (neither may block a caller, which may be an event loop). In ``ddi``, first
-        pick where it goes (``_pick``); the source's own share runs on its ``_local`` thread."""
-        if self.mode == "ddi":
+        link (neither may block a caller, which may be an event loop). In ``ddi`` and
+        ``hybrid``, first pick where it goes (``_pick``); the source's own share runs on its
+        ``_local`` thread."""
+        if self.mode in SPREAD:
             with self._lock:
                 if pending.future.done() or attempt != pending.attempt:
                     return
@@ -402,8 +414,9 @@ class Source:
             self._attempt(pending, attempt, timeout_ms=0)
 
     def _pick(self, pending: _Pending) -> str:
-        """ddi: the node with the fewest requests in flight, ties in turn; a re-send goes to
-        another node than the last attempt's when there is one. Call with ``_lock`` held."""
+        """ddi/hybrid: the node (chain) with the fewest requests in flight, ties in turn; a
+        re-send goes to another one than the last attempt's when there is one. Call with
+        ``_lock`` held."""
         names = list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
         if not names:
             return ""  # nobody serves now: the watchdog re-sends once a worker is back
@@ -471,9 +484,11 @@ class Source:
     def start(self) -> None:
         """Connect to the workers, place the boundaries, open the engine, start the loops."""
         s = self.settings
-        if s.mode not in ("armdi", "edgepipe", "ddi", "local", "auto"):
+        if s.mode not in ("armdi", "edgepipe", "ddi", "hybrid", "local", "auto"):
             raise ArmdiError(f"mode {s.mode!r} is not available yet; use armdi, edgepipe, "
-                             "ddi, local or auto")
+                             "ddi, hybrid, local or auto")
+        if s.chain_workers < 1:
+            raise ArmdiError(f"chain_workers must be 1 or more, got {s.chain_workers}")
         if s.ddi_input not in ("pixels", "jpeg"):
             raise ArmdiError(f"ddi_input {s.ddi_input!r}: use pixels or jpeg")
         if s.cpus:
@@ -485,6 +500,7 @@ class Source:
         if s.mode == "auto":
             self.auto = self._choose_mode(live)
             self.mode = self.auto.mode
+            self.chain_workers = self.auto.chain_workers or self.chain_workers
             log.info("mode auto: %s", self.auto.reason)
             self._event("auto", mode=self.mode, reason=self.auto.reason,
                         alternatives=[a.to_dict() for a in self.auto.alternatives])
@@ -493,7 +509,7 @@ class Source:
                 live = []  # the workers stay idle
         if s.control_addr and (self.mode == "armdi" or s.mode == "auto"):
             self._control = ControlServer(s.control_addr, key=s.key, tls=s.tls)
-        if self.mode == "ddi":
+        if self.mode in SPREAD:
             self._place_ddi(live)
         else:
             self.allocation = self._allocate(live)
@@ -501,7 +517,7 @@ class Source:
         loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
         if self._control is not None:
             loops.append(self._control_loop)
-        if self.mode == "ddi" or s.mode == "auto":  # auto may switch to ddi later
+        if self.mode in SPREAD or s.mode == "auto":  # auto may switch to ddi later
             loops.append(self._local_loop)
         for target in loops:
             thread = threading.Thread(target=target, name=target.__name__, daemon=True)
@@ -652,9 +668,10 @@ class Source:
         flight (the old mode's results that still come are duplicates, dropped)."""
         with self._recovering, self._config_lock:
             old, self.mode, self.auto = self.mode, decision.mode, decision
+            self.chain_workers = decision.chain_workers or self.chain_workers
             self._auto_switched = time.monotonic()
             try:
-                if self.mode == "ddi":
+                if self.mode in SPREAD:
                     self._place_ddi(live, timeout_ms=2000)
                 elif self.mode == "local":
                     self.allocation = self._allocate([])
@@ -682,10 +699,9 @@ class Source:
 
     def _allocate(self, live: list[_WorkerState]) -> Allocation:
         s = self.settings
-        profile = self._manifest.profile_for(device_signature(), self.backend)
-        base = list(profile.block_ms) if profile else [1.0] * self.blocks
         if self.mode == "local" or not live:
-            snap = snapshot_from_profile([base], self._manifest.activation_bytes())
+            snap = snapshot_from_profile([self._base_profile()],
+                                         self._manifest.activation_bytes())
             self._snapshot = snap
             return evaluate(snap, [0, self.blocks])
         refs = [w.ref for w in live]
@@ -694,15 +710,8 @@ class Source:
         if forced < s.min_workers:
             log.warning("min_workers = %d, but only %d workers are live; forcing those",
                         s.min_workers, forced)
-        snap = snapshot_from_profile(
-            [base] + [base] * len(refs),
-            self._manifest.activation_bytes(),
-            bandwidth_Bps=[s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs],
-            latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
-            slowdown=[s.slowdown] + [r.slowdown for r in refs],
-            max_blocks=[s.max_blocks if s.run_blocks else 0] + [r.max_blocks for r in refs],
-            must_use=[False] + [i < forced for i in range(len(refs))],
-        )
+        snap = self._snapshot_over(refs, source_blocks=s.max_blocks if s.run_blocks else 0,
+                                   forced=forced)
         self._snapshot = snap
         if s.boundaries is not None:
             if len(s.boundaries) != len(refs) + 2:
@@ -715,6 +724,30 @@ class Source:
             w.reason = why_left_out(snap, allocation, n) if s.boundaries is None else (
                 "" if n in allocation.used else "boundaries set by hand: no blocks")
         return allocation
+
+    def _allocate_over(self, members: list[_WorkerState]) -> Allocation:
+        """hybrid (and ddi, one worker each): the optimum of one chain over ``members``,
+        the source only shipping the input."""
+        return solve(self._snapshot_over([w.ref for w in members], source_blocks=0))
+
+    def _base_profile(self) -> list[float]:
+        profile = self._manifest.profile_for(device_signature(), self.backend)
+        return list(profile.block_ms) if profile else [1.0] * self.blocks
+
+    def _snapshot_over(self, refs: list[WorkerRef], source_blocks: int | None,
+                       forced: int = 0) -> Snapshot:
+        """The allocator's view of the source (running at most ``source_blocks``) and
+        ``refs``: the profile scaled by each one's slowdown, links, memory caps."""
+        s, base = self.settings, self._base_profile()
+        return snapshot_from_profile(
+            [base] + [base] * len(refs),
+            self._manifest.activation_bytes(),
+            bandwidth_Bps=[s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs],
+            latency_ms=[s.latency_ms] + [r.latency_ms for r in refs],
+            slowdown=[s.slowdown] + [r.slowdown for r in refs],
+            max_blocks=[source_blocks] + [r.max_blocks for r in refs],
+            must_use=[False] + [i < forced for i in range(len(refs))],
+        )
 
     def _configure(self, live: list[_WorkerState], timeout_ms: int = 30_000) -> None:
         assert self.allocation is not None
@@ -793,54 +826,95 @@ class Source:
                 chain=chain), timeout_ms=timeout_ms)
 
     def _place_ddi(self, live: list[_WorkerState], timeout_ms: int = 30_000) -> None:
-        """ddi: every live worker runs the whole model and returns results here; the source
-        computes a share too when it runs blocks (or alone, when no worker is live)."""
+        """ddi: every live worker that holds the whole model runs whole requests and returns
+        results here; hybrid: the live workers in chains of ``chain_workers`` (each at its
+        own optimum, the source running none of it) do. The source computes a share too
+        when it runs blocks (or alone, when nothing else can)."""
         s = self.settings
+        length = self.chain_workers if self.mode == "hybrid" else 1
+        groups = chain_groups([w.ref.max_blocks for w in live], self.blocks, length)
+        heads: dict[str, str] = {}
+        chains: dict[str, tuple[str, ...]] = {}
+        units: list[Allocation] = []
+        placed: set[str] = set()
+        for group in groups:
+            members = [live[i] for i in group]
+            allocation = self._allocate_over(members)
+            b = allocation.boundaries
+            route = [(w, b[n], b[n + 1]) for n, w in enumerate(members, start=1)
+                     if n in allocation.used]
+            names = tuple(w.ref.name for w, _start, _end in route)
+            for i, (w, start, end) in enumerate(route):
+                nxt = route[i + 1][0].ref.data_addr if i + 1 < len(route) else None
+                self._configure_unit(w, msg.Configure(
+                    node=w.ref.name, start=start, end=end, successor_addr=nxt,
+                    result_addr=s.data_addr, wire_dtype=s.wire_dtype, chain=(s.name, *names),
+                    session=self._stamper.session.hex()), timeout_ms)
+            heads[names[0]] = route[0][0].ref.data_addr
+            chains[names[0]] = names
+            placed.update(names)
+            units.append(allocation)
         for w in live:
-            configure = msg.Configure(
-                node=w.ref.name, start=0, end=self.blocks, successor_addr=None,
-                result_addr=s.data_addr, wire_dtype=s.wire_dtype,
-                chain=(s.name, w.ref.name), session=self._stamper.session.hex())
-            self._configures[w.ref.name] = configure
-            try:
-                reply = self._client(w).request(configure, timeout_ms=timeout_ms)
-            except ArmdiError as exc:
-                raise ConfigureError(w.ref.name, f"worker {w.ref.name} did not take the whole "
-                                                 f"model: {exc}") from exc
-            if not (isinstance(reply, msg.Ack) and reply.ok):
-                raise ConfigureError(w.ref.name, f"worker {w.ref.name} rejected the whole "
-                                                 f"model: {getattr(reply, 'reason', reply)}")
-            w.state, w.reason = "up", ""
-            w.detector.expect(time.monotonic())  # it beats from now on, or is dead
-        local = s.run_blocks or not live
+            if w.ref.name in placed:
+                continue
+            w.state = "idle"
+            w.reason = (f"holds at most {w.ref.max_blocks} of the {self.blocks} blocks "
+                        "(max_blocks)" if w.ref.max_blocks is not None
+                        and w.ref.max_blocks < self.blocks else "no blocks in its chain")
+            with contextlib.suppress(ArmdiError):
+                self._unassign(w, (s.name,), timeout_ms)
+        local = s.run_blocks or not heads
         if local:
             self.engines.load_now(0, self.blocks)
         with self._lock:
-            self._ddi = {w.ref.name: w.ref.data_addr for w in live}
-            self._ddi_local = local
-        self.allocation = self._ddi_allocation(live, local)
-        log.info("ddi over %s", self._serving())
+            self._kept = {h for h, names in chains.items() if self._chains.get(h) == names}
+            self._kept |= {s.name} if local and self._ddi_local else set()
+            self._ddi, self._chains, self._ddi_local = heads, chains, local
+            self._route, self._allocated, self._snapshot = [], [], None
+        self.allocation = self._spread_allocation(units, local)
+        log.info("%s over %s", self.mode, [list(c) for c in chains.values()]
+                 + ([s.name] if local else []))
 
-    def _ddi_allocation(self, live: list[_WorkerState], local: bool) -> Allocation:
-        """What admission and re-sending go by in ddi: each node's whole-model time, the
-        aggregate pace (and the source's link, which every input crosses) as the bottleneck."""
+    def _configure_unit(self, w: _WorkerState, configure: msg.Configure,
+                        timeout_ms: int) -> None:
+        """ddi/hybrid: give one worker its range (its whole model, or its part of a chain)."""
+        what = (f"blocks [{configure.start}, {configure.end})"
+                if configure.end - configure.start < self.blocks else "the whole model")
+        self._configures[w.ref.name] = configure
+        try:
+            reply = self._client(w).request(configure, timeout_ms=timeout_ms)
+        except ArmdiError as exc:
+            raise ConfigureError(w.ref.name, f"worker {w.ref.name} did not take {what}: "
+                                             f"{exc}") from exc
+        if not (isinstance(reply, msg.Ack) and reply.ok):
+            raise ConfigureError(w.ref.name, f"worker {w.ref.name} rejected {what}: "
+                                             f"{getattr(reply, 'reason', reply)}")
+        w.state, w.reason = "up", ""
+        w.detector.expect(time.monotonic())  # it beats from now on, or is dead
+
+    def _spread_allocation(self, units: list[Allocation], local: bool) -> Allocation:
+        """What admission and re-sending go by in ddi/hybrid: each unit's (worker's, chain's)
+        pace side by side, and the source's link, which every input crosses, as the
+        bottleneck; the slowest unit's latency."""
         profile = self._manifest.profile_for(device_signature(), self.backend)
         total = math.fsum(profile.block_ms) if profile else float(self.blocks)
-        stages = [total * w.ref.slowdown for w in live] + ([total * self.slowdown] if local
-                                                            else [])
-        pace = 1.0 / sum(1.0 / max(t, 1e-6) for t in stages)
+        paces = [u.bottleneck_ms for u in units] + ([total * self.slowdown] if local else [])
+        latencies = [u.latency_ms for u in units] + ([total * self.slowdown] if local else [])
+        pace = 1.0 / sum(1.0 / max(t, 1e-6) for t in paces)
         ship = 0.0
-        if live and not math.isinf(self.settings.bandwidth_Bps):
+        if units and not math.isinf(self.settings.bandwidth_Bps):
             pixels_bytes = self._manifest.activation_bytes()[0] // 4  # uint8 of float32's
             ship = pixels_bytes / self.settings.bandwidth_Bps * 1000 + self.settings.latency_ms
-        return Allocation(boundaries=(0, self.blocks), stage_ms=tuple(stages),
-                          bottleneck_ms=max(pace, ship), latency_ms=ship + max(stages),
-                          used=tuple(range(len(stages))))
+        return Allocation(boundaries=(0, self.blocks), stage_ms=tuple(paces),
+                          bottleneck_ms=max(pace, ship), latency_ms=ship + max(latencies),
+                          used=tuple(range(len(paces))))
 
     def _serving(self) -> list[str]:
-        """The nodes that run requests now: the chain, or in ddi every node that serves."""
-        if self.mode == "ddi":
-            return list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
+        """The nodes that run requests now: the chain, or in ddi/hybrid every node that
+        serves (each chain's members)."""
+        if self.mode in SPREAD:
+            return [n for head in self._ddi for n in self._chains.get(head, (head,))] + (
+                [self.settings.name] if self._ddi_local else [])
         return [r[0] for r in self._route]
 
     def _link_of(self, name: str) -> tuple[float | None, float]:
@@ -859,6 +933,9 @@ class Source:
         Frames in flight that a worker no longer runs are re-sent by the watchdog."""
         if self.mode == "ddi":
             raise PipelineError("mode ddi has no boundaries: every worker runs the whole model")
+        if self.mode == "hybrid":
+            raise PipelineError("mode hybrid has no boundaries to set: each chain is placed at "
+                                "its own optimum")
         with self._config_lock:
             if self._snapshot is None:
                 raise NotReadyError("the pipeline has not started")
@@ -928,7 +1005,7 @@ class Source:
         """Run the source's own blocks, if any, and send the activation on. False when the
         send did not go out within ``timeout_ms`` (0: the outbox's buffer is full now)."""
         end, nxt = self._first_hop()
-        if self.mode == "ddi":  # the whole model here, or whole to a worker
+        if self.mode in SPREAD:  # the whole model here, or whole to a worker (chain)
             local = pending.where == self.settings.name
             end, nxt = (self.blocks, None) if local else (0, self._ddi.get(pending.where))
         if end == 0 and nxt is None:  # its node left meanwhile: the watchdog re-sends it
@@ -1117,7 +1194,7 @@ class Source:
         while not self._stop.wait(0.05):
             try:
                 now = time.monotonic()
-                if self.mode in ("armdi", "ddi"):  # edgepipe only re-sends
+                if self.mode in ("armdi", *SPREAD):  # edgepipe only re-sends
                     self._check_liveness(now)
                 self._check_deadlines(now)
             except Exception as exc:
@@ -1156,7 +1233,7 @@ class Source:
             for _ in range(3):
                 live = [w for w in self.workers if w.state not in ("dead", "refused", "down")]
                 try:
-                    if self.mode == "ddi":
+                    if self.mode in SPREAD:
                         self._place_ddi(live, timeout_ms=2000)
                     else:
                         self.allocation = self._allocate(live)
@@ -1182,8 +1259,8 @@ class Source:
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
-            if self.mode == "ddi":  # only what was on a node that left
-                pending = [p for p in pending if p.where not in route]
+            if self.mode in SPREAD:  # only what was on a node (chain) that changed
+                pending = [p for p in pending if p.where not in self._kept]
             for p in pending:
                 self._arm(p, now)
         for p in pending:
@@ -1308,8 +1385,8 @@ class Source:
             used = [w.last.compute_ms_ewma + w.last.send_ms_ewma for w in self.workers
                     if w.last is not None and w.state == "up" and w.last.processed > 0]
             self._measured_bottleneck_ms = max(used, default=0.0)
-            if self.mode == "ddi" and used:  # they work side by side
-                self._measured_bottleneck_ms /= len(used) + int(self._ddi_local)
+            if self.mode in SPREAD and used:  # they work side by side
+                self._measured_bottleneck_ms /= len(self._ddi) + int(self._ddi_local) or 1
             try:
                 self.optimum = self._measured_optimum()
                 if self.mode == "armdi":
@@ -1432,7 +1509,7 @@ class Source:
         self._reroute(f"{w.ref.name} rejoined")
 
     def _poll(self, w: _WorkerState) -> None:
-        if w.state == "dead" and self.mode in ("armdi", "ddi"):
+        if w.state == "dead" and self.mode in ("armdi", *SPREAD):
             self._rejoin(w)
             return
         try:
@@ -1515,7 +1592,7 @@ class Source:
     def _source_view(self) -> NodeView:
         start, end = (self._route[0][2], self._route[0][3]) if (
             self._route and self._route[0][0] == self.settings.name) else (0, 0)
-        if self.mode == "ddi":
+        if self.mode in SPREAD:
             start, end = (0, self.blocks) if self._ddi_local else (0, 0)
         stage = self.allocation.stage_ms[0] if self.allocation else None
         return NodeView(self.settings.name, "source", start, end,

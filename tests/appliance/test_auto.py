@@ -62,3 +62,21 @@ def test_slower_workers_change_the_answer_and_nothing_that_fits_is_an_error() ->
         choose(_scenario(1000, (1.0, 1.0)), worker_max_blocks=(3, 3), source_runs_blocks=False)
     with pytest.raises(ValueError, match="one per worker"):
         choose(_scenario(1000, (1.0, 1.0)), worker_max_blocks=(None,), source_runs_blocks=True)
+
+
+def test_where_no_worker_holds_the_model_shorter_chains_side_by_side_win() -> None:
+    # four workers that each hold half the model: DDI is out; one chain of four pays for
+    # three cuts on every image, two chains of two for one cut on half the images each
+    decision = choose(_scenario(1000, (1.0,) * 4), worker_max_blocks=(5,) * 4,
+                      source_runs_blocks=False)
+    by_mode = {a.mode: a for a in decision.alternatives}
+    assert decision.mode == "hybrid" and decision.chain_workers == 2
+    assert not by_mode["ddi"].feasible
+    assert by_mode["hybrid"].throughput_ips > by_mode["armdi"].throughput_ips
+    assert decision.to_dict()["alternatives"][-1]["chain_workers"] == 2  # type: ignore[index]
+    # with memory for the whole model, whole requests side by side beat any chain
+    free = choose(_scenario(1000, (1.0,) * 4), worker_max_blocks=(None,) * 4,
+                  source_runs_blocks=False)
+    assert free.mode == "ddi" and free.chain_workers == 0
+    two = choose(_scenario(1000, (1.0,) * 2), worker_max_blocks=(5, 5), source_runs_blocks=False)
+    assert not {a.mode: a for a in two.alternatives}["hybrid"].feasible

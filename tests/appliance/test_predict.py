@@ -91,3 +91,24 @@ def test_the_runtime_overhead_adds_to_every_node() -> None:
     assert predict("ddi", over, 10).bottleneck_ms == pytest.approx(10.5)  # (20 + 1) / 2
     fast = _scenario(block_ms=(0.01, 0.01), speeds=(1.0, 1.0, 1.0), overhead_ms=1.0)
     assert predict("ddi", fast, 10).bottleneck_ms == pytest.approx(1.0)  # the source's part
+
+
+def test_hybrid_runs_shorter_chains_side_by_side() -> None:
+    # four workers that each hold one of the two blocks: two chains of two, 10 ms stages
+    s = _scenario(speeds=(1.0,) * 4, max_blocks=(1,) * 4, chain_workers=2)
+    p = predict("hybrid", s, images=20)
+    assert p.chains == ((0, 1), (2, 3))
+    assert p.bottleneck_ms == pytest.approx(5.0)  # each chain a 10 ms pace, side by side
+    assert p.time_s == pytest.approx(0.11)  # 10 images per chain: 20 ms fill + 9 x 10 ms
+    one = predict("edgepipe", s, images=20)
+    assert one.bottleneck_ms == pytest.approx(10.0) and one.time_s > p.time_s
+    assert p.to_dict()["chains"] == [[0, 1], [2, 3]]
+
+
+def test_hybrid_leaves_out_a_chain_that_cannot_hold_the_model() -> None:
+    three = _scenario(speeds=(1.0,) * 3, max_blocks=(1,) * 3, chain_workers=2)
+    assert predict("hybrid", three, images=5).chains == ((0, 1),)  # w3 alone holds 1 of 2
+    with pytest.raises(PredictionError, match="no chain of 1 worker"):
+        predict("hybrid", _scenario(max_blocks=(1, 1), chain_workers=1), images=5)
+    with pytest.raises(PredictionError, match="chain_workers"):
+        _scenario(chain_workers=0)

@@ -51,9 +51,39 @@ def test_a_tiny_sweep_measures_every_mode_beside_its_prediction(built_tiny: Buil
     assert json.loads((tmp_path / "out.json").read_text())["bench"] == "mdi-vs-ddi"
 
 
+def test_a_memory_budget_rules_out_whole_model_modes_and_chains_respect_it(
+        built_tiny: BuiltModel) -> None:
+    blocks = built_tiny.manifest.blocks
+    options = MdiDdiOptions(repo=built_tiny.repo, models=("tiny",), sizes=(8,),
+                            links_mbps=(50.0,), workers=(4,),
+                            modes=("edgepipe", "ddi", "hybrid", "local", "auto"),
+                            wire_dtypes=("float32",), images=6, window=3, warmup=1,
+                            build_missing=False, memory=(0.6,))
+    result = run_mdi_ddi_bench(options)
+    rows = result["cells"]
+    assert sorted(r["mode"] for r in rows) == ["auto", "edgepipe", "hybrid"]  # no device
+    cap = int(blocks * 0.6)  # holds the model: ddi and local cannot run
+    for r in rows:
+        assert r["failed"] == 0 and r["memory"] == 0.6 and r["max_blocks"] == cap
+        assert all(b - a <= cap for a, b in zip(r["boundaries"][1:], r["boundaries"][2:],
+                                                strict=False)) or r["mode"] != "edgepipe"
+    hybrid = next(r for r in rows if r["mode"] == "hybrid")
+    length, chains = hybrid["chain_workers"], hybrid["predicted"]["chains"]
+    assert length in (2, 3) and chains[0] == list(range(length))  # the best length predicted
+    assert all(len(c) * cap >= blocks for c in chains)  # each chain holds the model
+    [summary] = result["auto"]["cells"]
+    assert summary["memory"] == 0.6 and summary["ratio_to_local"] is None
+    assert summary["chose"] in ("armdi", "hybrid")
+    [winner] = result["winners"]
+    assert winner["memory"] == 0.6 and winner["measured"] in ("edgepipe", "hybrid")
+    assert "memory 0.6" in format_report(result)
+
+
 def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ArmdiError, match="--modes"):
-        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, modes=("hybrid",)))
+        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, modes=("mesh",)))
+    with pytest.raises(ArmdiError, match="--memory"):
+        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, memory=(1.5,)))
     with pytest.raises(ArmdiError, match="--link 'netns'"):  # transport | tc
         run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, link="netns"))
     with pytest.raises(ArmdiError, match="not built"):
