@@ -34,7 +34,9 @@ result, at the source), beside what the prediction says for the same case.
   False`` leaves it out.
 - Models missing from the repository are built first, with random weights (emulated compute
   needs only their profile); other input sizes as ``MODEL_SIZE`` (``armdi build MODEL --name
-  MODEL_SIZE --input-size SIZE``).
+  MODEL_SIZE --input-size SIZE``), non-square ones (a 720p camera frame: ``720x1280``) as
+  ``MODEL_HxW``; a model that cannot take a size (efficientnet_lite0 is square only) is
+  skipped, and the result's ``skipped`` says why.
 
 A benchmark, not a test: it asserts nothing.
 """
@@ -73,11 +75,43 @@ TC_LABEL = ("links shaped with tc tbf between network namespaces where root allo
 LOOPBACK_LATENCY_MS = 0.1  # per message between processes on this machine (pynng, measured)
 
 
+Size = int | tuple[int, int]
+
+
+def hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def size_label(size: Size) -> str:
+    h, w = hw(size)
+    return f"{h}x{w}"
+
+
+def size_key(size: Size) -> int | str:
+    """As the JSON records it: N for a square input, "HxW" otherwise."""
+    h, w = hw(size)
+    return h if h == w else f"{h}x{w}"
+
+
+def parse_size(text: str) -> Size:
+    """``224`` or ``720x1280``."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError as exc:
+        raise ArmdiError(f"--sizes: {text!r} is not N or HxW") from exc
+    if len(values) == 1 or (len(values) == 2 and values[0] == values[1]):
+        return values[0]
+    if len(values) != 2:
+        raise ArmdiError(f"--sizes: {text!r} is not N or HxW")
+    return (values[0], values[1])
+
+
 @dataclass(frozen=True)
 class MdiDdiOptions:
     repo: Path
     models: tuple[str, ...] = ("vgg16", "mobilenet_v2", "efficientnet_lite0")
-    sizes: tuple[int, ...] = (224, 32)
+    sizes: tuple[Size, ...] = (224, 32)  # N (square) or (H, W)
     links_mbps: tuple[float, ...] = (20.0, 50.0, 100.0, 1000.0)
     workers: tuple[int, ...] = (2, 3, 4)
     modes: tuple[str, ...] = DEFAULT_MODES
@@ -112,7 +146,7 @@ def check_options(o: MdiDdiOptions) -> None:
         raise ArmdiError("--workers: counts of 1 or more")
     if not o.links_mbps or any(not (math.isfinite(r) and r > 0) for r in o.links_mbps):
         raise ArmdiError("--links: rates in Mbit/s above 0")
-    if not o.sizes or any(s < 8 for s in o.sizes):
+    if not o.sizes or any(min(hw(s)) < 8 for s in o.sizes):
         raise ArmdiError("--sizes: input sizes of 8 pixels or more")
     if o.images < 1 or o.window < 1 or o.warmup < 0:
         raise ArmdiError("--images and --window must be 1 or more")
@@ -123,34 +157,40 @@ def check_options(o: MdiDdiOptions) -> None:
                          "at most 1")
 
 
-def model_for(repository: ModelRepository, model: str, size: int, build_missing: bool,
+def model_for(repository: ModelRepository, model: str, size: Size, build_missing: bool,
               say: Callable[[str], None]) -> Manifest:
     """The built model at ``size``: ``model`` itself when built at that size, else
-    ``model_SIZE``, built first when missing (random weights) and allowed."""
-    for model_id in (model, f"{model}_{size}"):
+    ``model_SIZE`` (``model_HxW``), built first when missing (random weights) and allowed."""
+    h, w = hw(size)
+    suffix = str(h) if h == w else f"{h}x{w}"
+    for model_id in (model, f"{model}_{suffix}"):
         if repository.has_model(model_id):
             manifest = repository.load_manifest(model_id)
-            if tuple(manifest.input.shape[2:]) == (size, size):
+            if tuple(manifest.input.shape[2:]) == (h, w):
                 return manifest
-    model_id = model if size == 224 else f"{model}_{size}"
+    model_id = model if (h, w) == (224, 224) else f"{model}_{suffix}"
     if not build_missing:
-        raise ArmdiError(f"{model} at {size}x{size} is not built in {repository.root}: armdi "
-                         f"build {model} --name {model_id} --input-size {size} --weights random")
+        raise ArmdiError(f"{model} at {h}x{w} is not built in {repository.root}: armdi "
+                         f"build {model} --name {model_id} --input-size {suffix} "
+                         "--weights random")
     from builder.build import BuildOptions, build
 
-    say(f"building {model_id} ({size}x{size}, random weights: the bench needs its profile)")
+    say(f"building {model_id} ({h}x{w}, random weights: the bench needs its profile)")
     build(BuildOptions(model=model, repo=repository.root, weights="random", name=model_id,
-                       input_size=None if size == 224 else size, segments="blocks",
+                       input_size=None if (h, w) == (224, 224) else h,
+                       input_width=None if h == w else w, segments="blocks",
                        backend="ort", profile_segments=0, profile_repeats=10))
     return repository.load_manifest(model_id)
 
 
-def sample_jpeg(size: int) -> bytes:
+def sample_jpeg(size: Size) -> bytes:
     """A smooth synthetic photo-like image at ``size`` (JPEG, quality 90): noise would not
     compress, a real camera frame does."""
     from PIL import Image
 
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    h, w = hw(size)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / max(h - 1, 1), x / max(w - 1, 1)
     rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1) * 255
     buffer = io.BytesIO()
     Image.fromarray(rgb.astype(np.uint8)).save(buffer, "JPEG", quality=90)
@@ -295,9 +335,17 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
     load_start = load_avg()
     rows: list[dict[str, Any]] = []
     calibration: dict[str, dict[str, float]] = {}
+    skipped: list[dict[str, Any]] = []
     for model in o.models:
         for size in o.sizes:
-            manifest = model_for(repository, model, size, o.build_missing, say)
+            try:
+                manifest = model_for(repository, model, size, o.build_missing, say)
+            except ArmdiError as exc:
+                if hw(size)[0] == hw(size)[1] or "not built" in str(exc):
+                    raise
+                skipped.append({"model": model, "size": size_key(size), "why": str(exc)})
+                say(f"skipping {model} at {size_label(size)}: {exc}")
+                continue
             jpeg = sample_jpeg(size) if "ddi_jpeg" in o.modes else None
             decode = _decode_ms(jpeg, manifest) if jpeg is not None else 0.0
             overhead = calibrate_overhead(o, manifest) if o.calibrate else 0.0
@@ -322,14 +370,15 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                     length = (decision if mode == "auto" else hybrid).chain_workers or 2
                     scenario = dataclasses.replace(scenario, chain_workers=length)
                 predicted = predict(kind, scenario, o.images, o.window)
-                label = (f"{manifest.model_id} {size}x{size} {mode} {dtype} x{workers} "
+                label = (f"{manifest.model_id} {size_label(size)} {mode} {dtype} x{workers} "
                          f"@ {'no link' if link is None else f'{link:g} Mbit/s'}"
                          + (f", memory {memory:g} ({cap} blocks)" if cap else ""))
                 say(label)
                 measured = _run(o, manifest, mode, workers, link, dtype, image, predicted, cap,
                                 length)
                 rows.append({
-                    "model": model, "model_id": manifest.model_id, "size": size, "mode": mode,
+                    "model": model, "model_id": manifest.model_id, "size": size_key(size),
+                    "mode": mode,
                     "workers": workers, "link_mbps": link, "wire_dtype": dtype,
                     "memory": memory, "max_blocks": cap,
                     "input_bytes": scenario.wire_input_bytes, "images": o.images, **measured,
@@ -343,12 +392,13 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
         "emulation": (f"emulated compute: each node waits its blocks' profiled time x "
                       f"{o.time_scale:g} instead of computing; "
                       f"{LINK_LABEL if o.link == 'transport' else TC_LABEL}"),
-        "options": {"models": list(o.models), "sizes": list(o.sizes),
+        "options": {"models": list(o.models), "sizes": [size_key(z) for z in o.sizes],
                     "links_mbps": list(o.links_mbps), "workers": list(o.workers),
                     "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
                     "images": o.images, "window": o.window, "time_scale": o.time_scale,
                     "memory": list(o.memory)},
         "calibration": calibration,
+        "skipped": skipped,
         "cells": rows,  # (the name armdi bench report reads)
         "winners": winners(rows),
         "auto": auto_summary(rows),

@@ -952,7 +952,9 @@ def bench_mdi_vs_ddi(
     models: Annotated[str | None, typer.Option(
         help="Comma-separated models (default vgg16,mobilenet_v2,efficientnet_lite0); built "
              "with random weights when missing.")] = None,
-    sizes: Annotated[str | None, typer.Option(help="Input sizes, e.g. 224,32.")] = None,
+    sizes: Annotated[str | None, typer.Option(
+        help="Input sizes, N or HxW, e.g. 224,32,720x1280 (a camera frame; fully "
+             "convolutional models only).")] = None,
     links: Annotated[str | None, typer.Option(help="Link rates in Mbit/s, e.g. "
                                                    "20,50,100,1000.")] = None,
     workers: Annotated[str | None, typer.Option(help="Worker counts, e.g. 2,3,4.")] = None,
@@ -978,7 +980,13 @@ def bench_mdi_vs_ddi(
 ) -> None:
     """MDI (armdi, edgepipe) vs DDI vs local, measured beside the analytical prediction."""
     from appliance.bench import write_json
-    from appliance.bench_mdi_ddi import QUICK, MdiDdiOptions, format_report, run_mdi_ddi_bench
+    from appliance.bench_mdi_ddi import (
+        QUICK,
+        MdiDdiOptions,
+        format_report,
+        parse_size,
+        run_mdi_ddi_bench,
+    )
 
     def listed(text: str | None, kind: type[Any]) -> tuple[Any, ...] | None:
         if text is None:
@@ -990,7 +998,12 @@ def bench_mdi_vs_ddi(
             raise  # (unreachable: _fail exits)
 
     chosen: dict[str, Any] = dict(QUICK) if quick else {}
-    for key, value in (("models", listed(models, str)), ("sizes", listed(sizes, int)),
+    try:
+        parsed_sizes = None if sizes is None else tuple(
+            parse_size(v.strip()) for v in sizes.split(",") if v.strip())
+    except ArmdiError as exc:
+        _fail(str(exc))
+    for key, value in (("models", listed(models, str)), ("sizes", parsed_sizes),
                        ("links_mbps", listed(links, float)), ("workers", listed(workers, int)),
                        ("modes", listed(modes, str)), ("memory", listed(memory, float)),
                        ("wire_dtypes", listed(wire_dtypes, str)), ("images", images)):

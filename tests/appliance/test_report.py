@@ -237,3 +237,25 @@ def test_repeated_pipeline_runs_and_companions_are_tabled(tmp_path: Path) -> Non
     assert "pipeline-run2.json" in page and "kill_middle" in page
     assert "no `pipeline-old.json`" in page  # a missing companion: a note
     assert (out.parent / "plots" / "faults-emulated.png").exists()
+
+
+def test_the_memory_sweep_is_its_own_section_with_winners_and_auto(tmp_path: Path) -> None:
+    data = mdi_vs_ddi()
+    for c in data["cells"]:
+        c["memory"] = 0.5
+    data["cells"] = [c for c in data["cells"] if c["mode"] in ("armdi", "edgepipe")]
+    data["winners"] = [{"model_id": "tiny", "size": 224, "link_mbps": 20.0, "workers": 4,
+                        "memory": 0.5, "measured": "hybrid", "predicted": "hybrid"}]
+    data["auto"] = {"cells": [{"model_id": "tiny", "link_mbps": 20.0, "workers": 4,
+                               "memory": 0.5, "chose": "hybrid", "ratio_to_best": 1.8,
+                               "ratio_to_hybrid": 0.99}]}
+    results = write(tmp_path / "results", mdi_vs_ddi_memory=data)
+    template = tmp_path / "t.md"
+    template.write_text("{{mdi_vs_ddi_memory}}\n\n{{memory_winners}}\n")
+    out = tmp_path / "page.md"
+    generate(ReportOptions(results=results, template=template, out=out))
+    page = out.read_text()
+    assert "tiny (memory 0.5)" in page  # the budget is named with the model
+    row = next(line for line in page.splitlines() if "| hybrid | hybrid | hybrid |" in line)
+    assert "1.8" in row and "0.99" in row
+    assert (tmp_path / "plots" / "mdi-vs-ddi-memory.png").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.bench import write_json
-from appliance.bench_mdi_ddi import MdiDdiOptions, format_report, run_mdi_ddi_bench
+from appliance.bench_mdi_ddi import MdiDdiOptions, format_report, parse_size, run_mdi_ddi_bench
 from appliance.report import mdi_cells
 from engines.errors import ArmdiError
 from tests.conftest import BuiltModel
@@ -89,3 +89,20 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ArmdiError, match="not built"):
         run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, models=("vgg16",), sizes=(32,),
                                         build_missing=False))
+
+
+def test_sizes_take_camera_frames_and_a_square_only_model_is_skipped(tmp_path: Path) -> None:
+    assert [parse_size(t) for t in ("224", "720x1280", "32x32")] == [224, (720, 1280), 32]
+    for bad in ("720x", "a", "1x2x3"):
+        with pytest.raises(ArmdiError, match="--sizes"):
+            parse_size(bad)
+    with pytest.raises(ArmdiError, match="--sizes"):
+        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, sizes=((4, 720),)))
+    result = run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, models=("efficientnet_lite0",),
+                                             sizes=((64, 96),), calibrate=False))
+    assert result["cells"] == [] and result["options"]["sizes"] == ["64x96"]
+    [skipped] = result["skipped"]
+    assert skipped["size"] == "64x96" and "square" in skipped["why"]
+    with pytest.raises(ArmdiError, match="--input-size 64x96"):  # says how to build it
+        run_mdi_ddi_bench(MdiDdiOptions(repo=tmp_path, models=("mobilenet_v2",),
+                                        sizes=((64, 96),), build_missing=False))
