@@ -670,6 +670,9 @@ class Source:
             old, self.mode, self.auto = self.mode, decision.mode, decision
             self.chain_workers = decision.chain_workers or self.chain_workers
             self._auto_switched = time.monotonic()
+            if self.mode not in SPREAD:  # nothing goes to ddi's units from now on
+                with self._lock:
+                    self._ddi, self._chains, self._kept, self._ddi_local = {}, {}, set(), False
             try:
                 if self.mode in SPREAD:
                     self._place_ddi(live, timeout_ms=2000)
@@ -695,7 +698,7 @@ class Source:
         if any(w.state == "dead" for w in live):
             self._reroute(f"mode auto: a worker failed the switch to {self.mode}")
             return
-        self._replay_pending()
+        self._replay_pending()  # everything: the old mode's units are not the new mode's
 
     def _allocate(self, live: list[_WorkerState]) -> Allocation:
         s = self.settings
@@ -817,9 +820,11 @@ class Source:
                 "successors": tuple(members[i + 1: i + 1 + self.settings.successors]),
                 "anchor_control_addr": self.settings.control_addr}
 
-    def _unassign(self, w: _WorkerState, chain: tuple[str, ...], timeout_ms: int) -> None:
-        """A worker that ran blocks runs none from now on (told so with an empty range)."""
-        if self._configures.pop(w.ref.name, None) is not None:
+    def _unassign(self, w: _WorkerState, chain: tuple[str, ...], timeout_ms: int,
+                  always: bool = False) -> None:
+        """A worker that ran blocks runs none from now on (told so with an empty range;
+        ``always``: even when it was given none here)."""
+        if self._configures.pop(w.ref.name, None) is not None or always:
             self._client(w).request(msg.Configure(
                 node=w.ref.name, start=0, end=0, successor_addr=None,
                 result_addr=self.settings.data_addr, wire_dtype=self.settings.wire_dtype,
@@ -837,6 +842,8 @@ class Source:
         chains: dict[str, tuple[str, ...]] = {}
         units: list[Allocation] = []
         placed: set[str] = set()
+        with self._lock:  # if this placing fails half-way, nothing is as it was
+            previous, self._chains = self._chains, {}
         for group in groups:
             members = [live[i] for i in group]
             allocation = self._allocate_over(members)
@@ -861,13 +868,13 @@ class Source:
             w.reason = (f"holds at most {w.ref.max_blocks} of the {self.blocks} blocks "
                         "(max_blocks)" if w.ref.max_blocks is not None
                         and w.ref.max_blocks < self.blocks else "no blocks in its chain")
-            with contextlib.suppress(ArmdiError):
-                self._unassign(w, (s.name,), timeout_ms)
+            with contextlib.suppress(ArmdiError):  # also one that rejoined: its old
+                self._unassign(w, (s.name,), timeout_ms, always=True)  # successor is stale
         local = s.run_blocks or not heads
         if local:
             self.engines.load_now(0, self.blocks)
         with self._lock:
-            self._kept = {h for h, names in chains.items() if self._chains.get(h) == names}
+            self._kept = {h for h, names in chains.items() if previous.get(h) == names}
             self._kept |= {s.name} if local and self._ddi_local else set()
             self._ddi, self._chains, self._ddi_local = heads, chains, local
             self._route, self._allocated, self._snapshot = [], [], None
@@ -898,8 +905,9 @@ class Source:
         bottleneck; the slowest unit's latency."""
         profile = self._manifest.profile_for(device_signature(), self.backend)
         total = math.fsum(profile.block_ms) if profile else float(self.blocks)
-        paces = [u.bottleneck_ms for u in units] + ([total * self.slowdown] if local else [])
-        latencies = [u.latency_ms for u in units] + ([total * self.slowdown] if local else [])
+        own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]  # not the source's
+        paces = [max(o, default=0.0) for o in own] + ([total * self.slowdown] if local else [])
+        latencies = [math.fsum(o) for o in own] + ([total * self.slowdown] if local else [])
         pace = 1.0 / sum(1.0 / max(t, 1e-6) for t in paces)
         ship = 0.0
         if units and not math.isinf(self.settings.bandwidth_Bps):
@@ -1244,23 +1252,23 @@ class Source:
                     bad = next(w for w in live if w.ref.name == exc.node)
                     bad.state, bad.reason = "dead", f"could not be configured: {exc}"
             route = self._serving()
+            kept = set(self._kept) if self.mode in SPREAD else None
             self._metrics.counters["reroutes"] += 1
             self._event("rerouted", why=why, boundaries=list(self.boundaries()), route=route)
             log.warning("re-routed (%s): %s over %s", why, list(self.boundaries()), route)
         if not replay:
             return
-        self._replay_pending(route)
+        self._replay_pending(kept)
 
-    def _replay_pending(self, route: list[str] | None = None) -> None:
+    def _replay_pending(self, kept: set[str] | None = None) -> None:
         """Every request in flight again, as a new attempt (a result of the old attempt that
-        was not lost after all is a duplicate, dropped: each request still gets one)."""
-        if route is None:
-            route = self._serving()
+        was not lost after all is a duplicate, dropped: each request still gets one); in
+        ddi/hybrid, ``kept`` spares those on a unit the last placing left as it was."""
         now = time.monotonic()
         with self._lock:
             pending = list(self._pending.values())
-            if self.mode in SPREAD:  # only what was on a node (chain) that changed
-                pending = [p for p in pending if p.where not in self._kept]
+            if kept:  # only what was on a node (chain) that changed
+                pending = [p for p in pending if p.where not in kept]
             for p in pending:
                 self._arm(p, now)
         for p in pending:
