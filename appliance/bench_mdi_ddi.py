@@ -355,6 +355,15 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
             for mode, workers, link, dtype, memory in _cases(o):
                 image = jpeg if mode == "ddi_jpeg" else None
                 cap = cap_for(manifest.blocks, memory)
+                if cap is not None and cap * workers < manifest.blocks:
+                    why = (f"{workers} workers holding {cap} blocks each cannot hold the "
+                           f"{manifest.blocks} blocks (memory {memory:g})")
+                    entry = {"model": model, "size": size_key(size), "workers": workers,
+                             "memory": memory, "why": why}
+                    if entry not in skipped:  # said once per condition
+                        skipped.append(entry)
+                        say(f"skipping {manifest.model_id}: {why}")
+                    continue  # no mode can run it
                 scenario = scenario_for(manifest, o, workers=workers, link_mbps=link,
                                         wire_dtype=dtype, jpeg=image,
                                         decode_ms=decode if image else 0.0,

@@ -58,9 +58,11 @@ def test_a_memory_budget_rules_out_whole_model_modes_and_chains_respect_it(
                             links_mbps=(50.0,), workers=(4,),
                             modes=("edgepipe", "ddi", "hybrid", "local", "auto"),
                             wire_dtypes=("float32",), images=6, window=3, warmup=1,
-                            build_missing=False, memory=(0.6,))
+                            build_missing=False, memory=(0.6, 0.2))
     result = run_mdi_ddi_bench(options)
     rows = result["cells"]
+    [skipped] = result["skipped"]  # at 0.2, four workers cannot hold the model between them
+    assert skipped["memory"] == 0.2 and "cannot hold" in skipped["why"]
     assert sorted(r["mode"] for r in rows) == ["auto", "edgepipe", "hybrid"]  # no device
     cap = int(blocks * 0.6)  # holds the model: ddi and local cannot run
     for r in rows:
