@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -1012,6 +1013,7 @@ def bench_mdi_vs_ddi(
     options = MdiDdiOptions(repo=_repo_path(repo), window=window, time_scale=time_scale,
                             link=link, calibrate=calibrate, **chosen)
     result = run_mdi_ddi_bench(options, progress=lambda m: typer.echo(f"... {m}", err=True))
+    result["command"] = "armdi " + shlex.join(sys.argv[1:])  # as typed (the report shows it)
     typer.echo(format_report(result))
     if json_file is not None:
         write_json(result, json_file)

@@ -43,14 +43,17 @@ FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "fa
          "pipeline_mnv2": "pipeline-mobilenet_v2.json",
          "adaptive_real": "adaptive-real.json",  # --real
          "faults_emulated": "faults-emulated.json",  # --emulate
-         "mdi_vs_ddi_memory": "mdi-vs-ddi-memory.json"}  # --memory below 1, hybrid
+         "mdi_vs_ddi_memory": "mdi-vs-ddi-memory.json",  # --memory below 1, hybrid
+         "mdi_vs_ddi_720p": "mdi-vs-ddi-720p.json"}  # --sizes 720x1280
 BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench adaptive",
                   "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi",
                   "pipeline_old": "armdi bench pipeline",
                   "pipeline_mnv2": "armdi bench pipeline --model mobilenet_v2",
                   "adaptive_real": "armdi bench adaptive --real",
                   "faults_emulated": "armdi bench faults --emulate",
-                  "mdi_vs_ddi_memory": "armdi bench mdi-vs-ddi --memory 0.5"}
+                  "mdi_vs_ddi_memory": "armdi bench mdi-vs-ddi --memory 0.5",
+                  "mdi_vs_ddi_720p": "armdi bench mdi-vs-ddi --models mobilenet_v2 "
+                                     "--sizes 720x1280"}
 PIPELINE_RUNS = "pipeline-run*.json"  # repeated runs of `armdi bench pipeline`: the median
 RATIOS = ("overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio")
 MDI_MODES = ("armdi", "edgepipe")
@@ -587,6 +590,9 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
         "mdi_vs_ddi_memory": needs("mdi_vs_ddi_memory", lambda d: mdi_section(
             d, plots, page_dir, made, "mdi-vs-ddi-memory")),
         "memory_winners": needs("mdi_vs_ddi_memory", winners_section),
+        "mdi_vs_ddi_720p": needs("mdi_vs_ddi_720p", lambda d: mdi_section(
+            d, plots, page_dir, made, "mdi-vs-ddi-720p")),
+        "winners_720p": needs("mdi_vs_ddi_720p", winners_section),
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(sections))
     if unknown:
