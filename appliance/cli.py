@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
