@@ -201,6 +201,19 @@ def command_of(key: str, data: dict[str, Any]) -> str:
                 flags += [f"--{name}", ",".join(s[name])]
         if s.get("emulate") is False:
             flags.append("--real")
+    elif key.startswith("mdi_vs_ddi") and isinstance(data.get("options"), dict):
+        o = data["options"]
+        for name, flag in (("models", "--models"), ("sizes", "--sizes"),
+                           ("links_mbps", "--links"), ("workers", "--workers"),
+                           ("modes", "--modes"), ("wire_dtypes", "--wire-dtypes"),
+                           ("memory", "--memory")):
+            if isinstance(o.get(name), list) and o[name] != [1.0]:
+                flags += [flag, ",".join(_num(v, 3).rstrip("0").rstrip(".")
+                                         if isinstance(v, float) else str(v) for v in o[name])]
+        if "images" in o:
+            flags += ["--images", str(o["images"])]
+        return " ".join(["armdi bench mdi-vs-ddi", *(shlex.quote(f) for f in flags),
+                         "--json", f"docs/results/{FILES[key]}"])
     elif key == "faults":
         if "duration_s" in s:
             flags += ["--duration", _num(s["duration_s"], 1)]

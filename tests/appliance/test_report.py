@@ -259,3 +259,13 @@ def test_the_memory_sweep_is_its_own_section_with_winners_and_auto(tmp_path: Pat
     row = next(line for line in page.splitlines() if "| hybrid | hybrid | hybrid |" in line)
     assert "1.8" in row and "0.99" in row
     assert (tmp_path / "plots" / "mdi-vs-ddi-memory.png").exists()
+
+
+def test_a_sweeps_command_is_rebuilt_from_its_options() -> None:
+    options = {"models": ["mobilenet_v2"], "sizes": ["720x1280"], "links_mbps": [20.0, 1000.0],
+               "workers": [3], "modes": ["ddi", "hybrid"], "wire_dtypes": ["float32"],
+               "memory": [1.0, 0.34], "images": 12}
+    assert command_of("mdi_vs_ddi_720p", {"options": options}) == (
+        "armdi bench mdi-vs-ddi --models mobilenet_v2 --sizes 720x1280 --links 20,1000 "
+        "--workers 3 --modes ddi,hybrid --wire-dtypes float32 --memory 1,0.34 --images 12 "
+        "--json docs/results/mdi-vs-ddi-720p.json")
