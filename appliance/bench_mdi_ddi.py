@@ -19,6 +19,9 @@ result, at the source), beside what the prediction says for the same case.
 - **Memory budgets** (``memory``): per worker, the fraction of the model's blocks its memory
   holds (1: the whole model). Below 1, ``ddi`` and ``local`` cannot run (no device holds the
   model) and are not measured; the chains respect the cap (``max_blocks``).
+- **A slow device** (``slow``): the last worker is this many times slower than the others
+  (its emulated compute; 1: all alike). DDI gives it fewer whole requests (the least-loaded
+  pick), a chain fewer blocks.
 - The source owns the images and runs no blocks: N workers are N compute devices.
 - **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)
   instead of computing, so 3-4 workers run faithfully on 2 cores. JPEG decoding in
@@ -125,6 +128,7 @@ class MdiDdiOptions:
     request_timeout_s: float = 120.0
     calibrate: bool = True  # measure the runtime's per-request cost; the prediction adds it
     memory: tuple[float, ...] = (1.0,)  # per-worker memory budgets, fractions of the model
+    slow: tuple[float, ...] = (1.0,)  # the last worker this many times slower (1: alike)
 
 
 QUICK = {"models": ("mobilenet_v2", "vgg16"), "sizes": (224, 32), "links_mbps": (20.0, 1000.0),
@@ -155,6 +159,9 @@ def check_options(o: MdiDdiOptions) -> None:
     if not o.memory or any(not (math.isfinite(m) and 0 < m <= 1) for m in o.memory):
         raise ArmdiError("--memory: fractions of the model each worker holds, above 0 and "
                          "at most 1")
+    if not o.slow or any(not (math.isfinite(f) and f >= 1) for f in o.slow):
+        raise ArmdiError("--slow: factors of 1 or more (the last worker that many times "
+                         "slower)")
 
 
 def model_for(repository: ModelRepository, model: str, size: Size, build_missing: bool,
@@ -213,10 +220,15 @@ def cap_for(blocks: int, memory: float) -> int | None:
     return None if memory >= 1 else max(1, math.floor(blocks * memory + 1e-9))
 
 
+def speeds_for(workers: int, slow: float) -> tuple[float, ...]:
+    """Every worker's slowdown: the last one ``slow`` times slower than the others."""
+    return (1.0,) * (workers - 1) + (slow,) if workers else ()
+
+
 def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbps: float | None,
                  wire_dtype: str = "float32", jpeg: bytes | None = None,
                  decode_ms: float = 0.0, overhead_ms: float = 0.0,
-                 cap: int | None = None) -> Scenario:
+                 cap: int | None = None, slow: float = 1.0) -> Scenario:
     profile = manifest.profile_for(device_signature(), "ort")
     if profile is None:
         raise ArmdiError(f"{manifest.model_id} has no profile; rebuild it")
@@ -224,7 +236,7 @@ def scenario_for(manifest: Manifest, o: MdiDdiOptions, *, workers: int, link_mbp
         block_ms=tuple(t * o.time_scale for t in profile.block_ms),
         activation_bytes=tuple(manifest.activation_bytes()),
         link_Bps=math.inf if link_mbps is None else link_mbps * 1e6 / 8,
-        latency_ms=LOOPBACK_LATENCY_MS, speeds=(1.0,) * workers,
+        latency_ms=LOOPBACK_LATENCY_MS, speeds=speeds_for(workers, slow),
         input_bytes=len(jpeg) if jpeg is not None else None, wire_dtype=wire_dtype,
         decode_ms=decode_ms, overhead_ms=overhead_ms,
         max_blocks=None if cap is None else (cap,) * workers)
@@ -237,13 +249,14 @@ def calibrate_overhead(o: MdiDdiOptions, manifest: Manifest) -> float:
     none = Prediction("ddi", 1, 1.0, 1.0, 1.0, 1.0, 1.0)
     images = max(o.images, 20)
     measured = _run(dataclasses.replace(quiet, images=images), manifest, "local", 1, None,
-                    "float32", None, none, None)
+                    "float32", None, none, None, 1.0)
     return float(measured["time_s"]) * 1000 / images
 
 
 def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
          link_mbps: float | None, wire_dtype: str, jpeg: bytes | None,
-         prediction: Prediction, cap: int | None, chain_workers: int = 2) -> dict[str, Any]:
+         prediction: Prediction, cap: int | None, slow: float,
+         chain_workers: int = 2) -> dict[str, Any]:
     """One cluster, N images through it; the measured figures."""
     from appliance.cluster import LocalClusterOptions, running
     from appliance.data.source import Source
@@ -256,6 +269,7 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
         mode="ddi" if mode in ("ddi", "ddi_jpeg", "local") else mode,  # auto: the source's
         ddi_input="jpeg" if mode == "ddi_jpeg" else "pixels", wire_dtype=wire_dtype, port=0,
         chain_workers=chain_workers, max_blocks=(cap,) * workers,
+        slowdown=speeds_for(workers, slow),
         source_runs_blocks=False, emulate_compute=True, emulate_scale=o.time_scale,
         link_mbps=None if shaped else link_mbps, request_timeout_s=o.request_timeout_s,
         link=LinkSpec(rate_bps=link_mbps * 1e6) if shaped and link_mbps else None)
@@ -307,23 +321,29 @@ def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,
     return latencies
 
 
-def _cases(o: MdiDdiOptions) -> list[tuple[str, int, float | None, str, float]]:
-    """(mode, workers, link Mbit/s or None, wire dtype, memory) for one model and size."""
-    cases: list[tuple[str, int, float | None, str, float]] = []
+Case = tuple[str, int, "float | None", str, float, float]
+
+
+def _cases(o: MdiDdiOptions) -> list[Case]:
+    """(mode, workers, link Mbit/s or None, wire dtype, memory, slow) for one model and
+    size."""
+    cases: list[Case] = []
     if "local" in o.modes and any(m >= 1 for m in o.memory):
-        cases.append(("local", 1, None, "float32", 1.0))
-    for memory in o.memory:
-        for link in o.links_mbps:
-            for workers in o.workers:
-                for mode in o.modes:
-                    if memory < 1 and mode in WHOLE_MODEL_MODES:
-                        continue  # no device holds the whole model
-                    if mode == "hybrid" and workers < 3:
-                        continue  # chains of 2 or more, at least two of them
-                    if mode in ("armdi", "edgepipe"):
-                        cases += [(mode, workers, link, d, memory) for d in o.wire_dtypes]
-                    elif mode != "local":
-                        cases.append((mode, workers, link, "float32", memory))
+        cases.append(("local", 1, None, "float32", 1.0, 1.0))
+    for slow in o.slow:
+        for memory in o.memory:
+            for link in o.links_mbps:
+                for workers in o.workers:
+                    for mode in o.modes:
+                        if memory < 1 and mode in WHOLE_MODEL_MODES:
+                            continue  # no device holds the whole model
+                        if mode == "hybrid" and workers < 3:
+                            continue  # chains of 2 or more, at least two of them
+                        if mode in ("armdi", "edgepipe"):
+                            cases += [(mode, workers, link, d, memory, slow)
+                                      for d in o.wire_dtypes]
+                        elif mode != "local":
+                            cases.append((mode, workers, link, "float32", memory, slow))
     return cases
 
 
@@ -352,7 +372,7 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
             calibration[manifest.model_id] = {"overhead_ms": round(overhead, 3),
                                               "decode_ms": round(decode, 3)}
             say(f"{manifest.model_id}: runtime overhead {overhead:.2f} ms per request")
-            for mode, workers, link, dtype, memory in _cases(o):
+            for mode, workers, link, dtype, memory, slow in _cases(o):
                 image = jpeg if mode == "ddi_jpeg" else None
                 cap = cap_for(manifest.blocks, memory)
                 if cap is not None and cap * workers < manifest.blocks:
@@ -367,7 +387,7 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                 scenario = scenario_for(manifest, o, workers=workers, link_mbps=link,
                                         wire_dtype=dtype, jpeg=image,
                                         decode_ms=decode if image else 0.0,
-                                        overhead_ms=overhead, cap=cap)
+                                        overhead_ms=overhead, cap=cap, slow=slow)
                 kind, length = ("ddi" if mode == "ddi_jpeg" else mode), 2
                 if mode in ("auto", "hybrid"):  # what auto chooses (the source runs no blocks)
                     decision = choose(scenario, worker_max_blocks=(cap,) * workers,
@@ -381,15 +401,16 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                 predicted = predict(kind, scenario, o.images, o.window)
                 label = (f"{manifest.model_id} {size_label(size)} {mode} {dtype} x{workers} "
                          f"@ {'no link' if link is None else f'{link:g} Mbit/s'}"
-                         + (f", memory {memory:g} ({cap} blocks)" if cap else ""))
+                         + (f", memory {memory:g} ({cap} blocks)" if cap else "")
+                         + (f", w{workers} {slow:g}x slower" if slow != 1 else ""))
                 say(label)
                 measured = _run(o, manifest, mode, workers, link, dtype, image, predicted, cap,
-                                length)
+                                slow, length)
                 rows.append({
                     "model": model, "model_id": manifest.model_id, "size": size_key(size),
                     "mode": mode,
                     "workers": workers, "link_mbps": link, "wire_dtype": dtype,
-                    "memory": memory, "max_blocks": cap,
+                    "memory": memory, "max_blocks": cap, "slow": slow,
                     "input_bytes": scenario.wire_input_bytes, "images": o.images, **measured,
                     "predicted": predicted.to_dict(),
                     "time_ratio": round(measured["time_s"] / predicted.time_s, 3)
@@ -405,7 +426,7 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
                     "links_mbps": list(o.links_mbps), "workers": list(o.workers),
                     "modes": list(o.modes), "wire_dtypes": list(o.wire_dtypes),
                     "images": o.images, "window": o.window, "time_scale": o.time_scale,
-                    "memory": list(o.memory)},
+                    "memory": list(o.memory), "slow": list(o.slow)},
         "calibration": calibration,
         "skipped": skipped,
         "cells": rows,  # (the name armdi bench report reads)
@@ -415,8 +436,10 @@ def run_mdi_ddi_bench(o: MdiDdiOptions,
 
 
 def _key(r: dict[str, Any]) -> tuple[Any, ...]:
-    """A cell's condition: model, size, link, workers and memory budget (1: none)."""
-    return (r["model_id"], r["size"], r["link_mbps"], r["workers"], r.get("memory", 1.0))
+    """A cell's condition: model, size, link, workers, memory budget (1: none) and how
+    much slower the last worker is (1: alike)."""
+    return (r["model_id"], r["size"], r["link_mbps"], r["workers"], r.get("memory", 1.0),
+            r.get("slow", 1.0))
 
 
 def _name(r: dict[str, Any]) -> str:
@@ -443,6 +466,7 @@ def auto_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         h = max(hybrid, key=lambda r: r["throughput_ips"]) if hybrid else None
         cells.append({"model_id": a["model_id"], "size": a["size"], "link_mbps": a["link_mbps"],
                       "workers": a["workers"], "memory": a.get("memory", 1.0),
+                      "slow": a.get("slow", 1.0),
                       "chose": a.get("auto_choice"), "best_other": _name(best),
                       "ratio_to_best": round(a["throughput_ips"] / best["throughput_ips"], 3),
                       "ratio_to_hybrid": round(a["throughput_ips"] / h["throughput_ips"], 3)
@@ -465,13 +489,21 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["mode"] not in ("local", "auto"):
             groups.setdefault(_key(r), []).append(r)
     out = []
-    for (model_id, size, link, workers, memory), group in groups.items():
+    for (model_id, size, link, workers, memory, slow), group in groups.items():
         contenders = group + ([local[model_id]] if model_id in local and memory >= 1 else [])
         best_m = min(contenders, key=lambda r: r["time_s"])
         best_p = min(contenders, key=lambda r: r["predicted"]["time_s"])
         out.append({"model_id": model_id, "size": size, "link_mbps": link, "workers": workers,
-                    "memory": memory, "measured": _name(best_m), "predicted": _name(best_p)})
+                    "memory": memory, "slow": slow, "measured": _name(best_m),
+                    "predicted": _name(best_p)})
     return out
+
+
+def _condition(c: dict[str, Any]) -> str:
+    """", memory 0.5, w4 4x slower": what sets a condition apart, beyond the defaults."""
+    memory = f", memory {c['memory']:g}" if c.get("memory", 1.0) < 1 else ""
+    slow = f", last worker {c['slow']:g}x slower" if c.get("slow", 1.0) != 1 else ""
+    return memory + slow
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -487,7 +519,8 @@ def format_report(result: dict[str, Any]) -> str:
              f"{'images/s':>15}  {'p50 ms':>17}  {'p99 ms':>8}  {'meas/pred':>9}"]
     for r in result["cells"]:
         m, p = r, r["predicted"]
-        mode = _name(r) + (f" m{r['memory']:g}" if r.get("memory", 1.0) < 1 else "")
+        mode = _name(r) + (f" m{r['memory']:g}" if r.get("memory", 1.0) < 1 else "") + (
+            f" s{r['slow']:g}" if r.get("slow", 1.0) != 1 else "")
         link = "-" if r["link_mbps"] is None else f"{r['link_mbps']:g}"
         lines.append(
             f"{r['model_id']:<22}{mode:<14}{r['workers']:>3}{link:>8}  "
@@ -500,7 +533,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", "mode auto (throughput over the best of armdi/edgepipe/ddi, over hybrid, "
                   "over local):"]
         for c in auto["cells"]:
-            memory = f", memory {c['memory']:g}" if c["memory"] < 1 else ""
+            memory = _condition(c)
             lines.append(f"  {c['model_id']:<22} x{c['workers']} @ {c['link_mbps']:g} Mbit/s"
                          f"{memory}: chose {c['chose']}, x{c['ratio_to_best']} of "
                          f"{c['best_other']}, x{c['ratio_to_hybrid']} of hybrid, "
@@ -509,7 +542,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", "fastest mode (measured / predicted):"]
         for w in result["winners"]:
             agree = "" if w["measured"] == w["predicted"] else "   (differ)"
-            memory = f", memory {w['memory']:g}" if w["memory"] < 1 else ""
+            memory = _condition(w)
             lines.append(f"  {w['model_id']:<22} x{w['workers']} @ {w['link_mbps']:g} Mbit/s"
                          f"{memory}: {w['measured']} / {w['predicted']}{agree}")
     return "\n".join(lines)

@@ -964,6 +964,9 @@ def bench_mdi_vs_ddi(
     memory: Annotated[str | None, typer.Option(
         help="Per-worker memory budgets as fractions of the model, e.g. 1,0.5 (below 1, "
              "ddi and local cannot run; the chains respect the cap).")] = None,
+    slow: Annotated[str | None, typer.Option(
+        help="How many times slower the last worker is, e.g. 1,4 (one slow device; 1: all "
+             "alike).")] = None,
     wire_dtypes: Annotated[str, typer.Option(help="MDI wire: float32,float16.")]
     = "float32,float16",
     images: Annotated[int | None, typer.Option(help="Images per measurement.")] = None,
@@ -1007,6 +1010,7 @@ def bench_mdi_vs_ddi(
     for key, value in (("models", listed(models, str)), ("sizes", parsed_sizes),
                        ("links_mbps", listed(links, float)), ("workers", listed(workers, int)),
                        ("modes", listed(modes, str)), ("memory", listed(memory, float)),
+                       ("slow", listed(slow, float)),
                        ("wire_dtypes", listed(wire_dtypes, str)), ("images", images)):
         if value is not None:
             chosen[key] = value

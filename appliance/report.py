@@ -206,7 +206,7 @@ def command_of(key: str, data: dict[str, Any]) -> str:
         for name, flag in (("models", "--models"), ("sizes", "--sizes"),
                            ("links_mbps", "--links"), ("workers", "--workers"),
                            ("modes", "--modes"), ("wire_dtypes", "--wire-dtypes"),
-                           ("memory", "--memory")):
+                           ("memory", "--memory"), ("slow", "--slow")):
             if isinstance(o.get(name), list) and o[name] != [1.0]:
                 flags += [flag, ",".join(_num(v, 3).rstrip("0").rstrip(".")
                                          if isinstance(v, float) else str(v) for v in o[name])]
@@ -437,9 +437,10 @@ def mdi_cells(data: dict[str, Any]) -> list[Cell]:
             p_time = _float(r.get("predicted_time_s"))
         if link is None:
             continue
-        memory = _float(r.get("memory"))
+        memory, slow = _float(r.get("memory")), _float(r.get("slow"))
         model = str(r.get("model", data.get("model", "?"))) + (
-            f" (memory {memory:g})" if memory is not None and memory < 1 else "")
+            f" (memory {memory:g})" if memory is not None and memory < 1 else "") + (
+            f" (one worker {slow:g}x slower)" if slow is not None and slow != 1 else "")
         cells.append(Cell(model=model,
                           input=str(size or "?"), link_mbps=link,
                           workers=int(_first(r, "workers", "nodes") or 0),
@@ -498,23 +499,25 @@ def mdi_section(data: dict[str, Any], plots: Path, page_dir: Path, made: list[Pa
 def winners_section(data: dict[str, Any]) -> str:
     """The bench's own summaries: the fastest mode per condition (measured / predicted) and
     what mode auto chose there, against the best of the paper's modes and of hybrid."""
-    auto = {(c.get("model_id"), c.get("link_mbps"), c.get("workers"), c.get("memory", 1.0)): c
+    auto = {(c.get("model_id"), c.get("link_mbps"), c.get("workers"), c.get("memory", 1.0),
+             c.get("slow", 1.0)): c
             for c in (data.get("auto") or {}).get("cells", []) if isinstance(c, dict)}
     rows = []
     for w in data.get("winners", []):
         if not isinstance(w, dict):
             continue
         a = auto.get((w.get("model_id"), w.get("link_mbps"), w.get("workers"),
-                      w.get("memory", 1.0)), {})
-        rows.append([w.get("model_id"), w.get("memory", 1.0), w.get("workers"),
+                      w.get("memory", 1.0), w.get("slow", 1.0)), {})
+        rows.append([w.get("model_id"), w.get("memory", 1.0), w.get("slow", 1.0),
+                     w.get("workers"),
                      _num(_float(w.get("link_mbps")), 0), w.get("measured"), w.get("predicted"),
                      a.get("chose"), _float(a.get("ratio_to_best")),
                      _float(a.get("ratio_to_hybrid"))])
     if not rows:
         return "_No condition to summarise._"
-    return _table(["model", "memory", "workers", "link Mbit/s", "fastest (measured)",
-                   "fastest (predicted)", "auto chose", "auto / best of armdi, edgepipe, ddi",
-                   "auto / hybrid"], rows, "lrrrllllr")
+    return _table(["model", "memory", "last worker slower", "workers", "link Mbit/s",
+                   "fastest (measured)", "fastest (predicted)", "auto chose",
+                   "auto / best of armdi, edgepipe, ddi", "auto / hybrid"], rows, "lrrrrlllrr")
 
 
 def win_map(cells: list[Cell]) -> dict[tuple[str, str, int], dict[float, float]]:

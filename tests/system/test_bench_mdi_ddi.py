@@ -3,6 +3,7 @@ measurement beside its prediction, and the emulation is said."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def test_a_memory_budget_rules_out_whole_model_modes_and_chains_respect_it(
     [winner] = result["winners"]
     assert winner["memory"] == 0.6 and winner["measured"] in ("edgepipe", "hybrid")
     assert "memory 0.6" in format_report(result)
+
+
+def test_a_slow_device_is_its_own_condition(built_tiny: BuiltModel) -> None:
+    options = MdiDdiOptions(repo=built_tiny.repo, models=("tiny",), sizes=(8,),
+                            links_mbps=(50.0,), workers=(2,), modes=("ddi", "edgepipe"),
+                            wire_dtypes=("float32",), images=4, window=2, warmup=1,
+                            build_missing=False, slow=(1.0, 8.0))
+    result = run_mdi_ddi_bench(options)
+    rows = {(r["mode"], r["slow"]): r for r in result["cells"]}
+    assert sorted(rows) == [("ddi", 1.0), ("ddi", 8.0), ("edgepipe", 1.0), ("edgepipe", 8.0)]
+    assert all(r["failed"] == 0 for r in rows.values())
+    # DDI's pace is the workers' side by side: one 8x slower adds less than it takes away
+    alike, slow = rows[("ddi", 1.0)]["predicted"], rows[("ddi", 8.0)]["predicted"]
+    assert slow["bottleneck_ms"] >= alike["bottleneck_ms"]
+    assert len(result["winners"]) == 2 and {w["slow"] for w in result["winners"]} == {1.0, 8.0}
+    assert "last worker 8x slower" in format_report(result)
+    with pytest.raises(ArmdiError, match="--slow"):
+        run_mdi_ddi_bench(dataclasses.replace(options, slow=(0.5,)))
 
 
 def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
