@@ -44,7 +44,8 @@ FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "fa
          "adaptive_real": "adaptive-real.json",  # --real
          "faults_emulated": "faults-emulated.json",  # --emulate
          "mdi_vs_ddi_memory": "mdi-vs-ddi-memory.json",  # --memory below 1, hybrid
-         "mdi_vs_ddi_720p": "mdi-vs-ddi-720p.json"}  # --sizes 720x1280
+         "mdi_vs_ddi_720p": "mdi-vs-ddi-720p.json",  # --sizes 720x1280
+         "mdi_vs_ddi_slow": "mdi-vs-ddi-slow.json"}  # --slow 1,4
 BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench adaptive",
                   "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi",
                   "pipeline_old": "armdi bench pipeline",
@@ -53,7 +54,8 @@ BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench a
                   "faults_emulated": "armdi bench faults --emulate",
                   "mdi_vs_ddi_memory": "armdi bench mdi-vs-ddi --memory 0.5",
                   "mdi_vs_ddi_720p": "armdi bench mdi-vs-ddi --models mobilenet_v2 "
-                                     "--sizes 720x1280"}
+                                     "--sizes 720x1280",
+                  "mdi_vs_ddi_slow": "armdi bench mdi-vs-ddi --slow 1,4"}
 PIPELINE_RUNS = "pipeline-run*.json"  # repeated runs of `armdi bench pipeline`: the median
 RATIOS = ("overhead_1node", "hop_cost_ratio", "speedup_2node", "cpu_ratio")
 MDI_MODES = ("armdi", "edgepipe")
@@ -609,6 +611,9 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
         "mdi_vs_ddi_720p": needs("mdi_vs_ddi_720p", lambda d: mdi_section(
             d, plots, page_dir, made, "mdi-vs-ddi-720p")),
         "winners_720p": needs("mdi_vs_ddi_720p", winners_section),
+        "mdi_vs_ddi_slow": needs("mdi_vs_ddi_slow", lambda d: mdi_section(
+            d, plots, page_dir, made, "mdi-vs-ddi-slow")),
+        "winners_slow": needs("mdi_vs_ddi_slow", winners_section),
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(sections))
     if unknown:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from appliance.control.predict import PredictionError, Scenario, predict
 
-__all__ = ["Alternative", "AutoDecision", "choose"]
+__all__ = ["Alternative", "AutoDecision", "choose", "hybrid_throughput", "worth_switching"]
 
 ORDER = ("local", "ddi", "armdi", "hybrid")  # simplest first: ties go to it
 IMAGES = 200  # the predicted run: long enough for the pipeline's fill to matter little
@@ -126,6 +126,28 @@ def choose(scenario: Scenario, *, worker_max_blocks: Sequence[int | None],
     reason = (f"{best.mode} is predicted fastest: {best.throughput_ips:.1f} img/s"
               + (f" (against {others})" if others else " (the only one that fits)"))
     return AutoDecision(best.mode, tuple(alternatives), reason)
+
+
+def hybrid_throughput(scenario: Scenario, worker_max_blocks: Sequence[int | None],
+                      chain_workers: int) -> float:
+    """hybrid's predicted throughput at ``chain_workers`` (0 where no such chain holds the
+    model): what a running hybrid is worth, to weigh a switch against."""
+    try:
+        return predict("hybrid", dataclasses.replace(
+            scenario, max_blocks=tuple(worker_max_blocks), chain_workers=chain_workers),
+            IMAGES, WINDOW).throughput_ips
+    except PredictionError:
+        return 0.0
+
+
+def worth_switching(decision: AutoDecision, mode: str, chain_workers: int,
+                    current_ips: float, gain: float) -> bool:
+    """Whether auto should leave what runs (``mode``; for hybrid also its chain length) for
+    ``decision``: another choice, predicted over ``gain`` faster than ``current_ips``."""
+    same = decision.mode == mode and (mode != "hybrid"
+                                      or decision.chain_workers == chain_workers)
+    best = next(a.throughput_ips for a in decision.alternatives if a.mode == decision.mode)
+    return not same and best > current_ips * (1 + gain)
 
 
 def _best_hybrid(scenario: Scenario, worker_max_blocks: Sequence[int | None]) -> Alternative:

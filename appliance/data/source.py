@@ -63,7 +63,7 @@ from appliance.control.allocator import (
     solve,
     why_left_out,
 )
-from appliance.control.auto import AutoDecision, choose
+from appliance.control.auto import AutoDecision, choose, hybrid_throughput, worth_switching
 from appliance.control.controller import should_rebalance
 from appliance.control.detector import DetectorSettings, PhiAccrual
 from appliance.control.membership import RANK_GAP
@@ -617,6 +617,18 @@ class Source:
         """Mode auto: the mode predicted fastest over the live workers, from the profile,
         the configured links and speeds, and each device's block cap."""
         s = self.settings
+        scenario = self._auto_scenario(live)
+        try:
+            return choose(scenario, worker_max_blocks=[w.ref.max_blocks for w in live] or [0],
+                          source_runs_blocks=s.run_blocks, source_max_blocks=s.max_blocks,
+                          source_speed=self.slowdown)
+        except ValueError as exc:
+            raise ArmdiError(f"mode auto: {exc}") from exc
+
+    def _auto_scenario(self, live: list[_WorkerState]) -> Scenario:
+        """What mode auto predicts from: the profile, the configured links, the speeds the
+        workers measure (``_speed_of``)."""
+        s = self.settings
         profile = self._manifest.profile_for(device_signature(), self.backend)
         base = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         refs = [w.ref for w in live]
@@ -627,12 +639,7 @@ class Source:
             link_Bps=min(links), latency_ms=max([s.latency_ms] + [r.latency_ms for r in refs]),
             speeds=tuple(_speed_of(w, w.ref.name in serving) for w in live) or (1.0,),
             overhead_ms=AUTO_OVERHEAD_MS)
-        try:
-            return choose(scenario, worker_max_blocks=[r.max_blocks for r in refs] or [0],
-                          source_runs_blocks=s.run_blocks, source_max_blocks=s.max_blocks,
-                          source_speed=self.slowdown)
-        except ValueError as exc:
-            raise ArmdiError(f"mode auto: {exc}") from exc
+        return scenario
 
     def _maybe_switch_mode(self) -> None:
         """Mode auto at run time: decide again every ``AUTO_EVERY_S`` with the speeds the
@@ -654,7 +661,10 @@ class Source:
         self._auto_at = now
         predicted = {a.mode: a.throughput_ips for a in decision.alternatives if a.feasible}
         current = predicted.get(self.mode, 0.0)
-        if decision.mode == self.mode or predicted[decision.mode] <= current * (1 + AUTO_GAIN):
+        if self.mode == "hybrid":  # at the chain length it runs, not the best one
+            current = hybrid_throughput(self._auto_scenario(live),
+                                        [w.ref.max_blocks for w in live], self.chain_workers)
+        if not worth_switching(decision, self.mode, self.chain_workers, current, AUTO_GAIN):
             self.auto = dataclasses.replace(decision, mode=self.mode,
                                             reason=f"staying with {self.mode}: "
                                                    f"{decision.reason}")

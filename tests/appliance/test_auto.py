@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from appliance.control.auto import choose
+from appliance.control.auto import choose, hybrid_throughput, worth_switching
 from appliance.control.predict import Scenario, predict
 
 BLOCKS = (2.0,) * 10  # 20 ms for the whole model on the reference device
@@ -80,3 +80,24 @@ def test_where_no_worker_holds_the_model_shorter_chains_side_by_side_win() -> No
     assert free.mode == "ddi" and free.chain_workers == 0
     two = choose(_scenario(1000, (1.0,) * 2), worker_max_blocks=(5, 5), source_runs_blocks=False)
     assert not {a.mode: a for a in two.alternatives}["hybrid"].feasible
+
+
+def test_a_switch_needs_another_choice_predicted_clearly_faster() -> None:
+    scenario = _scenario(1000, (1.0,) * 6)
+    caps = (5,) * 6  # half the model each: hybrid's chains of 2 or 3
+    decision = choose(scenario, worker_max_blocks=caps, source_runs_blocks=False)
+    assert decision.mode == "hybrid"
+    best = next(a for a in decision.alternatives if a.mode == "hybrid")
+    at_best = hybrid_throughput(scenario, caps, decision.chain_workers)
+    assert at_best == pytest.approx(best.throughput_ips)
+    assert hybrid_throughput(scenario, caps, 1) == 0.0  # a worker alone cannot hold it
+    # what runs is the decision: stay, however slow the running one is said to be
+    assert not worth_switching(decision, "hybrid", decision.chain_workers, 0.0, 0.25)
+    # the same mode at another chain length is another choice; it must gain enough
+    other = next(n for n in (2, 3) if n != decision.chain_workers)
+    now = hybrid_throughput(scenario, caps, other)
+    assert worth_switching(decision, "hybrid", other, now, 0.25) == (
+        best.throughput_ips > now * 1.25)
+    assert worth_switching(decision, "hybrid", other, best.throughput_ips / 2, 0.25)
+    assert not worth_switching(decision, "armdi", 0, best.throughput_ips / 1.1, 0.25)
+    assert worth_switching(decision, "armdi", 0, best.throughput_ips / 1.3, 0.25)
