@@ -51,9 +51,8 @@ import io
 import math
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,14 +309,21 @@ def _run(o: MdiDdiOptions, manifest: Manifest, mode: str, workers: int,
 
 def _closed_loop(submit: Callable[[], Future[Any]], n: int, window: int,
                  timeout_s: float) -> list[float]:
-    """``n`` requests, ``window`` in flight; each one's latency (ms) as the source saw it."""
-    inflight: deque[Future[Any]] = deque()
-    latencies = []
-    for _ in range(n):
-        if len(inflight) >= window:
-            latencies.append(inflight.popleft().result(timeout=timeout_s).latency_ms)
-        inflight.append(submit())
-    latencies += [f.result(timeout=timeout_s).latency_ms for f in inflight]
+    """``n`` requests, at most ``window`` in flight, a new one as soon as any finishes (as
+    independent clients, and the prediction, do: waiting for the oldest instead would hold
+    fast workers idle behind a slow one's request in ddi and hybrid); each one's latency
+    (ms) as the source saw it."""
+    inflight: set[Future[Any]] = set()
+    latencies: list[float] = []
+    submitted = 0
+    while submitted < n or inflight:
+        while submitted < n and len(inflight) < window:
+            inflight.add(submit())
+            submitted += 1
+        done, inflight = wait(inflight, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        if not done:
+            raise ArmdiError(f"no result within {timeout_s:g} s ({len(inflight)} in flight)")
+        latencies += [f.result().latency_ms for f in done]
     return latencies
 
 
