@@ -35,7 +35,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +224,7 @@ class Source:
         self._chains: dict[str, tuple[str, ...]] = {}  # ...each one's members (head first)
         self._kept: set[str] = set()  # ...those the last placing left as they were
         self.chain_workers = settings.chain_workers  # hybrid (mode auto may choose another)
+        self._pace: dict[str, float] = {}  # ...each one's ms per request: placed, then measured
         self._ddi_local = False  # ddi: the source computes a share itself
         self._ddi_next = 0  # ddi: where the round-robin among equally loaded nodes resumes
         # ddi: the source's own share runs on a thread of its own (its sends do not wait)
@@ -414,18 +415,17 @@ class Source:
             self._attempt(pending, attempt, timeout_ms=0)
 
     def _pick(self, pending: _Pending) -> str:
-        """ddi/hybrid: the node (chain) with the fewest requests in flight, ties in turn; a
-        re-send goes to another one than the last attempt's when there is one. Call with
-        ``_lock`` held."""
+        """ddi/hybrid: the node (chain) that would finish this request first, by the
+        requests it holds and its pace (``earliest_finish``), near-ties in turn; a re-send
+        goes to another one than the last attempt's when there is one. Call with ``_lock``
+        held."""
         names = list(self._ddi) + ([self.settings.name] if self._ddi_local else [])
         if not names:
             return ""  # nobody serves now: the watchdog re-sends once a worker is back
         if pending.attempt > 1 and len(names) > 1 and pending.where in names:
             names.remove(pending.where)
         load = Counter(p.where for p in self._pending.values() if p is not pending)
-        fewest = min(load[n] for n in names)
-        order = names[self._ddi_next % len(names):] + names[:self._ddi_next % len(names)]
-        chosen = next(n for n in order if load[n] == fewest)
+        chosen = earliest_finish(names, load, self._pace, self._ddi_next)
         self._ddi_next = names.index(chosen) + 1
         return chosen
 
@@ -883,7 +883,12 @@ class Source:
         local = s.run_blocks or not heads
         if local:
             self.engines.load_now(0, self.blocks)
+        own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]
+        pace = {h: max(o, default=0.0) for h, o in zip(heads, own, strict=True)}
+        if local:
+            pace[s.name] = self._whole_ms() * self.slowdown
         with self._lock:
+            self._pace = pace
             self._kept = {h for h, names in chains.items() if previous.get(h) == names}
             self._kept |= {s.name} if local and self._ddi_local else set()
             self._ddi, self._chains, self._ddi_local = heads, chains, local
@@ -909,12 +914,32 @@ class Source:
         w.state, w.reason = "up", ""
         w.detector.expect(time.monotonic())  # it beats from now on, or is dead
 
+    def _whole_ms(self) -> float:
+        """The whole model's profiled time on this device (ms)."""
+        profile = self._manifest.profile_for(device_signature(), self.backend)
+        return math.fsum(profile.block_ms) if profile else float(self.blocks)
+
+    def _measure_paces(self) -> None:
+        """ddi/hybrid: each unit's pace as measured (a chain's slowest member), where every
+        member has measured one; the placed one until then."""
+        by_name = {w.ref.name: w for w in self.workers}
+        paces = {}
+        for head, members in self._chains.items():
+            stages = [w.last.compute_ms_ewma + w.last.send_ms_ewma
+                      for w in (by_name.get(m) for m in members)
+                      if w is not None and w.last is not None and w.last.processed > 0]
+            if len(stages) == len(members):
+                paces[head] = max(stages)
+        if self._ddi_local and self._compute_ms is not None:
+            paces[self.settings.name] = self._compute_ms
+        with self._lock:
+            self._pace.update((n, t) for n, t in paces.items() if n in self._pace)
+
     def _spread_allocation(self, units: list[Allocation], local: bool) -> Allocation:
         """What admission and re-sending go by in ddi/hybrid: each unit's (worker's, chain's)
         pace side by side, and the source's link, which every input crosses, as the
         bottleneck; the slowest unit's latency."""
-        profile = self._manifest.profile_for(device_signature(), self.backend)
-        total = math.fsum(profile.block_ms) if profile else float(self.blocks)
+        total = self._whole_ms()
         own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]  # not the source's
         paces = [max(o, default=0.0) for o in own] + ([total * self.slowdown] if local else [])
         latencies = [math.fsum(o) for o in own] + ([total * self.slowdown] if local else [])
@@ -1405,6 +1430,8 @@ class Source:
             self._measured_bottleneck_ms = max(used, default=0.0)
             if self.mode in SPREAD and used:  # they work side by side
                 self._measured_bottleneck_ms /= len(self._ddi) + int(self._ddi_local) or 1
+            if self.mode in SPREAD:
+                self._measure_paces()
             try:
                 self.optimum = self._measured_optimum()
                 if self.mode == "armdi":
@@ -1673,6 +1700,27 @@ class Source:
                     if (loop, q) in self._subscribers:
                         self._subscribers.remove((loop, q))
 
+
+
+TIE = 0.05  # expected finishes this close are a tie, served in turn
+
+
+def earliest_finish(names: list[str], load: Mapping[str, int], pace: Mapping[str, float],
+                    turn: int) -> str:
+    """ddi/hybrid's pick: the unit whose queue would finish one more request first,
+    ``(requests it holds + 1) x its ms per request``; equal units by their load alone, and
+    finishes within ``TIE`` of the best in turn from ``turn`` (round-robin among equals).
+    A unit of unknown pace counts as the fastest known."""
+    known = [t for n in names if (t := pace.get(n, 0.0)) > 0]
+    fallback = min(known, default=1.0)
+
+    def finish(n: str) -> float:
+        t = pace.get(n, 0.0)
+        return (load.get(n, 0) + 1) * (t if t > 0 else fallback)
+
+    best = min(finish(n) for n in names)
+    k = turn % len(names)
+    return next(n for n in names[k:] + names[:k] if finish(n) <= best * (1 + TIE))
 
 
 def _speed_of(w: _WorkerState, serving: bool) -> float:
