@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,8 +245,9 @@ def _played(mode: str, images: int, window: int, stages: Sequence[Stage], latenc
             t += latency_ms if n > 0 else 0.0
             start = max(t, free[n])
             t = free[n] = start + compute + send
-        if chains:
-            k = min(range(len(chains)), key=lambda c: (free_in[c][0] if free_in[c] else 0.0, c))
+        if chains:  # the chain that would finish it first (the runtime's pick)
+            k = min(range(len(chains)), key=lambda c: (_through(chains[c], free_in[c], t,
+                                                                 latency_ms), c))
             for n, (compute, send) in enumerate(chains[k]):
                 start = max(t + latency_ms, free_in[k][n])
                 t = free_in[k][n] = start + compute + send
@@ -269,6 +269,15 @@ def _played(mode: str, images: int, window: int, stages: Sequence[Stage], latenc
                       _median(latencies), boundaries, groups)
 
 
+def _through(chain: Sequence[Stage], free: Sequence[float], t: float,
+             latency_ms: float) -> float:
+    """When a request entering ``chain`` at ``t`` would leave it (its nodes free at
+    ``free``)."""
+    for (compute, send), at in zip(chain, free, strict=True):
+        t = max(t + latency_ms, at) + compute + send
+    return t
+
+
 def _ddi(scenario: Scenario, images: int, window: int) -> Prediction:
     total = math.fsum(scenario.block_ms)
     over = scenario.overhead_ms
@@ -276,17 +285,16 @@ def _ddi(scenario: Scenario, images: int, window: int) -> Prediction:
     back = scenario.transfer_ms(scenario.activation_bytes[-1])
     lat = scenario.latency_ms
     work = [total * s + scenario.decode_ms + over + back for s in scenario.speeds]
-    workers = [(0.0, n) for n in range(len(work))]  # (free at, index): the first free first
-    heapq.heapify(workers)
+    free = [0.0] * len(work)
     link = 0.0
     done: list[float] = []
     latencies = []
     for i in range(images):
         submit = _slot(done, i, window)
         link = max(link, submit) + ship  # the source's one link, one input after another
-        free, n = heapq.heappop(workers)
-        end = max(free, link + lat) + work[n]
-        heapq.heappush(workers, (end, n))
+        # to the worker that would finish it first (the runtime's pick), not the first free
+        end, n = min((max(free[k], link + lat) + work[k], k) for k in range(len(work)))
+        free[n] = end
         arrived = end + lat
         bisect.insort(done, arrived)
         latencies.append(arrived - submit)
