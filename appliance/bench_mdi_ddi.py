@@ -8,8 +8,9 @@ result, at the source), beside what the prediction says for the same case.
 
 - Modes: ``armdi`` and ``edgepipe`` (one MDI chain, placed at the allocator's exact optimum
   for uint8 pixel inputs; ``armdi`` then adapts), each with the float32 and the float16
-  wire; ``ddi`` (whole uint8 images to the least-loaded worker); ``ddi_jpeg`` (the JPEG bytes
-  instead, decoded on the worker; a variant, not in the default set); ``hybrid`` (DDI over
+  wire; ``ddi`` (whole uint8 images to the worker that would finish first); ``ddi_jpeg``
+  (the JPEG bytes instead, decoded on the worker; a variant, not in the default set);
+  ``hybrid`` (DDI over
   chains, at the chain length the prediction rates best; 3 workers or more); ``local`` (one
   device runs everything: one emulated worker on a free link); ``auto`` (the source's mode
   auto, which picks ddi, an armdi chain or hybrid from the prediction; its choice is in each
@@ -20,7 +21,7 @@ result, at the source), beside what the prediction says for the same case.
   holds (1: the whole model). Below 1, ``ddi`` and ``local`` cannot run (no device holds the
   model) and are not measured; the chains respect the cap (``max_blocks``).
 - **A slow device** (``slow``): the last worker is this many times slower than the others
-  (its emulated compute; 1: all alike). DDI gives it fewer whole requests (the least-loaded
+  (its emulated compute; 1: all alike). DDI gives it fewer whole requests (the source's
   pick), a chain fewer blocks.
 - The source owns the images and runs no blocks: N workers are N compute devices.
 - **Compute is emulated**: each node waits its blocks' profiled time (times ``time_scale``)

@@ -11,13 +11,13 @@ results are de-duplicated by request id, so none is lost and none is returned tw
 request that cannot finish before its deadline fails with a clear error.
 
 In mode ``ddi`` (data-distributed) every worker holds the whole model: each request goes
-whole to the least-loaded live worker (fewest requests in flight, ties round-robin), or to
+whole to the live worker that would finish it first (``earliest_finish``), or to
 the source itself when it runs blocks, as uint8 pixels or (``ddi_input = "jpeg"``) as the
 encoded image, which the worker decodes. A re-send goes to another live worker. Mode
 ``hybrid`` is DDI over chains: the live workers form chains of ``chain_workers``
 (``appliance.control.predict.chain_groups``), each at its own optimum, and each request goes
-whole to the head of the least-loaded chain; a worker that dies re-forms the chains and
-replays only what was on its chain.
+whole to the head of the chain that would finish it first; a worker that dies re-forms the
+chains and replays only what was on its chain.
 """
 
 from __future__ import annotations
