@@ -206,10 +206,12 @@ def test_a_captured_frame_replayed_is_rejected(built_tiny: BuiltModel, tmp_path:
                     to_source.send(fr.encode_frame(frame, KEY), timeout_ms=3000)
                 to_source.close()
                 after = source.submit(_x(7)).result(timeout=20)  # new frames still pass
-            # the replays came on another connection: NNG does not order them against the
-            # source's frames, so give the worker a moment to have looked at all of them
+            # the replays came on other connections: NNG does not order them against the
+            # frames that followed, so give the worker and the source a moment to have
+            # looked at all of them
             deadline = time.monotonic() + 10
-            while (worker.status().dropped.get("replay", 0) < 3
+            while ((worker.status().dropped.get("replay", 0) < 3
+                    or source.status().counters.get("replay", 0) < 2)
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
             status = worker.status()
