@@ -871,13 +871,24 @@ class Source:
             chains[names[0]] = names
             placed.update(names)
             units.append(allocation)
+        dropped = {live[i].ref.name: [live[j] for j in g]  # chains that cannot hold it
+                   for g in chain_groups([None] * len(live), self.blocks, length)
+                   if g not in groups for i in g}
         for w in live:
             if w.ref.name in placed:
                 continue
             w.state = "idle"
-            w.reason = (f"holds at most {w.ref.max_blocks} of the {self.blocks} blocks "
-                        "(max_blocks)" if w.ref.max_blocks is not None
-                        and w.ref.max_blocks < self.blocks else "no blocks in its chain")
+            chain = dropped.get(w.ref.name, [])
+            if length > 1 and chain:
+                caps = sum(self.blocks if x.ref.max_blocks is None else x.ref.max_blocks
+                           for x in chain)
+                w.reason = (f"its chain ({', '.join(x.ref.name for x in chain)}) holds at "
+                            f"most {caps} of the {self.blocks} blocks (max_blocks)")
+            elif chain:
+                w.reason = (f"holds at most {w.ref.max_blocks} of the {self.blocks} blocks "
+                            "(max_blocks)")
+            else:
+                w.reason = "its chain's optimum gives it no blocks"
             with contextlib.suppress(ArmdiError):  # also one that rejoined: its old
                 self._unassign(w, (s.name,), timeout_ms, always=True)  # successor is stale
         local = s.run_blocks or not heads

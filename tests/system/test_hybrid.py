@@ -47,7 +47,7 @@ def test_hybrid_runs_each_request_through_one_chain_and_matches_the_model(
 
 def test_hybrid_kill_9_under_load_loses_nothing_and_the_chains_reform(
         built_tiny: BuiltModel, tmp_path: Path) -> None:
-    cap = _half(built_tiny)
+    blocks, cap = built_tiny.manifest.blocks, _half(built_tiny)
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=4, mode="hybrid", chain_workers=2,
                  max_blocks=(cap,) * 4, slowdown=(20.0,) * 4, source_runs_blocks=False,
                  request_timeout_s=20.0) as source:
@@ -68,4 +68,5 @@ def test_hybrid_kill_9_under_load_loses_nothing_and_the_chains_reform(
     assert rerouted[-1]["route"] == ["w1", "w3"]
     assert {tuple(h.node for h in r.path) for r in results[-20:]} == {("w1", "w3")}
     idle = {n.name: n for n in status.nodes}["w4"]
-    assert idle.state == "idle" and "max_blocks" in idle.reason
+    assert idle.state == "idle"
+    assert idle.reason == f"its chain (w4) holds at most {cap} of the {blocks} blocks (max_blocks)"
