@@ -12,7 +12,8 @@ block cannot run the whole model). The alternatives:
 - ``armdi``: one chain at the exact optimum over the workers (the adaptive controller keeps
   it there as conditions change);
 - ``hybrid``: DDI over chains: shorter chains side by side (``chain_workers`` each, the best
-  of 2 up to one fewer than the workers), each input whole to the chain that frees up first.
+  of 2 up to one fewer than the workers), each input whole to the chain that would finish
+  it first.
   It wins where no worker holds the whole model (DDI is out) and one long chain pays for
   every cut on every image: each chain's links carry only its share of the images.
 
@@ -28,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.control.predict import PredictionError, Scenario, predict
+from appliance.control.predict import Prediction, PredictionError, Scenario, predict
 
 __all__ = ["Alternative", "AutoDecision", "choose", "hybrid_throughput", "worth_switching"]
 
@@ -132,12 +133,19 @@ def hybrid_throughput(scenario: Scenario, worker_max_blocks: Sequence[int | None
                       chain_workers: int) -> float:
     """hybrid's predicted throughput at ``chain_workers`` (0 where no such chain holds the
     model): what a running hybrid is worth, to weigh a switch against."""
+    p = _predict_hybrid(scenario, worker_max_blocks, chain_workers)
+    return 0.0 if p is None else p.throughput_ips
+
+
+def _predict_hybrid(scenario: Scenario, worker_max_blocks: Sequence[int | None],
+                    chain_workers: int) -> Prediction | None:
+    """hybrid's prediction at ``chain_workers``; None where no such chain holds the model."""
     try:
         return predict("hybrid", dataclasses.replace(
             scenario, max_blocks=tuple(worker_max_blocks), chain_workers=chain_workers),
-            IMAGES, WINDOW).throughput_ips
+            IMAGES, WINDOW)
     except PredictionError:
-        return 0.0
+        return None
 
 
 def worth_switching(decision: AutoDecision, mode: str, chain_workers: int,
@@ -159,11 +167,8 @@ def _best_hybrid(scenario: Scenario, worker_max_blocks: Sequence[int | None]) ->
                            "or more, side by side)")
     best: Alternative | None = None
     for length in range(2, workers):
-        try:
-            p = predict("hybrid", dataclasses.replace(
-                scenario, max_blocks=tuple(worker_max_blocks), chain_workers=length),
-                IMAGES, WINDOW)
-        except PredictionError:
+        p = _predict_hybrid(scenario, worker_max_blocks, length)
+        if p is None:
             continue  # no chain of this length holds the model
         why = f"{len(p.chains)} chains of {length} worker(s) side by side"
         if best is None or round(p.throughput_ips, 6) > round(best.throughput_ips, 6):

@@ -25,7 +25,8 @@ latency under that load.
 - ``hybrid``: DDI over chains. The workers, in order, form chains of ``chain_workers``
   (``chain_groups``; a chain that cannot hold the model between its members' memory is left
   out), each at its own optimum; the source ships each whole input over its one link to the
-  chain that frees up first. ``chain_workers = 1`` is ``ddi`` over the workers that hold the
+  chain that would finish it first (as the runtime picks; ``ddi`` likewise picks the
+  worker). ``chain_workers = 1`` is ``ddi`` over the workers that hold the
   whole model, and one chain of all of them is ``edgepipe``.
 """
 
@@ -233,7 +234,7 @@ def _played(mode: str, images: int, window: int, stages: Sequence[Stage], latenc
             boundaries: tuple[int, ...], chains: Sequence[Sequence[Stage]] = (),
             groups: tuple[tuple[int, ...], ...] = ()) -> Prediction:
     """Serial nodes (compute, then send, then the next request), played through: ``stages``
-    one after another, then (hybrid) the one of ``chains`` whose first node frees up first."""
+    one after another, then (hybrid) the one of ``chains`` that would finish it first."""
     free = [0.0] * len(stages)
     free_in = [[0.0] * len(c) for c in chains]
     done: list[float] = []

@@ -613,11 +613,13 @@ class Source:
         log.error("worker %s refused%s: %s", w.ref.name, when, reason)
         self._event("refused", node=w.ref.name, reason=reason)
 
-    def _choose_mode(self, live: list[_WorkerState]) -> AutoDecision:
+    def _choose_mode(self, live: list[_WorkerState],
+                     scenario: Scenario | None = None) -> AutoDecision:
         """Mode auto: the mode predicted fastest over the live workers, from the profile,
-        the configured links and speeds, and each device's block cap."""
+        the configured links and speeds (``scenario``, built here unless given), and each
+        device's block cap."""
         s = self.settings
-        scenario = self._auto_scenario(live)
+        scenario = scenario or self._auto_scenario(live)
         try:
             return choose(scenario, worker_max_blocks=[w.ref.max_blocks for w in live] or [0],
                           source_runs_blocks=s.run_blocks, source_max_blocks=s.max_blocks,
@@ -634,12 +636,11 @@ class Source:
         refs = [w.ref for w in live]
         links = [s.bandwidth_Bps] + [r.bandwidth_Bps for r in refs]
         serving = set(self._serving())
-        scenario = Scenario(
+        return Scenario(
             block_ms=base, activation_bytes=tuple(self._manifest.activation_bytes()),
             link_Bps=min(links), latency_ms=max([s.latency_ms] + [r.latency_ms for r in refs]),
             speeds=tuple(_speed_of(w, w.ref.name in serving) for w in live) or (1.0,),
             overhead_ms=AUTO_OVERHEAD_MS)
-        return scenario
 
     def _maybe_switch_mode(self) -> None:
         """Mode auto at run time: decide again every ``AUTO_EVERY_S`` with the speeds the
@@ -653,8 +654,9 @@ class Source:
                        for w in self.workers)):
             return
         live = [w for w in self.workers if w.state in ("up", "slow", "idle")]
+        scenario = self._auto_scenario(live)
         try:
-            decision = self._choose_mode(live)
+            decision = self._choose_mode(live, scenario)
         except ArmdiError as exc:
             log.warning("mode auto: %s", exc)
             return
@@ -662,8 +664,8 @@ class Source:
         predicted = {a.mode: a.throughput_ips for a in decision.alternatives if a.feasible}
         current = predicted.get(self.mode, 0.0)
         if self.mode == "hybrid":  # at the chain length it runs, not the best one
-            current = hybrid_throughput(self._auto_scenario(live),
-                                        [w.ref.max_blocks for w in live], self.chain_workers)
+            current = hybrid_throughput(scenario, [w.ref.max_blocks for w in live],
+                                        self.chain_workers)
         if not worth_switching(decision, self.mode, self.chain_workers, current, AUTO_GAIN):
             self.auto = dataclasses.replace(decision, mode=self.mode,
                                             reason=f"staying with {self.mode}: "
@@ -790,15 +792,7 @@ class Source:
                 upstream_Bps=up[0], upstream_latency_ms=up[1], downstream_Bps=down[0],
                 downstream_latency_ms=down[1], session=self._stamper.session.hex(),
                 **self._membership_fields(name, members))
-            self._configures[name] = configure
-            try:
-                reply = self._client(worker).request(configure, timeout_ms=timeout_ms)
-            except ArmdiError as exc:
-                raise ConfigureError(name, f"worker {name} did not take blocks [{start}, "
-                                           f"{end}): {exc}") from exc
-            if not (isinstance(reply, msg.Ack) and reply.ok):
-                raise ConfigureError(name, f"worker {name} rejected blocks [{start}, {end}): "
-                                           f"{getattr(reply, 'reason', reply)}")
+            self._send_configure(worker, configure, timeout_ms)
         for w in live:
             if w.ref.name in chain:
                 w.state = "up"
@@ -863,10 +857,12 @@ class Source:
             names = tuple(w.ref.name for w, _start, _end in route)
             for i, (w, start, end) in enumerate(route):
                 nxt = route[i + 1][0].ref.data_addr if i + 1 < len(route) else None
-                self._configure_unit(w, msg.Configure(
+                self._send_configure(w, msg.Configure(
                     node=w.ref.name, start=start, end=end, successor_addr=nxt,
                     result_addr=s.data_addr, wire_dtype=s.wire_dtype, chain=(s.name, *names),
                     session=self._stamper.session.hex()), timeout_ms)
+                w.state, w.reason = "up", ""
+                w.detector.expect(time.monotonic())  # it beats from now on, or is dead
             heads[names[0]] = route[0][0].ref.data_addr
             chains[names[0]] = names
             placed.update(names)
@@ -894,36 +890,36 @@ class Source:
         local = s.run_blocks or not heads
         if local:
             self.engines.load_now(0, self.blocks)
-        own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]
+        own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]  # not the source's
         pace = {h: max(o, default=0.0) for h, o in zip(heads, own, strict=True)}
+        latencies = [math.fsum(o) for o in own]
         if local:
             pace[s.name] = self._whole_ms() * self.slowdown
+            latencies.append(pace[s.name])
         with self._lock:
             self._pace = pace
             self._kept = {h for h, names in chains.items() if previous.get(h) == names}
             self._kept |= {s.name} if local and self._ddi_local else set()
             self._ddi, self._chains, self._ddi_local = heads, chains, local
             self._route, self._allocated, self._snapshot = [], [], None
-        self.allocation = self._spread_allocation(units, local)
+        self.allocation = self._spread_allocation(list(pace.values()), latencies,
+                                                  ships=bool(heads))
         log.info("%s over %s", self.mode, [list(c) for c in chains.values()]
                  + ([s.name] if local else []))
 
-    def _configure_unit(self, w: _WorkerState, configure: msg.Configure,
+    def _send_configure(self, w: _WorkerState, configure: msg.Configure,
                         timeout_ms: int) -> None:
-        """ddi/hybrid: give one worker its range (its whole model, or its part of a chain)."""
-        what = (f"blocks [{configure.start}, {configure.end})"
-                if configure.end - configure.start < self.blocks else "the whole model")
-        self._configures[w.ref.name] = configure
+        """Give one worker its range (and remember it); ConfigureError unless it took it."""
+        name, start, end = w.ref.name, configure.start, configure.end
+        self._configures[name] = configure
         try:
             reply = self._client(w).request(configure, timeout_ms=timeout_ms)
         except ArmdiError as exc:
-            raise ConfigureError(w.ref.name, f"worker {w.ref.name} did not take {what}: "
-                                             f"{exc}") from exc
+            raise ConfigureError(name, f"worker {name} did not take blocks [{start}, {end}): "
+                                       f"{exc}") from exc
         if not (isinstance(reply, msg.Ack) and reply.ok):
-            raise ConfigureError(w.ref.name, f"worker {w.ref.name} rejected {what}: "
-                                             f"{getattr(reply, 'reason', reply)}")
-        w.state, w.reason = "up", ""
-        w.detector.expect(time.monotonic())  # it beats from now on, or is dead
+            raise ConfigureError(name, f"worker {name} rejected blocks [{start}, {end}): "
+                                       f"{getattr(reply, 'reason', reply)}")
 
     def _whole_ms(self) -> float:
         """The whole model's profiled time on this device (ms)."""
@@ -946,17 +942,14 @@ class Source:
         with self._lock:
             self._pace.update((n, t) for n, t in paces.items() if n in self._pace)
 
-    def _spread_allocation(self, units: list[Allocation], local: bool) -> Allocation:
-        """What admission and re-sending go by in ddi/hybrid: each unit's (worker's, chain's)
-        pace side by side, and the source's link, which every input crosses, as the
-        bottleneck; the slowest unit's latency."""
-        total = self._whole_ms()
-        own = [[u.stage_ms[n] for n in u.used if n > 0] for u in units]  # not the source's
-        paces = [max(o, default=0.0) for o in own] + ([total * self.slowdown] if local else [])
-        latencies = [math.fsum(o) for o in own] + ([total * self.slowdown] if local else [])
+    def _spread_allocation(self, paces: list[float], latencies: list[float],
+                           ships: bool) -> Allocation:
+        """What admission and re-sending go by in ddi/hybrid: the units' (workers', chains',
+        the source's own) paces side by side, and the source's link, which every input
+        crosses when it ``ships`` them, as the bottleneck; the slowest unit's latency."""
         pace = 1.0 / sum(1.0 / max(t, 1e-6) for t in paces)
         ship = 0.0
-        if units and not math.isinf(self.settings.bandwidth_Bps):
+        if ships and not math.isinf(self.settings.bandwidth_Bps):
             pixels_bytes = self._manifest.activation_bytes()[0] // 4  # uint8 of float32's
             ship = pixels_bytes / self.settings.bandwidth_Bps * 1000 + self.settings.latency_ms
         return Allocation(boundaries=(0, self.blocks), stage_ms=tuple(paces),
