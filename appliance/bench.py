@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from appliance.netlinks import LinkSpec
+from appliance.wire.frames import CODEC
 from engines.errors import ArmdiError, ModelNotFoundError
 from engines.manifest import Manifest
 from engines.preprocess import Normaliser
@@ -150,6 +151,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "pynng": getattr(pynng, "__version__", "?"),
+        "frame_decoder": CODEC,  # "c" where appliance/wire/_codec.c was built, else "python"
     }
 
 
@@ -735,7 +737,8 @@ def format_report(result: dict[str, Any]) -> str:
             *format_security(result["security"])])
     lines = [
         f"armdi bench pipeline: {result['model']} on {m['cpu_count']} x {m['cpu_model']}; "
-        f"load avg {load['start']} -> {load['end']}",
+        f"load avg {load['start']} -> {load['end']}; frame decoder: "
+        f"{m.get('frame_decoder', '?')}",
         f"{result['settings']['requests']} requests x {result['settings']['repeats']} "
         f"repetitions (median), window {result['settings']['window']} in flight for "
         "throughput, 1 in flight for latency",

@@ -62,6 +62,14 @@ import numpy.typing as npt
 
 from engines.errors import ArmdiError
 
+try:  # the C half of decode_frame; optional (built where a C compiler was at install)
+    from appliance.wire._codec import decode as _c_decode
+except ImportError:  # pragma: no cover - depends on the install
+    _c_decode = None
+
+CODEC: Final = "python" if _c_decode is None else "c"
+"""Which decoder checks good frames: ``"c"`` (``_codec.c``) or ``"python"``."""
+
 MAGIC: Final = b"ARMD"
 FORMAT_VERSION: Final = 2
 FLAG_TAGGED: Final = 0x0001
@@ -85,9 +93,7 @@ _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 # error bytes, extension bytes, reserved, fingerprint
 _FIXED: Final = struct.Struct("<4sBBHQHHBBHHHI32s")
 assert _FIXED.size == HEADER_BYTES
-_U64: Final = struct.Struct("<Q")
 _TRACE_TAIL: Final = struct.Struct("<HHf")  # start, end, ms
-_ZEROS: Final = bytes(PAYLOAD_ALIGN)
 
 WireDtype = Literal["float32", "float16"]
 Tensor = npt.NDArray[Any]
@@ -140,7 +146,44 @@ _CODE_BY_NAME: Final[dict[str, int]] = {dt.name: code for code, dt in _DTYPE_BY_
 # lookups sit on every hop's path. Other byte orders fall back to the name.
 _CODE_BY_DTYPE: Final[dict[np.dtype[Any], int]] = {
     dt: code for code, dt in _DTYPE_BY_CODE.items()}
-_SHAPES: Final = tuple(struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1))
+
+# The whole head of a frame of one layout (ndim, trace, error and extension bytes) in one
+# precompiled struct: the fixed header, the shape, the three variable parts, the padding and
+# the payload length. Encoding is then one ``pack`` and decoding, past the fixed header, one
+# ``unpack_from``; a chain's frames share a handful of layouts, so the cache stays small (it
+# is emptied if a flood of odd layouts fills it).
+_HEADS: dict[tuple[int, int, int, int], struct.Struct] = {}
+_TAILS: dict[tuple[int, int, int, int], struct.Struct] = {}
+_LAYOUT_CACHE: Final = 1024
+
+
+def _padding(variable_end: int) -> int:
+    """Zero bytes after the variable parts, so the payload (after its u64 length) starts
+    ``PAYLOAD_ALIGN``-aligned."""
+    return -(variable_end + 8) % PAYLOAD_ALIGN
+
+
+def _head_struct(layout: tuple[int, int, int, int]) -> struct.Struct:
+    """``_FIXED`` + shape + trace + error + ext + zero padding + payload length (encoding)."""
+    ndim, trace_len, error_len, ext_len = layout
+    pad = _padding(HEADER_BYTES + 4 * ndim + trace_len + error_len + ext_len)
+    if len(_HEADS) >= _LAYOUT_CACHE:
+        _HEADS.clear()
+    made = _HEADS[layout] = struct.Struct(
+        f"{_FIXED.format}{ndim}I{trace_len}s{error_len}s{ext_len}s{pad}xQ")
+    return made
+
+
+def _tail_struct(layout: tuple[int, int, int, int]) -> struct.Struct:
+    """What follows ``_FIXED``: shape, trace, error, ext, the padding (read, so it can be
+    checked to be zero) and the payload length (decoding)."""
+    ndim, trace_len, error_len, ext_len = layout
+    pad = _padding(HEADER_BYTES + 4 * ndim + trace_len + error_len + ext_len)
+    if len(_TAILS) >= _LAYOUT_CACHE:
+        _TAILS.clear()
+    made = _TAILS[layout] = struct.Struct(
+        f"<{ndim}I{trace_len}s{error_len}s{ext_len}s{pad}sQ")
+    return made
 
 
 def _dtype_code(dtype: np.dtype[Any]) -> int | None:
@@ -388,18 +431,16 @@ def frame_parts(frame: Frame, key: bytes | None) -> FrameParts:
     error = frame[6].encode("utf-8", errors="replace") if frame[6] else b""
     ext = frame[7]
     ndim = tensor.ndim
-    variable = HEADER_BYTES + 4 * ndim + len(trace) + len(error) + len(ext)
+    layout = (ndim, len(trace), len(error), len(ext))
     payload: Tensor | None = tensor
     if not (tensor.flags.c_contiguous and dtype is _DTYPE_BY_CODE[code]):
         # strides or byte order to convert (rare: engines give native C-order arrays)
         payload = np.ascontiguousarray(tensor, dtype=_DTYPE_BY_CODE[code])
     nbytes = tensor.nbytes
-    head = b"".join((
-        _FIXED.pack(MAGIC, FORMAT_VERSION, frame[0], 0 if key is None else FLAG_TAGGED,
-                    frame[1], frame[2], frame[4], code, ndim, len(trace), len(error), len(ext),
-                    0, frame[3]),
-        _SHAPES[ndim].pack(*tensor.shape), trace, error, ext,
-        _ZEROS[:-(variable + 8) % PAYLOAD_ALIGN], _U64.pack(nbytes)))
+    head = (_HEADS.get(layout) or _head_struct(layout)).pack(
+        MAGIC, FORMAT_VERSION, frame[0], 0 if key is None else FLAG_TAGGED, frame[1],
+        frame[2], frame[4], code, ndim, layout[1], layout[2], layout[3], 0, frame[3],
+        *tensor.shape, trace, error, ext, nbytes)
     if not nbytes:
         payload = None
     if key is None:
@@ -429,9 +470,27 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
     With ``key`` every frame must carry a valid tag; without one a tagged frame is refused
     too (a cluster half-configured with a key is a mistake worth hearing about).
 
-    Every hop runs this once, so the checks of a good frame are few compound tests; a frame
-    that fails one is looked at again by ``_header_error`` for the exact reason.
+    Every hop runs this once. Where the C codec (``_codec.c``) was built, it checks a good
+    frame in one call; anything it does not pass (a bad frame, an ERROR frame, a trace name
+    that is not ASCII) goes to the Python decoder, which accepts the same frames and gives
+    the exact error.
     """
+    fields = None if _c_decode is None else _c_decode(buf, max_bytes)
+    if fields is None:
+        return _decode_frame_py(buf, key=key, max_bytes=max_bytes)
+    (kind, request_id, attempt, fingerprint, start_block, dtype, shape, trace_wire, count, ext,
+     payload_at, tagged) = fields
+    if tagged or key is not None:
+        _check_tag(memoryview(buf).cast("B"), tagged=tagged, key=key)
+    return _new(Frame, (_KINDS[kind], request_id, attempt, fingerprint, start_block,
+                        np.ndarray(shape, _DTYPE_BY_CODE[dtype], buf, payload_at), "", ext,
+                        trace_wire, count))
+
+
+def _decode_frame_py(buf: bytes | bytearray | memoryview, *, key: bytes | None,
+                     max_bytes: int) -> Frame:
+    """``decode_frame`` in Python alone: the checks of a good frame are few compound tests; a
+    frame that fails one is looked at again by ``_header_error`` for the exact reason."""
     view = memoryview(buf)
     if view.ndim != 1 or view.itemsize != 1:
         if not view.c_contiguous:
@@ -455,21 +514,17 @@ def decode_frame(buf: bytes | bytearray | memoryview, *, key: bytes | None,
             or (error_len and kind is not FrameKind.ERROR)):
         _header_error(header)
     assert kind is not None and dtype is not None
-    trace_at = HEADER_BYTES + 4 * ndim
-    error_at = trace_at + trace_len
-    ext_at = error_at + error_len
-    variable_end = ext_at + ext_len
-    length_at = variable_end + (-(variable_end + 8) % PAYLOAD_ALIGN)
-    payload_at = length_at + 8
+    variable_end = HEADER_BYTES + 4 * ndim + trace_len + error_len + ext_len
+    payload_at = variable_end + _padding(variable_end) + 8
     if payload_at > size:
         _truncated("the header's variable parts", payload_at, size)
-    shape = _SHAPES[ndim].unpack_from(view, HEADER_BYTES)
-    trace_wire = view[trace_at:error_at].tobytes()
+    layout = (ndim, trace_len, error_len, ext_len)
+    tail = (_TAILS.get(layout) or _tail_struct(layout)).unpack_from(view, HEADER_BYTES)
+    shape = tail[:ndim]
+    trace_wire, error_raw, ext, padding, payload_len = tail[ndim:]
     count = _check_trace(trace_wire) if trace_len else 0
-    error = _utf8(view[error_at:ext_at], "error message") if error_len else ""
-    ext = view[ext_at:variable_end].tobytes() if ext_len else b""
-    (payload_len,) = _U64.unpack_from(view, length_at)
-    if length_at > variable_end and any(view[variable_end:length_at]):
+    error = _utf8(error_raw, "error message") if error_len else ""
+    if any(padding):
         raise MalformedFrameError("non-zero padding before the payload")
     tagged = flags & FLAG_TAGGED
     declared = payload_at + payload_len + (TAG_BYTES if tagged else 0)
@@ -578,7 +633,7 @@ def _parse_trace(wire: bytes) -> tuple[TraceEntry, ...]:
     return tuple(entries)
 
 
-def _utf8(raw: memoryview, what: str) -> str:
+def _utf8(raw: bytes, what: str) -> str:
     try:
         return str(raw, "utf-8")
     except UnicodeDecodeError as err:

@@ -324,3 +324,112 @@ def test_mutated_frames_decode_or_raise_frame_errors(edits: list[tuple[int, int]
     except fr.FrameError:
         return
     assert frame.tensor.nbytes <= len(data)  # an edit the format cannot see (payload, no key)
+
+
+# ---------------------------------------------------------------------------- the C codec
+needs_c = pytest.mark.skipif(
+    fr._c_decode is None,
+    reason="the C codec (appliance/wire/_codec.c) was not built at install (no C compiler or "
+           "no Python headers): frames decode in Python alone")
+
+
+def agree(data: bytes | bytearray, max_bytes: int = LIMIT) -> str:
+    """The C decoder passes a frame only if the Python decoder accepts it, with the same
+    fields; whatever the Python decoder refuses, the C decoder declines (None). Returns
+    what happened: 'both', 'python' (C declined a good frame) or 'refused'."""
+    assert fr._c_decode is not None
+    fields = fr._c_decode(data, max_bytes)
+    try:
+        frame = fr._decode_frame_py(data, key=None, max_bytes=max_bytes)
+    except fr.FrameAuthError:  # the last check: the rest is good, and the frame is tagged
+        try:
+            frame = fr._decode_frame_py(data, key=KEY, max_bytes=max_bytes)
+        except fr.FrameAuthError:  # a tag that an edit broke
+            frame = None
+    except fr.FrameError:
+        assert fields is None
+        return "refused"
+    if fields is None:
+        return "python"
+    (kind, request_id, attempt, fingerprint, start_block, dtype, shape, trace_wire, count, ext,
+     payload_at, tagged) = fields
+    if frame is None:  # tagged, the tag broken: the C decoder leaves tags to Python
+        assert tagged
+        return "both"
+    assert (fr.FrameKind(kind), request_id, attempt, fingerprint, start_block, trace_wire,
+            count, ext, "") == (frame.kind, frame.request_id, frame.attempt, frame.fingerprint,
+                                frame.start_block, frame.trace_wire, frame._trace_count,
+                                frame.ext, frame.error)
+    assert fr._DTYPE_BY_CODE[dtype] == frame.tensor.dtype and shape == frame.tensor.shape
+    start = np.frombuffer(data, np.uint8).ctypes.data
+    assert frame.tensor.nbytes == 0 or frame.tensor.ctypes.data - start == payload_at
+    return "both"
+
+
+@needs_c
+@pytest.mark.parametrize("key", [None, KEY])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_codec_passes_good_frames_as_python_does(dtype: str, key: bytes | None) -> None:
+    tensor = (np.arange(2 * 3 * 5) % 200).astype(dtype).reshape(2, 3, 5)
+    for kind in (fr.FrameKind.ACTIVATION, fr.FrameKind.RESULT, fr.FrameKind.HEARTBEAT):
+        frame = make(tensor, kind=kind, ext=b"\x01\x02\x03")
+        assert agree(fr.encode_frame(frame, key)) == "both"
+    for shape in [(), (0,), (1, 0, 3), (1,) * fr.MAX_NDIM]:
+        assert agree(fr.encode_frame(make(np.zeros(shape, np.float32), trace=()), key)) == "both"
+
+
+@needs_c
+def test_c_codec_leaves_error_frames_and_non_ascii_names_to_python() -> None:
+    error = make(kind=fr.FrameKind.ERROR, error="engine failed")
+    assert agree(fr.encode_frame(error, None)) == "python"
+    named = make(trace=(fr.TraceEntry(node="wörker", start=0, end=1, ms=0.5),))
+    assert agree(fr.encode_frame(named, None)) == "python"
+    assert_same(fr.decode_frame(fr.encode_frame(named, None), key=None, max_bytes=LIMIT), named)
+
+
+@needs_c
+def test_c_codec_declines_every_truncation_and_oversize() -> None:
+    data = fr.encode_frame(make(), KEY)
+    for end in range(len(data)):
+        assert fr._c_decode(data[:end], LIMIT) is None
+    assert fr._c_decode(data, len(data) - 1) is None
+    assert fr._c_decode(data, len(data)) is not None
+    assert fr._c_decode(memoryview(np.zeros((4, 4), np.float32))[::2], LIMIT) is None
+
+
+@needs_c
+@settings(max_examples=600, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1,
+                      max_size=4),
+       ndim=st.integers(0, 3), entries=st.integers(0, 3), ext=st.binary(max_size=9),
+       key=st.one_of(st.none(), st.just(KEY)))
+def test_c_and_python_decoders_agree_on_mutated_frames(
+        edits: list[tuple[int, int]], ndim: int, entries: int, ext: bytes,
+        key: bytes | None) -> None:
+    trace = tuple(fr.TraceEntry(node=f"w{i}", start=i, end=i + 1, ms=0.5) for i in range(entries))
+    data = fr.encode_frame(make(np.ones((2,) * ndim, np.float32), trace=trace, ext=ext), key)
+    agree(data)
+    for index, value in edits:
+        data[index % len(data)] = value
+    agree(data)
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(min_size=0, max_size=200))
+def test_c_and_python_decoders_agree_on_random_bytes_after_a_good_prefix(data: bytes) -> None:
+    good = fr.encode_frame(make(), None)
+    agree(bytes(good[:64]) + data)
+    agree(bytes(good[: 64 + len(data) % 40]) + data)
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_python_decoder_alone_round_trips(monkeypatch: pytest.MonkeyPatch,
+                                          key: bytes | None) -> None:
+    """Where the C codec was not built, decode_frame is the Python decoder alone."""
+    monkeypatch.setattr(fr, "_c_decode", None)
+    for kind in fr.FrameKind:
+        frame = make(kind=kind, error="failed" if kind == fr.FrameKind.ERROR else "", ext=b"x")
+        assert_same(fr.decode_frame(fr.encode_frame(frame, key), key=key, max_bytes=LIMIT), frame)
+    with pytest.raises(fr.TruncatedFrameError):
+        fr.decode_frame(fr.encode_frame(make(), key)[:-1], key=key, max_bytes=LIMIT)
