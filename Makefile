@@ -13,7 +13,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml appliance/wire/_codec.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[builder,dev]'
+	# compat: the checkout itself on sys.path (a .pth line), so PYTHONPATH=<a worktree> runs
+	# that worktree's code, as docs/benchmarks.md's old-code runs do; the C codec is built in place
+	$(PY) -m pip install --quiet -e '.[builder,dev]' --config-settings editable_mode=compat
 	touch $@
 
 up: install

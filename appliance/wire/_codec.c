@@ -1,4 +1,7 @@
-/* The hot half of decode_frame (appliance/wire/frames.py) in C: every check of a frame's
+/* The hot path of a hop in C: the checks of a received frame (decode) and the NNG calls
+ * that receive and send one (recv, send).
+ *
+ * decode: the hot half of decode_frame (appliance/wire/frames.py): every check of a frame's
  * header, shape, trace, padding and sizes, in one call that touches a few cache lines.
  *
  * decode(buf, max_bytes) returns the fields of a frame that passes every check, or None for
@@ -140,15 +143,176 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ---------------------------------------------------------------- NNG: recv and send
+ * pynng links NNG into its own extension; transport.py hands us the addresses of the few NNG
+ * functions we call (bind), taken from pynng's cffi module, whose declarations give their
+ * types: the ones below. A socket is NNG's struct of one uint32 id. */
+typedef struct nng_msg nng_msg;
+typedef struct { uint32_t id; } nng_socket;
+static int (*nng_recvmsg_)(nng_socket, nng_msg **, int);
+static int (*nng_sendmsg_)(nng_socket, nng_msg *, int);
+static int (*nng_msg_alloc_)(nng_msg **, size_t);
+static void (*nng_msg_free_)(nng_msg *);
+static void *(*nng_msg_body_)(nng_msg *);
+static size_t (*nng_msg_len_)(nng_msg *);
+
+static PyObject *bind(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long recvmsg, sendmsg, alloc, free_, body, len;
+    if (!PyArg_ParseTuple(args, "KKKKKK", &recvmsg, &sendmsg, &alloc, &free_, &body, &len))
+        return NULL;
+    if (!recvmsg || !sendmsg || !alloc || !free_ || !body || !len) {
+        PyErr_SetString(PyExc_ValueError, "bind: a NULL function address");
+        return NULL;
+    }
+    nng_recvmsg_ = (int (*)(nng_socket, nng_msg **, int))(uintptr_t)recvmsg;
+    nng_sendmsg_ = (int (*)(nng_socket, nng_msg *, int))(uintptr_t)sendmsg;
+    nng_msg_alloc_ = (int (*)(nng_msg **, size_t))(uintptr_t)alloc;
+    nng_msg_free_ = (void (*)(nng_msg *))(uintptr_t)free_;
+    nng_msg_body_ = (void *(*)(nng_msg *))(uintptr_t)body;
+    nng_msg_len_ = (size_t (*)(nng_msg *))(uintptr_t)len;
+    Py_RETURN_NONE;
+}
+
+/* A received NNG message, read and written in place through the buffer protocol (a
+ * memoryview of it, numpy arrays over that); freed with the last reference. */
+typedef struct {
+    PyObject_HEAD
+    nng_msg *msg;
+    char *body;
+    Py_ssize_t len;
+} Message;
+
+static char empty_body[1];
+
+static void Message_dealloc(Message *m) {
+    if (m->msg != NULL) nng_msg_free_(m->msg);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static int Message_getbuffer(Message *m, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)m, m->body, m->len, 0, flags);
+}
+
+static Py_ssize_t Message_length(Message *m) { return m->len; }
+
+static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL};
+static PySequenceMethods Message_as_sequence = {.sq_length = (lenfunc)Message_length};
+
+static PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.wire._codec.Message",
+    .tp_basicsize = sizeof(Message),
+    .tp_dealloc = (destructor)Message_dealloc,
+    .tp_as_buffer = &Message_as_buffer,
+    .tp_as_sequence = &Message_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received NNG message (its body through the buffer protocol).",
+};
+
+/* recv(socket_id): the next message as a Message, or NNG's error number (an int). Blocks, up
+ * to the socket's receive timeout, without the GIL. */
+static PyObject *recv(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (nng_recvmsg_ == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "recv before bind");
+        return NULL;
+    }
+    unsigned long id = PyLong_AsUnsignedLong(arg);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    nng_socket sock = {(uint32_t)id};
+    nng_msg *msg = NULL;
+    int rv;
+    Py_BEGIN_ALLOW_THREADS
+    rv = nng_recvmsg_(sock, &msg, 0);
+    Py_END_ALLOW_THREADS
+    if (rv != 0) return PyLong_FromLong(rv);
+    Message *m = PyObject_New(Message, &MessageType);
+    if (m == NULL) {
+        nng_msg_free_(msg);
+        return NULL;
+    }
+    m->msg = msg;
+    m->len = (Py_ssize_t)nng_msg_len_(msg);
+    m->body = m->len ? (char *)nng_msg_body_(msg) : empty_body;
+    return (PyObject *)m;
+}
+
+/* send(socket_id, head, payload, tag): one message of the three buffers (payload may be
+ * None), copied in once; 0, or NNG's error number. Blocks, up to the socket's send timeout,
+ * without the GIL. */
+static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send(socket_id, head, payload, tag)");
+        return NULL;
+    }
+    if (nng_sendmsg_ == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send before bind");
+        return NULL;
+    }
+    unsigned long id = PyLong_AsUnsignedLong(args[0]);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    Py_buffer parts[3];
+    size_t size = 0;
+    for (int i = 0; i < 3; i++) {
+        if (args[i + 1] == Py_None) {
+            parts[i].buf = NULL;
+            parts[i].len = 0;
+            parts[i].obj = NULL;
+            continue;
+        }
+        if (PyObject_GetBuffer(args[i + 1], &parts[i], PyBUF_C_CONTIGUOUS) != 0) {
+            for (int j = 0; j < i; j++)
+                if (parts[j].obj != NULL) PyBuffer_Release(&parts[j]);
+            return NULL;
+        }
+        size += (size_t)parts[i].len;
+    }
+    nng_msg *msg = NULL;
+    int rv = nng_msg_alloc_(&msg, size);
+    if (rv == 0) {
+        char *body = (char *)nng_msg_body_(msg);
+        for (int i = 0; i < 3; i++) {
+            if (parts[i].len) memcpy(body, parts[i].buf, (size_t)parts[i].len);
+            body += parts[i].len;
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        if (parts[i].obj != NULL) PyBuffer_Release(&parts[i]);
+    if (rv != 0) return PyLong_FromLong(rv);
+    Py_BEGIN_ALLOW_THREADS
+    rv = nng_sendmsg_((nng_socket){(uint32_t)id}, msg, 0);
+    if (rv != 0) nng_msg_free_(msg); /* not sent: still ours */
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rv);
+}
+
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(buf, max_bytes): a good frame's fields, or None (see the module's source)."},
+    {"bind", bind, METH_VARARGS,
+     "bind(recvmsg, sendmsg, msg_alloc, msg_free, msg_body, msg_len): NNG's functions."},
+    {"recv", recv, METH_O, "recv(socket_id): a Message, or NNG's error number."},
+    {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
+     "send(socket_id, head, payload, tag): 0, or NNG's error number."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_codec", "The C half of decode_frame (appliance.wire.frames).", -1,
+    PyModuleDef_HEAD_INIT, "_codec", "The hot path of a hop: decode_frame's checks, NNG recv and send.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__codec(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__codec(void) {
+    if (PyType_Ready(&MessageType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&MessageType);
+    if (PyModule_AddObject(m, "Message", (PyObject *)&MessageType) < 0) {
+        Py_DECREF(&MessageType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

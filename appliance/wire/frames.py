@@ -68,7 +68,8 @@ except ImportError:  # pragma: no cover - depends on the install
     _c_decode = None
 
 CODEC: Final = "python" if _c_decode is None else "c"
-"""Which decoder checks good frames: ``"c"`` (``_codec.c``) or ``"python"``."""
+"""Which code checks good frames (and, in transport.py, receives and sends them): ``"c"``
+(``_codec.c``) or ``"python"``."""
 
 MAGIC: Final = b"ARMD"
 FORMAT_VERSION: Final = 2

@@ -73,6 +73,20 @@ DEFAULT_RECONNECT_MAX_MS: Final = 1000
 
 Handler = Callable[[ControlMessage], ControlMessage]
 
+# The hop's NNG calls in C where the codec was built (``_codec.c``: one call to receive a
+# message or send a frame, where the cffi path below makes five or six); pynng's own NNG
+# functions, by address.
+try:
+    from appliance.wire import _codec
+except ImportError:  # pragma: no cover - depends on the install
+    _codec = None  # type: ignore[assignment]
+if _codec is not None:
+    _codec.bind(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in (
+        "nng_recvmsg", "nng_sendmsg", "nng_msg_alloc", "nng_msg_free", "nng_msg_body",
+        "nng_msg_len")))
+_c_recv: Final = None if _codec is None else _codec.recv
+_c_send: Final = None if _codec is None else _codec.send
+
 log = logging.getLogger("armdi.transport")
 
 
@@ -163,6 +177,7 @@ class _Socket:
         self._recv_timeout: int | None = None
         self._send_timeout: int | None = None
         self._nng = sock.socket  # the nng_socket handle, for calls into NNG's C API
+        self._nng_id: int = sock.socket.id  # the same, for the C codec
 
     def _set_recv_timeout(self, timeout_ms: int) -> None:
         if timeout_ms != self._recv_timeout:
@@ -231,6 +246,11 @@ class DataInbox(_Socket):
         """
         if timeout_ms != self._recv_timeout:
             self._set_recv_timeout(_check_timeout(timeout_ms))
+        if _c_recv is not None:
+            got = _c_recv(self._nng_id)
+            if type(got) is int:
+                _fail(got, f"receive on {self.address}", timeout_ms)
+            return memoryview(got)
         msg_p = ffi.new("nng_msg **")
         rv = lib.nng_recvmsg(self._nng, msg_p, 0)
         if rv:
@@ -426,6 +446,11 @@ class DataOutbox(_Socket):
         size = n_head + n_payload + len(tag)
         if self._link is not None:
             self._link.transmit(size)
+        if _c_send is not None and self._delay is None:
+            rv = _c_send(self._nng_id, head, payload, tag)
+            if rv:
+                _fail(rv, self._send_what(), timeout_ms)
+            return
         msg_p = ffi.new("nng_msg **")
         rv = lib.nng_msg_alloc(msg_p, size)
         if rv:

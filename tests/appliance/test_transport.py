@@ -19,6 +19,7 @@ import pytest
 
 from appliance.wire import frames as fr
 from appliance.wire import messages as m
+from appliance.wire import transport
 from appliance.wire.transport import (
     ControlClient,
     ControlServer,
@@ -52,6 +53,18 @@ def address(request: pytest.FixtureRequest, short_tmp: Path) -> str:
     if request.param == "ipc":
         return f"ipc://{short_tmp}/data.sock"
     return "tcp://127.0.0.1:0"
+
+
+@pytest.fixture(params=["c", "cffi"])
+def hop_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The hop's NNG calls: the C codec's, or pynng's cffi (an install without the codec)."""
+    if request.param == "c":
+        if transport._c_recv is None:
+            pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
+    else:
+        monkeypatch.setattr(transport, "_c_recv", None)
+        monkeypatch.setattr(transport, "_c_send", None)
+    return str(request.param)
 
 
 def free_tcp_address() -> str:
@@ -89,14 +102,16 @@ def test_frame_round_trip(address: str) -> None:
         assert got.request_id == 1 and got.trace == sent.trace
 
 
-def test_recv_is_a_zero_copy_view_that_owns_the_message(short_tmp: Path) -> None:
+def test_recv_is_a_zero_copy_view_that_owns_the_message(short_tmp: Path, hop_path: str) -> None:
     address = f"ipc://{short_tmp}/zc.sock"
     inbox = DataInbox(address, max_bytes=LIMIT)
     with DataOutbox(address) as outbox:
         outbox.send(np.arange(256 * 1024, dtype=np.float32), timeout_ms=2000)  # a numpy buffer
         view = inbox.recv(timeout_ms=2000)
     assert not view.readonly and len(view) == 1 << 20
-    assert type(view.obj).__module__ == "_cffi_backend"  # NNG's memory, not a bytes copy
+    owner = type(view.obj)  # NNG's memory, not a bytes copy
+    assert (owner is transport._codec.Message if hop_path == "c"
+            else owner.__module__ == "_cffi_backend")
     tensor = np.frombuffer(view, dtype=np.float32)[1000:]
     assert np.shares_memory(tensor, np.frombuffer(view, np.uint8))
     del view
@@ -176,7 +191,30 @@ def test_inproc_does_not_enforce_the_limit_so_decode_does() -> None:
             fr.decode_frame(inbox.recv(timeout_ms=1000), key=None, max_bytes=100)
 
 
-def test_close_unblocks_a_waiting_recv() -> None:
+def test_frames_travel_by_either_path(address: str, hop_path: str) -> None:
+    frame = fr.Frame(kind=fr.FrameKind.ACTIVATION, request_id=7, attempt=2, fingerprint=FP,
+                     start_block=3, tensor=np.arange(12, dtype=np.float32).reshape(3, 4),
+                     trace=(fr.TraceEntry(node="w1", start=0, end=3, ms=0.5),), ext=b"\x01")
+    with DataInbox(address, max_bytes=LIMIT) as inbox:
+        with DataOutbox(inbox.address) as outbox:
+            for key in (None, KEY):
+                outbox.send_frame(fr.frame_parts(frame, key), timeout_ms=5000)
+                got = fr.decode_frame(inbox.recv(timeout_ms=5000), key=key, max_bytes=LIMIT)
+                assert (got.request_id, got.attempt, got.start_block, got.ext, got.trace) == (
+                    7, 2, 3, b"\x01", frame.trace)
+                np.testing.assert_array_equal(got.tensor, frame.tensor)
+            outbox.send(b"", timeout_ms=5000)
+            assert len(inbox.recv(timeout_ms=5000)) == 0
+        started = time.monotonic()
+        with pytest.raises(TransportTimeout):
+            inbox.recv(timeout_ms=100)
+        assert time.monotonic() - started < 5
+    with DataOutbox(f"inproc://armdi-test-{next(_names)}") as lonely, \
+            pytest.raises(TransportTimeout):  # nobody is listening: the send times out
+        lonely.send_frame(fr.frame_parts(frame, None), timeout_ms=100)
+
+
+def test_close_unblocks_a_waiting_recv(hop_path: str) -> None:
     inbox = DataInbox(f"inproc://armdi-test-{next(_names)}", max_bytes=LIMIT)
     errors: list[BaseException] = []
 
