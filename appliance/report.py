@@ -10,7 +10,8 @@ whose ``{{placeholders}}`` are filled from the results directory (``docs/results
 
 and, when present, the same benches run another way: ``pipeline-run*.json`` (repeated runs:
 each run's ratios and their median, ``{{pipeline_runs}}``), ``pipeline-old.json`` (the code
-before the data-plane rework, ``{{pipeline_old}}``), ``pipeline-mobilenet_v2.json``
+before the data-plane rework, ``{{pipeline_old}}``), ``pipeline-pre-c.json`` (the code
+before the hop's C codec, ``{{pipeline_pre_c}}``), ``pipeline-mobilenet_v2.json``
 (``{{pipeline_mnv2}}``), ``adaptive-real.json`` (``--real``, ``{{adaptive_real}}``) and
 ``faults-emulated.json`` (``--emulate``, ``{{faults_emulated}}``),
 
@@ -40,6 +41,7 @@ FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "fa
          "mdi_vs_ddi": "mdi-vs-ddi.json",
          # optional companions: the same benches run another way
          "pipeline_old": "pipeline-old.json",  # the code before the data-plane rework
+         "pipeline_pre_c": "pipeline-pre-c.json",  # the code before the hop's C codec
          "pipeline_mnv2": "pipeline-mobilenet_v2.json",
          "adaptive_real": "adaptive-real.json",  # --real
          "faults_emulated": "faults-emulated.json",  # --emulate
@@ -49,6 +51,7 @@ FILES = {"pipeline": "pipeline.json", "adaptive": "adaptive.json", "faults": "fa
 BENCH_COMMANDS = {"pipeline": "armdi bench pipeline", "adaptive": "armdi bench adaptive",
                   "faults": "armdi bench faults", "mdi_vs_ddi": "armdi bench mdi-vs-ddi",
                   "pipeline_old": "armdi bench pipeline",
+                  "pipeline_pre_c": "armdi bench pipeline",
                   "pipeline_mnv2": "armdi bench pipeline --model mobilenet_v2",
                   "adaptive_real": "armdi bench adaptive --real",
                   "faults_emulated": "armdi bench faults --emulate",
@@ -237,6 +240,8 @@ def machine_section(results: dict[str, dict[str, Any]]) -> str:
                     f"{m.get('onnxruntime', '?')}, pynng {m.get('pynng', '?')}")
             if m.get("gpu"):
                 text += f", GPU {m['gpu']}"
+            if m.get("frame_decoder"):
+                text += f", hop in {'C' if m['frame_decoder'] == 'c' else 'Python'}"
         else:
             text = "not recorded"
         load = data.get("load_avg")
@@ -599,6 +604,7 @@ def render(template: str, results: dict[str, dict[str, Any]], plots: Path,
         "mdi_vs_ddi": needs("mdi_vs_ddi", lambda d: mdi_section(d, plots, page_dir, made)),
         "pipeline_runs": needs("pipeline_runs", pipeline_runs_section),
         "pipeline_old": needs("pipeline_old", pipeline_section),
+        "pipeline_pre_c": needs("pipeline_pre_c", pipeline_section),
         "pipeline_mnv2": needs("pipeline_mnv2", pipeline_section),
         "adaptive_real": needs("adaptive_real", lambda d: adaptive_section(
             d, plots, page_dir, made, "adaptive-real")),
