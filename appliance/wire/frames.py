@@ -164,26 +164,19 @@ def _padding(variable_end: int) -> int:
     return -(variable_end + 8) % PAYLOAD_ALIGN
 
 
-def _head_struct(layout: tuple[int, int, int, int]) -> struct.Struct:
-    """``_FIXED`` + shape + trace + error + ext + zero padding + payload length (encoding)."""
+def _layout_struct(layout: tuple[int, int, int, int], *, head: bool) -> struct.Struct:
+    """The struct of a frame's head in one layout (ndim, trace, error and extension bytes):
+    with ``head``, ``_FIXED`` + shape + trace + error + ext + zero padding + payload length,
+    for encoding; without, what follows ``_FIXED``, the padding read as bytes (so it can be
+    checked to be zero), for decoding."""
     ndim, trace_len, error_len, ext_len = layout
     pad = _padding(HEADER_BYTES + 4 * ndim + trace_len + error_len + ext_len)
-    if len(_HEADS) >= _LAYOUT_CACHE:
-        _HEADS.clear()
-    made = _HEADS[layout] = struct.Struct(
-        f"{_FIXED.format}{ndim}I{trace_len}s{error_len}s{ext_len}s{pad}xQ")
-    return made
-
-
-def _tail_struct(layout: tuple[int, int, int, int]) -> struct.Struct:
-    """What follows ``_FIXED``: shape, trace, error, ext, the padding (read, so it can be
-    checked to be zero) and the payload length (decoding)."""
-    ndim, trace_len, error_len, ext_len = layout
-    pad = _padding(HEADER_BYTES + 4 * ndim + trace_len + error_len + ext_len)
-    if len(_TAILS) >= _LAYOUT_CACHE:
-        _TAILS.clear()
-    made = _TAILS[layout] = struct.Struct(
-        f"<{ndim}I{trace_len}s{error_len}s{ext_len}s{pad}sQ")
+    cache = _HEADS if head else _TAILS
+    if len(cache) >= _LAYOUT_CACHE:
+        cache.clear()
+    parts = f"{ndim}I{trace_len}s{error_len}s{ext_len}s"
+    made = cache[layout] = struct.Struct(
+        f"{_FIXED.format}{parts}{pad}xQ" if head else f"<{parts}{pad}sQ")
     return made
 
 
@@ -438,7 +431,7 @@ def frame_parts(frame: Frame, key: bytes | None) -> FrameParts:
         # strides or byte order to convert (rare: engines give native C-order arrays)
         payload = np.ascontiguousarray(tensor, dtype=_DTYPE_BY_CODE[code])
     nbytes = tensor.nbytes
-    head = (_HEADS.get(layout) or _head_struct(layout)).pack(
+    head = (_HEADS.get(layout) or _layout_struct(layout, head=True)).pack(
         MAGIC, FORMAT_VERSION, frame[0], 0 if key is None else FLAG_TAGGED, frame[1],
         frame[2], frame[4], code, ndim, layout[1], layout[2], layout[3], 0, frame[3],
         *tensor.shape, trace, error, ext, nbytes)
@@ -520,7 +513,8 @@ def _decode_frame_py(buf: bytes | bytearray | memoryview, *, key: bytes | None,
     if payload_at > size:
         _truncated("the header's variable parts", payload_at, size)
     layout = (ndim, trace_len, error_len, ext_len)
-    tail = (_TAILS.get(layout) or _tail_struct(layout)).unpack_from(view, HEADER_BYTES)
+    tail = (_TAILS.get(layout) or _layout_struct(layout, head=False)).unpack_from(
+        view, HEADER_BYTES)
     shape = tail[:ndim]
     trace_wire, error_raw, ext, padding, payload_len = tail[ndim:]
     count = _check_trace(trace_wire) if trace_len else 0

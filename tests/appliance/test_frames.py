@@ -433,3 +433,14 @@ def test_python_decoder_alone_round_trips(monkeypatch: pytest.MonkeyPatch,
         assert_same(fr.decode_frame(fr.encode_frame(frame, key), key=key, max_bytes=LIMIT), frame)
     with pytest.raises(fr.TruncatedFrameError):
         fr.decode_frame(fr.encode_frame(make(), key)[:-1], key=key, max_bytes=LIMIT)
+
+
+def test_the_layout_caches_stay_bounded_under_a_flood_of_layouts() -> None:
+    """Each frame layout (ndim, trace, error, extension sizes) gets a cached struct; a sender
+    varying its extension length without end does not grow them without end."""
+    for n in range(fr._LAYOUT_CACHE + 100):
+        frame = make(ext=bytes(n % 4000), trace=())
+        data = fr.encode_frame(frame, None)
+        fr._decode_frame_py(data, key=None, max_bytes=LIMIT)
+    assert 0 < len(fr._HEADS) <= fr._LAYOUT_CACHE
+    assert 0 < len(fr._TAILS) <= fr._LAYOUT_CACHE
