@@ -194,10 +194,7 @@ static int Message_getbuffer(Message *m, Py_buffer *view, int flags) {
     return PyBuffer_FillInfo(view, (PyObject *)m, m->body, m->len, 0, flags);
 }
 
-static Py_ssize_t Message_length(Message *m) { return m->len; }
-
 static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL};
-static PySequenceMethods Message_as_sequence = {.sq_length = (lenfunc)Message_length};
 
 static PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -205,7 +202,6 @@ static PyTypeObject MessageType = {
     .tp_basicsize = sizeof(Message),
     .tp_dealloc = (destructor)Message_dealloc,
     .tp_as_buffer = &Message_as_buffer,
-    .tp_as_sequence = &Message_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A received NNG message (its body through the buffer protocol).",
 };

@@ -50,6 +50,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import importlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,12 +63,20 @@ import numpy.typing as npt
 
 from engines.errors import ArmdiError
 
-try:  # the C half of decode_frame; optional (built where a C compiler was at install)
-    from appliance.wire._codec import decode as _c_decode
-except ImportError:  # pragma: no cover - depends on the install
-    _c_decode = None
 
-CODEC: Final = "python" if _c_decode is None else "c"
+def _load_native() -> Any:
+    """The hop in C (``_codec.c``), or None: optional, built where a C compiler was at
+    install. transport.py takes its receive and send from here too."""
+    try:
+        return importlib.import_module("appliance.wire._codec")
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+
+
+native: Final = _load_native()
+_c_decode: Final = None if native is None else native.decode
+
+CODEC: Final = "python" if native is None else "c"
 """Which code checks good frames (and, in transport.py, receives and sends them): ``"c"``
 (``_codec.c``) or ``"python"``."""
 

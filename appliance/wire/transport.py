@@ -53,7 +53,7 @@ import pynng
 from pynng import ffi, lib
 from typing_extensions import Buffer, Self
 
-from appliance.wire.frames import FrameParts
+from appliance.wire.frames import FrameParts, native
 from appliance.wire.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Ack,
@@ -76,16 +76,12 @@ Handler = Callable[[ControlMessage], ControlMessage]
 # The hop's NNG calls in C where the codec was built (``_codec.c``: one call to receive a
 # message or send a frame, where the cffi path below makes five or six); pynng's own NNG
 # functions, by address.
-try:
-    from appliance.wire import _codec
-except ImportError:  # pragma: no cover - depends on the install
-    _codec = None  # type: ignore[assignment]
-if _codec is not None:
-    _codec.bind(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in (
+if native is not None:
+    native.bind(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in (
         "nng_recvmsg", "nng_sendmsg", "nng_msg_alloc", "nng_msg_free", "nng_msg_body",
         "nng_msg_len")))
-_c_recv: Final = None if _codec is None else _codec.recv
-_c_send: Final = None if _codec is None else _codec.send
+_c_recv: Final = None if native is None else native.recv
+_c_send: Final = None if native is None else native.send
 
 log = logging.getLogger("armdi.transport")
 

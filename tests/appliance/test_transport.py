@@ -110,7 +110,7 @@ def test_recv_is_a_zero_copy_view_that_owns_the_message(short_tmp: Path, hop_pat
         view = inbox.recv(timeout_ms=2000)
     assert not view.readonly and len(view) == 1 << 20
     owner = type(view.obj)  # NNG's memory, not a bytes copy
-    assert (owner is transport._codec.Message if hop_path == "c"
+    assert (owner is transport.native.Message if hop_path == "c"
             else owner.__module__ == "_cffi_backend")
     tensor = np.frombuffer(view, dtype=np.float32)[1000:]
     assert np.shares_memory(tensor, np.frombuffer(view, np.uint8))
