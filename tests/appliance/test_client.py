@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from PIL import Image
 
 from appliance.api import QueueFullError
 from appliance.client import ClassifyError, classify_files, normalize_url
 from engines.errors import ArmdiError
+from tests.serving import serving
 from tests.web import FakePipeline
 from web.app import create_app
 
@@ -31,24 +29,8 @@ class Server:
 @pytest.fixture
 def server() -> Iterator[Server]:
     fake = FakePipeline()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(fake), log_level="warning", lifespan="off")
-    uvi = uvicorn.Server(config)
-    thread = threading.Thread(target=uvi.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uvi.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield Server(f"http://127.0.0.1:{port}", fake)
-    finally:
-        uvi.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving(create_app(fake), lifespan="off") as url:
+        yield Server(url, fake)
 
 
 def write_image(path: Path, fmt: str = "PNG", color: tuple[int, int, int] = (200, 10, 10)) -> Path:

@@ -7,40 +7,20 @@ factors (they compute, then wait), so which side is slower never depends on the 
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from appliance.api import InferenceResult, QueueFullError
 from appliance.data.source import Source
 from tests.conftest import BuiltModel, run_onnx
+from tests.serving import serving
 from tests.system.conftest import cluster
 from web.app import create_app
-from web.server import listen
-
-
-@contextlib.contextmanager
-def _http(source: Source) -> Iterator[str]:
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(source), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _blocks(source: Source, name: str) -> int:
@@ -55,7 +35,7 @@ def test_a_slowdown_set_over_http_moves_blocks_away(built_tiny: BuiltModel,
     inputs: list[np.ndarray] = []
     futures: list[Future[InferenceResult]] = []
 
-    def run_until(source: Source, done: callable, timeout_s: float) -> None:  # type: ignore[valid-type]
+    def run_until(source: Source, done: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not done():
             assert time.monotonic() < deadline, source.status()
@@ -70,7 +50,7 @@ def test_a_slowdown_set_over_http_moves_blocks_away(built_tiny: BuiltModel,
 
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, mode="armdi", min_workers=2,
                  slowdown=(16.0, 4.0), source_runs_blocks=False) as source, \
-            _http(source) as url:
+            serving(create_app(source)) as url:
         run_until(source, lambda: len(futures) >= 50, 60)
         before = _blocks(source, "w2")
         assert before >= 2, source.status()  # w2, 4x faster than w1, holds most blocks

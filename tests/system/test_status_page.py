@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BuiltModel
-from tests.system.browser import CHROMIUM, chromium, serving
+from tests.serving import serving
+from tests.system.browser import CHROMIUM, chromium
 from tests.system.conftest import cluster
 from tests.web import LABELS, FakePipeline
 from web.app import WebSettings, create_app
@@ -83,7 +84,7 @@ def test_real_cluster_block_bar_and_upload_path(built_tiny: BuiltModel, tmp_path
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=2, min_workers=2) as source, \
             serving(create_app(source)) as url:
         expected = {n.name: (n.start, n.end) for n in source.status().nodes}
-        answer = httpx.post(f"{url}v1/classify", files={"file": image.read_bytes()},
+        answer = httpx.post(f"{url}/v1/classify", files={"file": image.read_bytes()},
                             timeout=30).json()
         page.goto(url)
         page.wait_for_function("document.querySelectorAll('#blockbar .seg').length >= 3",
@@ -241,8 +242,8 @@ def test_with_a_token_the_page_asks_once_and_the_api_refuses_without(page: Any,
     token = "correct horse battery staple"
     with serving(create_app(fake, settings=WebSettings(api_token=token))) as url:
         for path in ("v1/pipeline", "v1/events", "metrics", "v2/models/fake_net"):
-            assert httpx.get(url + path).status_code == 401, path
-        assert httpx.get(url + "v2/health/ready").status_code == 200
+            assert httpx.get(url + "/" + path).status_code == 401, path
+        assert httpx.get(url + "/v2/health/ready").status_code == 200
 
         page.goto(url)
         page.wait_for_selector("#token-panel:not([hidden])", timeout=WAIT_MS)

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import socket
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from engines.errors import ArmdiError
+from tests.serving import running
 from tests.web import FakePipeline
 from web.app import create_app
 from web.server import listen, url_of
-
-
-@contextlib.contextmanager
-def _uvicorn(sock: socket.socket) -> Iterator[uvicorn.Server]:
-    server = uvicorn.Server(uvicorn.Config(create_app(FakePipeline()), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_accepted_connections_have_nagle_off() -> None:
@@ -39,7 +19,7 @@ def test_accepted_connections_have_nagle_off() -> None:
     ``socket.create_server`` has proto 0, and every kept-alive request then waits 40 ms for
     the client's delayed ACK. Checked on the connection uvicorn itself accepted."""
     sock = listen("127.0.0.1", 0)
-    with _uvicorn(sock) as server:
+    with running(create_app(FakePipeline()), sock) as server:
         host, port = sock.getsockname()[:2]
         client = http.client.HTTPConnection(host, port, timeout=10)
         try:
