@@ -105,16 +105,16 @@ def build(
     from builder.memory import parse_size
     from builder.progress import RichReporter
     from builder.trt_plan import TrtPlanOptions
-    from builder.trt_plan import parse_size as parse_disk_size
     from engines.repository import ModelRepository
 
     root = _repo_path(repo)
     height, width = _input_size(input_size)
     try:
         trt_options = TrtPlanOptions(
-            max_disk=parse_disk_size(max_disk) if max_disk is not None else None,
+            max_disk=(parse_size(max_disk, "--max-disk", minimum=1)
+                      if max_disk is not None else None),
             prebuild_ratio=prebuild_ratio, plan_only=plan)
-    except ValueError as exc:
+    except (ValueError, ArmdiError) as exc:
         _fail(str(exc))
     if config is not None:
         trt_options = _likely_boundaries(trt_options, config, root, name or model)

@@ -24,14 +24,18 @@ SESSION_WEIGHT_FACTOR = 1.25
 SESSION_OVERHEAD = 64 * MB
 
 
-def parse_size(text: str) -> int:
-    """``"2G"``, ``"1536M"``, ``"512MiB"``, ``"3GB"`` or plain bytes -> bytes."""
+def parse_size(text: str, option: str = "--max-memory", minimum: int = MB) -> int:
+    """``"2G"``, ``"1536M"``, ``"512MiB"``, ``"3GB"`` or plain bytes -> bytes; the units are
+    powers of 1024 with or without ``B``/``iB``, as for every size option of ``armdi build``
+    (``--max-memory``, ``--max-disk``). ``option`` names the flag in errors; sizes below
+    ``minimum`` bytes are refused."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if not match:
-        raise BuildError(f"--max-memory {text!r}: give a size such as 2G, 1536M or 800MB")
+        raise BuildError(f"{option} {text!r}: give a size such as 2G, 1536M or 800MB")
     value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value < MB:
-        raise BuildError(f"--max-memory {text!r} is below 1 MB")
+    if value < max(minimum, 1):
+        floor = f"{minimum / MB:g} MB" if minimum >= MB else f"{max(minimum, 1)} B"
+        raise BuildError(f"{option} {text!r} is too small (at least {floor})")
     return int(value)
 
 

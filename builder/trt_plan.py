@@ -488,21 +488,6 @@ def make_plan(stats: ModelStats, ranges: Sequence[tuple[int, int]], *, segments:
     )
 
 
-def parse_size(text: str) -> int:
-    """``"2G"``, ``"500M"``, ``"1.5GB"``, ``"123456"`` -> bytes (powers of 1000)."""
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    cleaned = text.strip().upper().removesuffix("B")
-    number, unit = ((cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in "KMGT"
-                    else (cleaned, ""))
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 500M, 2G)") from None
-    if value <= 0 or not math.isfinite(value):
-        raise ValueError(f"not a size: {text!r} (use e.g. 500M, 2G)")
-    return int(value * units[unit])
-
-
 # --- the plan of a build, from its options (``armdi build --plan``) --------------------------
 
 

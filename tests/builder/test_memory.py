@@ -25,6 +25,15 @@ def test_parse_size(text: str, expected: int | None) -> None:
             parse_size(text)
     else:
         assert parse_size(text) == expected
+        assert parse_size(text, "--max-disk") == expected  # one meaning for every size flag
+
+
+def test_parse_size_names_the_option_and_its_floor() -> None:
+    with pytest.raises(BuildError, match=r"^--max-disk 'lots': give a size"):
+        parse_size("lots", "--max-disk", minimum=1)
+    assert parse_size("1K", "--max-disk", minimum=1) == 1024
+    with pytest.raises(BuildError, match=r"^--max-disk '0' is too small \(at least 1 B\)"):
+        parse_size("0", "--max-disk", minimum=1)
 
 
 def test_no_budget_never_refuses() -> None:

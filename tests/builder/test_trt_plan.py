@@ -21,7 +21,6 @@ from builder.trt_plan import (
     balanced_boundaries,
     likely_order,
     make_plan,
-    parse_size,
     plan_bytes,
     plan_kind,
     segment_distance,
@@ -160,16 +159,6 @@ def test_engines_done_earlier_cost_nothing_more() -> None:
     assert (fresh.build_seconds, half.build_seconds) == (40.0, 20.0)
     assert half.needed_bytes == fresh.needed_bytes // 2
     assert half.seconds_source == "measured on this device"
-
-
-def test_parse_size() -> None:
-    assert parse_size("2G") == 2 * GB
-    assert parse_size("500M") == 500 * 10**6
-    assert parse_size("1.5GB") == 1.5 * GB
-    assert parse_size("123") == 123
-    for bad in ("", "G", "-1G", "lots", "0"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
 # --- the command line --------------------------------------------------------------------
