@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml appliance/wire/_codec.c
+$(VENV)/.installed: pyproject.toml setup.py appliance/wire/_codec.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat: the checkout itself on sys.path (a .pth line), so PYTHONPATH=<a worktree> runs
