@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,24 @@ def _frame(manifest_fp: bytes, start: int, tensor: np.ndarray, **kw: object) -> 
     return fr.Frame(**args)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def _links(tmp: Path) -> Iterator[tuple[ControlClient, DataInbox, DataOutbox]]:
+    """w1's control client, an inbox for the results (``result.data``) and w1's data outbox."""
+    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
+            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
+            DataOutbox(f"ipc://{tmp}/w1.data") as out:
+        yield ctl, results, out
+
+
+def _configure(ctl: ControlClient, tmp: Path, start: int, end: int,
+               session: str | None = None) -> None:
+    """w1 runs blocks [start, end) and sends what it makes to ``result.data``."""
+    ack = ctl.request(msg.Configure(node="w1", start=start, end=end, successor_addr=None,
+                                    result_addr=f"ipc://{tmp}/result.data", session=session),
+                      timeout_ms=10_000)
+    assert isinstance(ack, msg.Ack) and ack.ok, ack
+
+
 def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
     _worker, built, tmp = node
     manifest = built.manifest
@@ -51,14 +70,8 @@ def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
     start = 3
     shape = (1, *manifest.cut_points[start].shape[1:])
     good = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
-            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
-            DataOutbox(f"ipc://{tmp}/w1.data") as out:
-        ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
-                                        successor_addr=None,
-                                        result_addr=f"ipc://{tmp}/result.data"),
-                          timeout_ms=10_000)
-        assert isinstance(ack, msg.Ack) and ack.ok, ack
+    with _links(tmp) as (ctl, results, out):
+        _configure(ctl, tmp, start, manifest.blocks)
         valid = fr.encode_frame(_frame(fp, start, good), KEY)
         wrong_version = bytearray(valid)
         wrong_version[4] = 99
@@ -188,14 +201,8 @@ def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(n
     start = 3
     shape = (1, *manifest.cut_points[start].shape[1:])
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
-            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
-            DataOutbox(f"ipc://{tmp}/w1.data") as out:
-        ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
-                                        successor_addr=None,
-                                        result_addr=f"ipc://{tmp}/result.data"),
-                          timeout_ms=10_000)
-        assert isinstance(ack, msg.Ack) and ack.ok, ack
+    with _links(tmp) as (ctl, results, out):
+        _configure(ctl, tmp, start, manifest.blocks)
 
         def send(request_id: int, attempt: int, budget_ms: float) -> None:
             frame = _frame(fp, start, x, request_id=request_id, attempt=attempt,
@@ -231,17 +238,11 @@ def test_a_new_source_run_is_not_taken_for_an_old_attempt(node) -> None:
     fp = bytes.fromhex(manifest.fingerprint)
     start = 3
     x = np.zeros((1, *manifest.cut_points[start].shape[1:]), np.float32)
-    with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl, \
-            DataInbox(f"ipc://{tmp}/result.data", max_bytes=1 << 20) as results, \
-            DataOutbox(f"ipc://{tmp}/w1.data") as out:
+    with _links(tmp) as (ctl, results, out):
         got = []
         for attempt in (3, 1):
             run = Stamper()  # a source run: its own session
-            ack = ctl.request(msg.Configure(node="w1", start=start, end=manifest.blocks,
-                                            successor_addr=None,
-                                            result_addr=f"ipc://{tmp}/result.data",
-                                            session=run.session.hex()), timeout_ms=10_000)
-            assert isinstance(ack, msg.Ack) and ack.ok, ack
+            _configure(ctl, tmp, start, manifest.blocks, session=run.session.hex())
             frame = _frame(fp, start, x, request_id=30, attempt=attempt, ext=run.next())
             out.send(fr.encode_frame(frame, KEY), timeout_ms=5000)
             while True:

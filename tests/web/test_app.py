@@ -27,17 +27,6 @@ INFER = f"/v2/models/{MODEL_ID}/infer"
 HEADER = "Inference-Header-Content-Length"
 
 
-@pytest.fixture
-def fake() -> FakePipeline:
-    return FakePipeline()
-
-
-@pytest.fixture
-def client(fake: FakePipeline) -> Iterator[TestClient]:
-    with TestClient(create_app(fake)) as test_client:
-        yield test_client
-
-
 def image_bytes(fmt: str = "PNG", color: tuple[int, int, int] = (30, 60, 90)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 12), color).save(buffer, format=fmt)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,22 +15,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.web import CLASSES, MODEL_ID, FakePipeline, fake_scores
-from web.app import create_app
 
 IMAGE_MODEL = f"{MODEL_ID}_image"
 INFER = f"/v2/models/{IMAGE_MODEL}/infer"
 HEADER = "Inference-Header-Content-Length"
-
-
-@pytest.fixture
-def fake() -> FakePipeline:
-    return FakePipeline()
-
-
-@pytest.fixture
-def client(fake: FakePipeline) -> Iterator[TestClient]:
-    with TestClient(create_app(fake)) as test_client:
-        yield test_client
 
 
 def png(color: tuple[int, int, int]) -> bytes:
