@@ -6,11 +6,17 @@ Scenarios, each run once per mode on a cluster of its own:
 - **a** static heterogeneity: the workers are 1x / 2x / 4x slower from the start;
 - **bc** one worker (w2) goes from 1x to 4x at ``change_s`` (b), and back to 1x at
   ``back_s`` (c);
-- **h** two identical workers at rest, pinned to one core each, always with real compute:
-  block times profiled one by one misjudge fused segments, so the profile's split is off
-  even here; the summary's ``homogeneous_spread`` is how far armdi's settled stage times
-  (each worker's median over the second half's snapshots on the final split) are from equal
-  (max / min - 1).
+- **he** two identical workers at rest, compute emulated with the **measured** times of the
+  fused segments: block times profiled one by one misjudge fused segments, so the profile's
+  split is off even for identical workers. Before the runs the bench times every fused
+  segment a 2-worker split can give (``[0, k)`` and ``[k, blocks)``, ONNX Runtime on this
+  machine, interleaved rounds, medians) and the workers wait those times. The summary's
+  ``homogeneous_spread`` is how far armdi's settled stage times (each worker's median over
+  the second half's snapshots on the final split) are from equal (max / min - 1), beside the
+  best any split of that table gives (``homogeneous_best_spread``).
+- **h** the same two workers pinned to one core each, always with real compute (the
+  summary's ``homogeneous_spread_real``): on a 2-core machine shared with the source and the
+  client, what a split measures drifts by ~10 % between runs.
 
 Modes: ``armdi`` (the controller moves the boundaries), ``edgepipe`` (the exact optimum at
 start, from the configured slowdowns, then static), ``equal`` (every worker the same number
@@ -27,9 +33,9 @@ the slowdowns, at every moment of the scenario). The summary has ``steady_ratio_
 (scenario a, armdi, over its second half), ``recovery_s`` (scenario b, armdi: from the change
 until a 1 s window is within 10 % of the new optimum and stays so for 2 s),
 ``failed_requests`` per mode and ``moves_per_30s_steady`` (scenario a, armdi, second half),
-``homogeneous_spread`` (scenario h), and the time from a move's decision to the first frame
-run with the new range (``swap_ms``) and the fused engines' load times (``fused_load_ms``),
-over every armdi run.
+``homogeneous_spread`` and ``moves_per_30s_rest`` (scenario he; with ``_real``: h), and the
+time from a move's decision to the first frame run with the new range (``swap_ms``) and the
+fused engines' load times (``fused_load_ms``), over every armdi run.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -40,6 +46,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,7 +63,7 @@ from engines.errors import ArmdiError
 from engines.repository import ModelRepository
 
 MODES = ("armdi", "edgepipe", "equal")
-SCENARIOS = ("a", "bc", "h")
+SCENARIOS = ("a", "bc", "he", "h")
 SLOW = 4.0
 
 
@@ -72,7 +79,8 @@ class AdaptiveBenchOptions:
     emulate: bool = True
     time_scale: float = 4.0
     modes: tuple[str, ...] = MODES
-    scenarios: tuple[str, ...] = ("a", "bc", "h")
+    scenarios: tuple[str, ...] = SCENARIOS
+    fused_rounds: int = 30  # scenario he: timings of each fused segment (medians)
     hysteresis: float | None = None  # the controller's (None: the default)
 
 
@@ -84,6 +92,7 @@ class _Scenario:
     workers: int | None = None  # None: the options' number
     pinned: bool = False  # worker i on CPU i (one core each, as separate devices)
     real: bool = False  # real compute whatever the options say
+    measured: bool = False  # emulated with the fused segments' measured times, always
 
 
 def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
@@ -93,8 +102,11 @@ def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
         "a": _Scenario("a: static 1x/2x/4x", static, ()),
         "bc": _Scenario(f"b/c: w2 1x -> {SLOW:g}x at {o.change_s:g} s, back at {o.back_s:g} s",
                         (1.0,) * n, ((o.change_s, "w2", SLOW), (o.back_s, "w2", 1.0))),
-        # The case the profile gets wrong: two identical workers, one core each, real compute
-        # (emulated compute would be balanced by construction: it waits the profiled times).
+        # The case the profile gets wrong: two identical workers. Emulated with the blocks'
+        # profiled times it would be balanced by construction, so he waits the fused
+        # segments' measured times, and h computes for real.
+        "he": _Scenario("he: 2 identical workers at rest, emulated with measured fused "
+                        "segment times", (1.0, 1.0), (), workers=2, measured=True),
         "h": _Scenario("h: 2 identical workers at rest, CPUs 0|1, real compute", (1.0, 1.0),
                        (), workers=2, pinned=True, real=True),
     }
@@ -113,8 +125,54 @@ def _optimum_ips(block_ms: list[float], sizes: list[int], slowdowns: list[float]
     return solve(snap).throughput_per_s
 
 
+def measure_fused_times(repository: ModelRepository, manifest: Any, rounds: int,
+                        say: Callable[[str], None]) -> dict[tuple[int, int], float]:
+    """The median time (ms) of every fused segment a 2-worker split can give, ``[0, k)`` and
+    ``[k, blocks)``, with ONNX Runtime (1 thread, as a worker) on this machine.
+
+    All are open at once and timed in interleaved rounds, one run each per round, so drift
+    over the minutes it takes reaches all of them alike; each run follows another segment's,
+    so each reads its weights from memory, as a worker does after receiving a frame."""
+    blocks = manifest.blocks
+    ranges = sorted({r for k in range(1, blocks) for r in ((0, k), (k, blocks))})
+    rng = np.random.default_rng(0)
+    engines, inputs = {}, {}
+    try:
+        for i, (a, b) in enumerate(ranges):
+            if i % 16 == 0:
+                say(f"he: opening fused segments {i + 1}-{min(i + 16, len(ranges))} of "
+                    f"{len(ranges)}")
+            engines[(a, b)] = repository.open_engine(manifest, a, b, backend="ort", threads=1)
+            spec = manifest.cut_points[a]
+            inputs[(a, b)] = rng.standard_normal((1, *spec.shape[1:])).astype(np.float32)
+        times: dict[tuple[int, int], list[float]] = {r: [] for r in ranges}
+        for r in ranges:  # a warm-up run each
+            engines[r].infer(inputs[r])
+        for n in range(rounds):
+            if n % 10 == 0:
+                say(f"he: timing fused segments, round {n + 1} of {rounds}")
+            for r in ranges:
+                t0 = time.perf_counter()
+                engines[r].infer(inputs[r])
+                times[r].append((time.perf_counter() - t0) * 1000)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {r: statistics.median(v) for r, v in times.items()}
+
+
+def best_split(times: dict[tuple[int, int], float], blocks: int) -> tuple[int, float, float]:
+    """Of a measured table, the 2-worker boundary with the lowest bottleneck: (boundary,
+    bottleneck ms, spread = max / min - 1 of its two stages)."""
+    k = min(range(1, blocks), key=lambda k: max(times[(0, k)], times[(k, blocks)]))
+    left, right = times[(0, k)], times[(k, blocks)]
+    return k, max(left, right), max(left, right) / min(left, right) - 1
+
+
 def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list[float],
-         sizes: list[int], say: Callable[[str], None]) -> dict[str, Any]:
+         sizes: list[int], say: Callable[[str], None],
+         times: dict[tuple[int, int], float] | None = None,
+         times_file: Path | None = None) -> dict[str, Any]:
     from appliance.api import QueueFullError
     from appliance.cluster import LocalClusterOptions, running
     from appliance.data.source import Source
@@ -122,7 +180,7 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
 
     blocks = len(block_ms)
     workers = scenario.workers or o.workers
-    emulate = o.emulate and not scenario.real
+    emulate = (o.emulate or scenario.measured) and not scenario.real
     two = (os.cpu_count() or 1) >= 2
     options = LocalClusterOptions(
         model=o.model, repo=o.repo, nodes=workers,
@@ -131,7 +189,10 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         if scenario.pinned and two else (),
         source_runs_blocks=False, min_workers=workers, emulate_compute=emulate,
         emulate_scale=o.time_scale if emulate else 1.0, request_timeout_s=30.0,
-        hysteresis=o.hysteresis)
+        hysteresis=o.hysteresis, emulate_times=times_file if scenario.measured else None)
+    optimum_at_rest = None
+    if scenario.measured and times:  # the table's best split (transfers of ~0.1 ms aside)
+        optimum_at_rest = 1000.0 / (best_split(times, blocks)[1] * o.time_scale)
     completions: list[float] = []
     latencies: list[tuple[float, float]] = []
     failed = 0
@@ -162,8 +223,8 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
                 if now >= next_snapshot:
                     status = source.status()
                     snapshots.append({"t": round(now, 2), "boundaries": list(status.boundaries),
-                                      "optimum_ips": _optimum_ips(block_ms, sizes, slowdowns,
-                                                                  options.emulate_scale),
+                                      "optimum_ips": optimum_at_rest or _optimum_ips(
+                                          block_ms, sizes, slowdowns, options.emulate_scale),
                                       "compute_ms": {
                                           w.ref.name: w.last.compute_ms_ewma
                                           for w in source.workers
@@ -212,6 +273,8 @@ def _run(o: AdaptiveBenchOptions, mode: str, scenario: _Scenario, block_ms: list
         "moves": status.counters.get("boundary_moves", 0),
         "rebalances": status.counters.get("rebalances", 0),
         "move_times": _move_times(source),
+        "move_log": [e.get("detail", "") for e in list(source._events)
+                     if e["type"] in ("boundary_moved", "rebalanced")],
         "move_costs": _move_costs(source),
         "emulated": emulate,
         "final_boundaries": list(status.boundaries),
@@ -280,12 +343,19 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
     load_start = load_avg()
     runs: dict[str, dict[str, Any]] = {}
     scenarios = _scenarios(o)
-    for key in o.scenarios:
-        for mode in o.modes:
-            if key == "h" and mode == "equal":
-                continue  # equal stage times is what scenario h measures against
-            say(f"scenario {key}, mode {mode}")
-            runs[f"{key}/{mode}"] = _run(o, mode, scenarios[key], block_ms, sizes, say)
+    times: dict[tuple[int, int], float] | None = None
+    with tempfile.TemporaryDirectory(prefix="armdi-bench-") as tmp:
+        times_file = Path(tmp) / "fused_times.json"
+        if "he" in o.scenarios:
+            times = measure_fused_times(repository, manifest, o.fused_rounds, say)
+            times_file.write_text(json.dumps({f"{a}:{b}": ms for (a, b), ms in times.items()}))
+        for key in o.scenarios:
+            for mode in o.modes:
+                if key in ("h", "he") and mode == "equal":
+                    continue  # equal stage times is what scenarios h and he measure against
+                say(f"scenario {key}, mode {mode}")
+                runs[f"{key}/{mode}"] = _run(o, mode, scenarios[key], block_ms, sizes, say,
+                                             times, times_file)
     summary: dict[str, Any] = {}
     half = o.duration_s / 2
     a = runs.get("a/armdi")
@@ -306,21 +376,15 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
         if b is not None:
             rec = _recovery_s(b, o.change_s, o.back_s)
             summary[f"recovery_s_{mode}" if mode != "armdi" else "recovery_s"] = rec
-    h = runs.get("h/armdi")
-    if h is not None:
-        stages = [t for t in h["settled_compute_ms"].values() if t]
-        if len(stages) < 2:  # a run too short for snapshots on its final split: the last one
-            stages = [t for t in h["compute_ms"].values() if t]
-        if len(stages) >= 2:
-            # how far the final split is from equal stage times (goal: within 5 %): compute
-            # times, the links being ipc:// sockets of ~0.1 ms on either side; each worker's
-            # median over the second half's snapshots on the final split, as one reading of
-            # an average over a few frames swings by 10-20 % on 2 cores shared with the source
-            summary["homogeneous_compute_ms"] = stages
-            summary["homogeneous_spread"] = round(max(stages) / min(stages) - 1, 3)
-            summary["homogeneous_boundaries"] = h["final_boundaries"]
-        late = [t for t in h["move_times"] if t >= half]
-        summary["moves_per_30s_rest_real"] = round(len(late) * 30 / (o.duration_s - half), 2)
+    for key, suffix in (("he", ""), ("h", "_real")):
+        h = runs.get(f"{key}/armdi")
+        if h is not None:
+            summary.update({f"{name}{suffix}": value
+                            for name, value in _homogeneous(h, half, o.duration_s).items()})
+    if times is not None:
+        k, _ms, spread = best_split(times, manifest.blocks)
+        summary["homogeneous_best_boundary"] = k
+        summary["homogeneous_best_spread"] = round(spread, 3)
     swaps = [v for k, r in runs.items() if k.endswith("/armdi")
              for v in r["move_costs"]["swap_ms"]]
     loads = [v for k, r in runs.items() if k.endswith("/armdi")
@@ -344,14 +408,38 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
                      for k, v in dataclasses.asdict(o).items()},
         "emulation": ("emulated compute: each node waits its segment's profiled time x "
                       f"{o.time_scale:g} x its slowdown and outputs zeros" if o.emulate else
-                      "real compute (ONNX Runtime); all processes share this machine's cores"),
+                      "real compute (ONNX Runtime); all processes share this machine's cores")
+        + ("; he waits the fused segments' measured times instead" if "he" in o.scenarios
+           else "") + ("; h computes for real" if "h" in o.scenarios and o.emulate else ""),
         "runs": runs, "summary": summary,
+        "fused_times_ms": ({f"{a}:{b}": round(ms, 4) for (a, b), ms in times.items()}
+                           if times is not None else None),
     }
 
 
+def _homogeneous(run: dict[str, Any], half: float, duration_s: float) -> dict[str, Any]:
+    """How far a homogeneous pair's final split is from equal stage times (goal: within 5 %),
+    and its moves at rest. Compute times, the links being ipc:// sockets of ~0.1 ms on either
+    side; each worker's median over the second half's snapshots on the final split, as one
+    reading of an average over a few frames swings by 10-20 % on 2 cores shared with the
+    source."""
+    out: dict[str, Any] = {}
+    stages = [t for t in run["settled_compute_ms"].values() if t]
+    if len(stages) < 2:  # a run too short for snapshots on its final split: the last one
+        stages = [t for t in run["compute_ms"].values() if t]
+    if len(stages) >= 2:
+        out["homogeneous_compute_ms"] = stages
+        out["homogeneous_spread"] = round(max(stages) / min(stages) - 1, 3)
+        out["homogeneous_boundaries"] = run["final_boundaries"]
+    late = [t for t in run["move_times"] if t >= half]
+    out["moves_per_30s_rest"] = round(len(late) * 30 / (duration_s - half), 2)
+    return out
+
+
 def format_report(result: dict[str, Any]) -> str:
+    two = " (2 in he and h)" if {"he", "h"} & set(result["settings"]["scenarios"]) else ""
     lines = [f"armdi bench adaptive: {result['model']}, {result['settings']['workers']} "
-             f"workers; {result['emulation']}", "",
+             f"workers{two}; {result['emulation']}", "",
              f"{'run':<16} {'img/s':>7} {'optimum':>8} {'p50 ms':>7} {'p99 ms':>7} "
              f"{'moves':>5} {'failed':>6}"]
     for key, run in result["runs"].items():
@@ -382,7 +470,9 @@ def write_plot(result: dict[str, Any], path: Path) -> bool:
                 ax.plot(run["throughput_per_s"], label=run["mode"])
         first = next(r for k, r in result["runs"].items() if k.startswith(f"{key}/"))
         ax.plot(first["optimum_ips"], "k--", linewidth=1, label="exact optimum")
-        ax.set_title(first["scenario"] + f" ({result['emulation'].split(':')[0]})")
+        emulated = first.get("emulated", result["emulation"].startswith("emulated"))
+        ax.set_title(first["scenario"] + (" (emulated compute)" if emulated else
+                                          " (real compute)"))
         ax.set_xlabel("s")
         ax.set_ylabel("img/s")
         ax.legend(loc="lower right", fontsize=8)

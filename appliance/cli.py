@@ -869,8 +869,9 @@ def bench_adaptive(
     modes: Annotated[str, typer.Option(help="Comma-separated: armdi,edgepipe,equal.")]
     = "armdi,edgepipe,equal",
     scenarios: Annotated[str, typer.Option(
-        help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), h (two "
-             "identical workers at rest, one core each, real compute).")] = "a,bc,h",
+        help="Comma-separated: a (static 1x/2x/4x), bc (a worker 1x -> 4x -> 1x), he (two "
+             "identical workers at rest, emulated with the fused segments' measured times), "
+             "h (the same, one core each, real compute).")] = "a,bc,he,h",
     hysteresis: Annotated[float | None, typer.Option(
         help="The controller's hysteresis (default: the config's, 0.02).")] = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "

@@ -70,6 +70,7 @@ class LocalClusterOptions:
     supervise: bool = False  # restart a worker that dies, with back-off (armdi up)
     emulate_compute: bool = False  # benches: wait the profiled time instead of computing
     emulate_scale: float = 1.0
+    emulate_times: Path | None = None  # ...measured segment times instead, where it lists them
     link_mbps: float | None = None  # emulate every node's outgoing link at this rate
     hysteresis: float | None = None  # mode armdi's (None: the config's default)
     log_level: str = "WARNING"  # of the worker processes
@@ -229,6 +230,8 @@ def local_config(options: LocalClusterOptions, run_dir: Path,
     }
     if options.hysteresis is not None:
         cluster["hysteresis"] = options.hysteresis
+    if options.emulate_times is not None:
+        cluster["emulate_times"] = str(options.emulate_times)
     if options.key_hex:
         cluster["key"] = options.key_hex
     if tls:

@@ -145,6 +145,11 @@ class ClusterSection(_Frozen):
     )
     emulate_scale: float = Field(1.0, gt=0, description="profiled times are multiplied by this "
                                                         "under emulate_compute")
+    emulate_times: Path | None = Field(
+        None, description="benchmarks, with emulate_compute: a JSON file of measured segment "
+                          "times, {\"start:end\": ms}, waited instead of the blocks' profiled "
+                          "sum for the ranges it lists (relative to this file)"
+    )
     heartbeat_ms: float = Field(
         100.0, gt=0, le=10_000, description="workers send the source a heartbeat this often"
     )
@@ -194,7 +199,7 @@ class ClusterSection(_Frozen):
         None, description="CA certificate (PEM) of tls+tcp:// links, from armdi keys init"
     )
 
-    @field_validator("repo", "key_file", "tls_ca")
+    @field_validator("repo", "key_file", "tls_ca", "emulate_times")
     @classmethod
     def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         return None if value is None else _resolve(value, info)

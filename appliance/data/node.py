@@ -17,6 +17,7 @@ ends all of them promptly. A bad frame is counted, logged and dropped; it never 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -66,6 +67,28 @@ SPEED_STEP = 4.0  # one frame moves the speed estimate by at most this factor (s
 SEEN_ATTEMPTS = 4096  # requests whose newest attempt a node remembers (to drop older ones)
 
 
+def load_emulated_times(path: Path, blocks: int) -> dict[tuple[int, int], float]:
+    """Measured segment times for emulated compute: a JSON object ``{"start:end": ms}`` (as
+    ``armdi bench adaptive`` writes for scenario he), checked against the model's blocks."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArmdiError(f"emulate_times {path}: cannot read it as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ArmdiError(f"emulate_times {path}: expected a JSON object of \"start:end\": ms")
+    times = {}
+    for key, ms in data.items():
+        start, colon, end = str(key).partition(":")
+        if not (colon and start.isdigit() and end.isdigit()
+                and 0 <= int(start) < int(end) <= blocks):
+            raise ArmdiError(f"emulate_times {path}: {key!r} is not a range start:end of the "
+                             f"model's {blocks} blocks")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1e6:
+            raise ArmdiError(f"emulate_times {path}: {key!r}: {ms!r} is not a time in ms")
+        times[(int(start), int(end))] = float(ms)
+    return times
+
+
 class FrameRejected(fr.FrameError):
     """A well-formed frame this node cannot run; ``reason`` names the counter."""
 
@@ -94,6 +117,7 @@ class NodeSettings:
     engine_budget_mb: float = 512.0  # fused segment engines kept loaded (LRU), by memory
     emulate: bool = False  # emulated compute: wait the profiled time, output zeros (benches)
     emulate_scale: float = 1.0  # ...times this
+    emulate_times: Path | None = None  # ...or measured segment times, {"start:end": ms}
     heartbeat_ms: float = 100.0  # a heartbeat to the source this often, from its own thread
     stabilise_ms: float = 200.0  # membership: ask the successor for its list this often
     join_addr: str | None = None  # join through this member's control address at start
@@ -158,6 +182,8 @@ class Node:
         profile = self.manifest.profile_for(device_signature(), self.backend)
         self._block_ms = tuple(profile.block_ms) if profile else (1.0,) * self.blocks
         self._segment_ms = dict(profile.segment_ms) if profile else {}
+        self._emulated_ms = (load_emulated_times(settings.emulate_times, self.blocks)
+                             if settings.emulate and settings.emulate_times else {})
         self._left: LeftBoundary | None = None  # the controller of the boundary on our left
         # Our start: the configured one, then wherever our own moves put it (we own the
         # boundary on our left; frames in flight may still start earlier, and run from there).
@@ -657,8 +683,10 @@ class Node:
             x = pixels(decode_image(x.tobytes()), self.manifest.preprocessing)
         profiled = self._profiled_ms(start, end)
         if self.settings.emulate:  # emulated compute: the blocks' profiled times, zeros out
-            blocks_ms = sum(self._block_ms[start:end])  # as the allocator models a segment
-            self._stop.wait(blocks_ms * self.settings.emulate_scale * self.slowdown / 1000)
+            wait_ms = self._emulated_ms.get((start, end))  # a fused segment's measured time
+            if wait_ms is None:
+                wait_ms = sum(self._block_ms[start:end])  # as the allocator models a segment
+            self._stop.wait(wait_ms * self.settings.emulate_scale * self.slowdown / 1000)
             shape = (x.shape[0], *self._sample_shapes[end])
             y = np.zeros(shape, np.float32)
         else:

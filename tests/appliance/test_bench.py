@@ -129,7 +129,38 @@ def test_bench_adaptive_homogeneous_scenario_reports_the_spread(built_tiny: Buil
     assert run["emulated"] is False and set(run["stage_ms"]) == {"w1", "w2"}
     assert run["failed_requests"] == 0
     summary = result["summary"]
-    assert summary["homogeneous_spread"] >= 0 and len(summary["homogeneous_compute_ms"]) == 2
+    assert summary["homogeneous_spread_real"] >= 0
+    assert len(summary["homogeneous_compute_ms_real"]) == 2
+    assert result["fused_times_ms"] is None  # only he measures them
+
+
+def test_bench_adaptive_emulates_he_with_the_measured_fused_times(built_tiny: BuiltModel
+                                                                   ) -> None:
+    """Scenario he: every fused segment of a 2-worker split is timed first; the workers wait
+    those times (test_emulated_times) and the optimum beside the run is the table's best
+    split, not the profile's."""
+    from appliance.bench_adaptive import AdaptiveBenchOptions, best_split, run_adaptive_bench
+
+    scale = 50.0
+    options = AdaptiveBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=4.0,
+                                   modes=("armdi",), scenarios=("he",), fused_rounds=3,
+                                   time_scale=scale)
+    result = json.loads(json.dumps(run_adaptive_bench(options)))
+    blocks = built_tiny.manifest.blocks
+    table = {tuple(map(int, k.split(":"))): v for k, v in result["fused_times_ms"].items()}
+    assert set(table) == {r for k in range(1, blocks) for r in ((0, k), (k, blocks))}
+    assert all(v > 0 for v in table.values())
+    run = result["runs"]["he/armdi"]
+    assert run["emulated"] is True and run["failed_requests"] == 0
+    assert sum(run["throughput_per_s"]) > 0
+    # the optimum beside the run is the table's best split (x time_scale), not the profile's
+    k, bottleneck, spread = best_split(table, blocks)  # type: ignore[arg-type]
+    assert run["optimum_ips"][-1] == pytest.approx(1000.0 / (bottleneck * scale), rel=1e-3)
+    summary = result["summary"]
+    assert summary["homogeneous_best_boundary"] == k
+    assert summary["homogeneous_best_spread"] == pytest.approx(spread, abs=1e-3)
+    assert summary["homogeneous_spread"] >= 0 and "moves_per_30s_rest" in summary
+    assert "measured times" in result["emulation"]
 
 
 @pytest.mark.parametrize("emulate", [False, True])
