@@ -19,10 +19,12 @@ the last ``samples`` frames measured on the current split (no decision before th
 that many); a move must lower the pair's predicted bottleneck by more than ``hysteresis``
 (a fraction); the boundary then stays put for ``dwell_s``. Every move must be proposed by
 two windows in a row (one window can read a passing interference as a slowed device); a small
-gain (below ``big``) moves one block (the prediction's error near balance
-is as large as the gain) and waits out the dwell, which a move back the way the last one came
-doubles (up to ``max_dwell_s``; only a big gain resets it):
-noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
+gain (below ``big``) moves one block toward the best boundary (the prediction's error near
+balance is as large as the gain) and waits out the dwell, which a move back the way the last
+one came doubles (up to ``max_dwell_s``; only a big gain resets it). A step must gain enough
+by itself, except over a block that costs almost nothing (gains less than ``hysteresis``),
+where the best boundary's gain carries it: such blocks can lie between a split and balance.
+Noise that makes a boundary hop to and fro soon stops moving it, while a real change (a
 device 4x slower: a big gain) moves it at the next window.
 
 ``propose`` is the pure decision; ``BoundaryController`` keeps the estimates and the clock.
@@ -37,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["BoundaryController", "ControllerSettings", "Move", "propose", "should_rebalance",
-           "transfer_ms"]
+           "step_toward", "transfer_ms"]
 
 
 NOISE_WEIGHT = 0.2
@@ -105,6 +107,39 @@ def _scaled(prefix: Sequence[float], measured_ms: float, start: int, end: int
     return lambda i, j: factor * (prefix[j] - prefix[i])
 
 
+def _check(left: tuple[int, int], right: tuple[int, int],
+           left_transfer_ms: Sequence[float]) -> None:
+    (a, b), (b2, c) = left, right
+    if b != b2 or not a < b < c:
+        raise ValueError(f"segments [{a}, {b}) and [{b2}, {c}) are not two non-empty "
+                         "neighbours")
+    if len(left_transfer_ms) < c + 1:
+        raise ValueError(f"left_transfer_ms needs an entry per boundary up to {c}")
+
+
+def _predictor(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
+               right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
+               right_transfer_ms: float, measured: Mapping[int, float] | None
+               ) -> Callable[[int], Move]:
+    """``k -> Move``: both stage times predicted for the boundary at ``k`` (see propose)."""
+    (a, b), (_b, c) = left, right
+    prefix = [0.0]
+    for t in block_ms:
+        prefix.append(prefix[-1] + max(0.0, t))
+    left_of = _scaled(prefix, left_ms, a, b)
+    right_of = _scaled(prefix, right_ms, b, c)
+    before = max(left_ms + left_transfer_ms[b], right_ms + right_transfer_ms)
+    known = measured or {}
+
+    def predict(k: int) -> Move:
+        if k in known and k != b:  # tried before: the measurement, not the model
+            return Move(k, known[k], known[k], before)
+        return Move(k, left_of(a, k) + left_transfer_ms[k], right_of(k, c) + right_transfer_ms,
+                    before)
+
+    return predict
+
+
 def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
             right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
             right_transfer_ms: float, hysteresis: float,
@@ -126,38 +161,45 @@ def propose(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
 
     ``max_step``: consider only boundaries at most this many blocks from the current one.
     """
-    a, b = left
-    b2, c = right
-    if b != b2 or not a < b < c:
-        raise ValueError(f"segments [{a}, {b}) and [{b2}, {c}) are not two non-empty "
-                         "neighbours")
-    if len(left_transfer_ms) < c + 1:
-        raise ValueError(f"left_transfer_ms needs an entry per boundary up to {c}")
-    prefix = [0.0]
-    for t in block_ms:
-        prefix.append(prefix[-1] + max(0.0, t))
-    left_of = _scaled(prefix, left_ms, a, b)
-    right_of = _scaled(prefix, right_ms, b, c)
-    before = max(left_ms + left_transfer_ms[b], right_ms + right_transfer_ms)
-    known = measured or {}
+    _check(left, right, left_transfer_ms)
+    (a, b), (_b, c) = left, right
+    predict = _predictor(block_ms, left, left_ms, right, right_ms, left_transfer_ms,
+                         right_transfer_ms, measured)
     best: Move | None = None
     lo, hi = a + 1, c
     if max_step is not None:
         lo, hi = max(lo, b - max_step), min(hi, b + max_step + 1)
     for k in range(lo, hi):
-        left_k = left_of(a, k) + left_transfer_ms[k]
-        right_k = right_of(k, c) + right_transfer_ms
-        if k in known and k != b:  # tried before: the measurement, not the model
-            left_k = right_k = known[k]
-        move = Move(k, left_k, right_k, before)
+        move = predict(k)
         if best is None or _rank(move, b) < _rank(best, b):
             best = move
     # 1e-9: sums of the same times in another order differ in the last bits; without it, equal
     # splits would look better than each other and a boundary could hop between them forever
-    if best is None or best.boundary == b or not best.after_ms < before * (1.0 - hysteresis
-                                                                          - 1e-9):
+    if best is None or best.boundary == b or not best.after_ms < best.before_ms * (
+            1.0 - hysteresis - 1e-9):
         return None
     return best
+
+
+def step_toward(block_ms: Sequence[float], left: tuple[int, int], left_ms: float,
+                right: tuple[int, int], right_ms: float, left_transfer_ms: Sequence[float],
+                right_transfer_ms: float, target: int,
+                measured: Mapping[int, float] | None = None) -> Move | None:
+    """One block from the current boundary toward ``target`` (a boundary ``propose`` found
+    better), or None when that step alone is predicted worse than staying.
+
+    Between a split and the best one there are often blocks that cost almost nothing (a
+    cheap block moved gains less than any hysteresis), so judging each single step on its own
+    gain can stall a boundary on a plateau short of balance; the target's gain is what
+    justifies the walk, and each step is measured before the next."""
+    _check(left, right, left_transfer_ms)
+    b = left[1]
+    if target == b:
+        return None
+    predict = _predictor(block_ms, left, left_ms, right, right_ms, left_transfer_ms,
+                         right_transfer_ms, measured)
+    move = predict(b + (1 if target > b else -1))
+    return move if move.after_ms <= move.before_ms * (1.0 + 1e-9) else None
 
 
 def _low(samples: Sequence[float], q: float) -> float:
@@ -266,14 +308,19 @@ class BoundaryController:
         if gain < s.big:
             # Near balance the prediction's error (a profile that misjudges fused segments,
             # interference that differs from one window to the next) is as large as the gain:
-            # one block at a time, each step measured before the next.
-            move = propose(self.block_ms, self.left, self.left_ms, self.right, self.right_ms,
-                           left_transfer_ms, right_transfer_ms, s.hysteresis, measured,
-                           max_step=1)
+            # one block at a time toward the best boundary, each step measured before the next.
+            move = step_toward(self.block_ms, self.left, self.left_ms, self.right,
+                               self.right_ms, left_transfer_ms, right_transfer_ms,
+                               move.boundary, measured)
             if move is None:
                 self._seen = None
                 return None
-            gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+            step_gain = 1.0 - move.after_ms / move.before_ms if move.before_ms > 0 else 0.0
+            if step_gain >= s.hysteresis:
+                # a step that moves real work must pay for itself (against the noise below);
+                # only a block that costs almost nothing is carried by the best boundary's gain
+                # (a walk over blocks that each gain nothing, and each step costs nothing)
+                gain = step_gain
         direction = 1 if move.boundary > self.left[1] else -1
         if self._seen != direction:
             # a second window must agree: on a shared machine one window in a few hundred
