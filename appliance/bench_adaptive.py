@@ -105,8 +105,8 @@ def _scenarios(o: AdaptiveBenchOptions) -> dict[str, _Scenario]:
         # The case the profile gets wrong: two identical workers. Emulated with the blocks'
         # profiled times it would be balanced by construction, so he waits the fused
         # segments' measured times, and h computes for real.
-        "he": _Scenario("he: 2 identical workers at rest, emulated with measured fused "
-                        "segment times", (1.0, 1.0), (), workers=2, measured=True),
+        "he": _Scenario("he: 2 identical workers at rest, emulated compute: the fused "
+                        "segments' measured times", (1.0, 1.0), (), workers=2, measured=True),
         "h": _Scenario("h: 2 identical workers at rest, CPUs 0|1, real compute", (1.0, 1.0),
                        (), workers=2, pinned=True, real=True),
     }
@@ -471,8 +471,9 @@ def write_plot(result: dict[str, Any], path: Path) -> bool:
         first = next(r for k, r in result["runs"].items() if k.startswith(f"{key}/"))
         ax.plot(first["optimum_ips"], "k--", linewidth=1, label="exact optimum")
         emulated = first.get("emulated", result["emulation"].startswith("emulated"))
-        ax.set_title(first["scenario"] + (" (emulated compute)" if emulated else
-                                          " (real compute)"))
+        kind = "" if "compute" in first["scenario"] else (
+            " (emulated compute)" if emulated else " (real compute)")
+        ax.set_title(first["scenario"] + kind)
         ax.set_xlabel("s")
         ax.set_ylabel("img/s")
         ax.legend(loc="lower right", fontsize=8)
