@@ -163,6 +163,24 @@ def test_bench_adaptive_emulates_he_with_the_measured_fused_times(built_tiny: Bu
     assert "measured times" in result["emulation"]
 
 
+def test_bench_adaptive_he_needs_every_fused_segment_of_a_split(built_tiny: BuiltModel) -> None:
+    from appliance.bench_adaptive import AdaptiveBenchOptions, run_adaptive_bench
+    from engines.errors import ArmdiError
+    from engines.manifest import Manifest
+
+    path = built_tiny.repo / "tiny" / "manifest.json"
+    manifest = Manifest.model_validate_json(path.read_text())
+    blocks = manifest.blocks
+    kept = {backend: tuple(s for s in segs if (s.start, s.end) != (0, blocks - 1))
+            for backend, segs in manifest.segments.items()}
+    path.write_text(manifest.model_copy(update={"segments": kept}).model_dump_json())
+    options = AdaptiveBenchOptions(repo=built_tiny.repo, model="tiny", duration_s=4.0,
+                                   modes=("armdi",), scenarios=("he",))
+    with pytest.raises(ArmdiError, match=rf"not built \(e.g. \[0, {blocks - 1}\)\); rebuild "
+                                         "it with --segments all"):
+        run_adaptive_bench(options)
+
+
 @pytest.mark.parametrize("emulate", [False, True])
 def test_bench_faults_counts_every_request(built_tiny: BuiltModel, emulate: bool) -> None:
     from appliance.bench_faults import FaultBenchOptions, format_report, run_fault_bench
