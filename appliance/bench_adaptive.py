@@ -60,7 +60,9 @@ import numpy as np
 
 from appliance.bench import _quantile, load_avg, machine_info
 from appliance.control.allocator import even_split, snapshot_from_profile, solve
+from engines.base import Engine
 from engines.errors import ArmdiError
+from engines.manifest import Manifest
 from engines.repository import ModelRepository
 
 MODES = ("armdi", "edgepipe", "equal")
@@ -126,46 +128,59 @@ def _optimum_ips(block_ms: list[float], sizes: list[int], slowdowns: list[float]
     return solve(snap).throughput_per_s
 
 
-def measure_fused_times(repository: ModelRepository, manifest: Any, rounds: int,
+FUSED_OPEN_BYTES = 2 << 30
+"""Scenario he keeps at most about this much weight memory in open sessions at once (each
+boundary's two segments hold one copy of the model's weights)."""
+
+
+def measure_fused_times(repository: ModelRepository, manifest: Manifest, rounds: int,
                         say: Callable[[str], None]) -> dict[tuple[int, int], float]:
     """The median time (ms) of every fused segment a 2-worker split can give, ``[0, k)`` and
     ``[k, blocks)``, with ONNX Runtime (1 thread, as a worker) on this machine.
 
-    All are open at once and timed in interleaved rounds, one run each per round, so drift
-    over the minutes it takes reaches all of them alike; each run follows another segment's,
-    so each reads its weights from memory, as a worker does after receiving a frame."""
+    The segments are open together and timed in interleaved rounds, one run each per round,
+    so drift over the time it takes reaches all of them alike, and each run follows another
+    segment's, so it reads its weights from memory, as a worker does after receiving a frame.
+    A large model is timed in groups of boundaries, at most ``FUSED_OPEN_BYTES`` of weights
+    open at a time (efficientnet_lite0, 18 MB: all 48 boundaries in one group)."""
     blocks = manifest.blocks
-    ranges = sorted({r for k in range(1, blocks) for r in ((0, k), (k, blocks))})
-    missing = [r for r in ranges if r[1] - r[0] > 1 and manifest.segment("ort", *r) is None]
+    splits = list(range(1, blocks))
+    missing = [r for k in splits for r in ((0, k), (k, blocks))
+               if r[1] - r[0] > 1 and manifest.segment("ort", *r) is None]
     if missing:
         raise ArmdiError(f"scenario he times every fused segment of a 2-worker split, and "
                          f"{manifest.model_id} has {len(missing)} of them not built (e.g. "
                          f"[{missing[0][0]}, {missing[0][1]})); rebuild it with --segments all, "
                          "or leave he out (--scenarios a,bc,h)")
+    weights = repository.model_dir(manifest.model_id) / manifest.weights_file
+    per_split = max(1, weights.stat().st_size if weights.is_file() else 0)
+    group = max(1, FUSED_OPEN_BYTES // per_split)
     rng = np.random.default_rng(0)
-    engines, inputs = {}, {}
-    try:
-        for i, (a, b) in enumerate(ranges):
-            if i % 16 == 0:
-                say(f"he: opening fused segments {i + 1}-{min(i + 16, len(ranges))} of "
-                    f"{len(ranges)}")
-            engines[(a, b)] = repository.open_engine(manifest, a, b, backend="ort", threads=1)
-            spec = manifest.cut_points[a]
-            inputs[(a, b)] = rng.standard_normal((1, *spec.shape[1:])).astype(np.float32)
-        times: dict[tuple[int, int], list[float]] = {r: [] for r in ranges}
-        for r in ranges:  # a warm-up run each
-            engines[r].infer(inputs[r])
-        for n in range(rounds):
-            if n % 10 == 0:
-                say(f"he: timing fused segments, round {n + 1} of {rounds}")
-            for r in ranges:
-                t0 = time.perf_counter()
+    medians: dict[tuple[int, int], float] = {}
+    for first in range(0, len(splits), group):
+        ranges = [r for k in splits[first:first + group] for r in ((0, k), (k, blocks))]
+        say(f"he: timing {len(ranges)} fused segments ({len(medians) + len(ranges)} of "
+            f"{2 * len(splits)}), {rounds} rounds")
+        engines: dict[tuple[int, int], Engine] = {}
+        try:
+            for a, b in ranges:
+                engines[(a, b)] = repository.open_engine(manifest, a, b, backend="ort",
+                                                         threads=1)
+            inputs = {(a, b): rng.standard_normal((1, *manifest.cut_points[a].shape[1:]))
+                      .astype(np.float32) for a, b in ranges}
+            times: dict[tuple[int, int], list[float]] = {r: [] for r in ranges}
+            for r in ranges:  # a warm-up run each
                 engines[r].infer(inputs[r])
-                times[r].append((time.perf_counter() - t0) * 1000)
-    finally:
-        for engine in engines.values():
-            engine.close()
-    return {r: statistics.median(v) for r, v in times.items()}
+            for _ in range(rounds):
+                for r in ranges:
+                    t0 = time.perf_counter()
+                    engines[r].infer(inputs[r])
+                    times[r].append((time.perf_counter() - t0) * 1000)
+        finally:
+            for engine in engines.values():
+                engine.close()
+        medians.update({r: statistics.median(v) for r, v in times.items()})
+    return medians
 
 
 def best_split(times: dict[tuple[int, int], float], blocks: int) -> tuple[int, float, float]:
@@ -419,7 +434,7 @@ def run_adaptive_bench(o: AdaptiveBenchOptions,
         + ("; he waits the fused segments' measured times instead" if "he" in o.scenarios
            else "") + ("; h computes for real" if "h" in o.scenarios and o.emulate else ""),
         "runs": runs, "summary": summary,
-        "fused_times_ms": ({f"{a}:{b}": round(ms, 4) for (a, b), ms in times.items()}
+        "fused_times_ms": ({f"{a}:{b}": ms for (a, b), ms in times.items()}
                            if times is not None else None),
     }
 
