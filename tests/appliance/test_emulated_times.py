@@ -66,14 +66,9 @@ def test_a_bad_table_is_a_clear_error(tmp_path: Path, content: str, error: str) 
         load_emulated_times(path, 5)
 
 
-def test_a_missing_table_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_missing_table_is_a_clear_error_and_a_good_one_loads(tmp_path: Path) -> None:
     with pytest.raises(ArmdiError, match="cannot read it as JSON"):
         load_emulated_times(tmp_path / "absent.json", 5)
-    assert load_emulated_times(_write(tmp_path, {"0:2": 1.5, "2:5": 0}), 5) == {
-        (0, 2): 1.5, (2, 5): 0.0}
-
-
-def _write(tmp: Path, data: dict[str, float]) -> Path:
-    path = tmp / "ok.json"
-    path.write_text(json.dumps(data))
-    return path
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps({"0:2": 1.5, "2:5": 0}))
+    assert load_emulated_times(path, 5) == {(0, 2): 1.5, (2, 5): 0.0}
