@@ -514,7 +514,12 @@ class Source:
         else:
             self.allocation = self._allocate(live)
             self._configure(live)
-        loops = [self._source_loop, self._result_loop, self._watchdog_loop, self._poll_loop]
+        loops = [self._source_loop, self._watchdog_loop, self._poll_loop]
+        # results are taken on NNG's thread that received them (one thread hand-off less per
+        # request); a thread of our own receives them where the C codec was not built
+        assert self._inbox is not None
+        if not self._inbox.on_message(self._on_result):
+            loops.append(self._result_loop)
         if self._control is not None:
             loops.append(self._control_loop)
         if self.mode in SPREAD or s.mode == "auto":  # auto may switch to ddi later
@@ -534,13 +539,13 @@ class Source:
             self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._inbox is not None:
+            self._inbox.close()  # no result callback runs after this
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
         for p in pending:
             _resolve(p.future, error=NotReadyError("the pipeline stopped"))
-        if self._inbox is not None:
-            self._inbox.close()
         for box in self._outboxes.values():
             box.close()
         for client in self._clients.values():
@@ -1170,10 +1175,13 @@ class Source:
                 buf = self._inbox.recv(timeout_ms=int(POLL_S * 1000))
             except TransportError:
                 continue
-            try:
-                self._take_result(buf)
-            except Exception as exc:
-                self._loop_error("result loop", exc)
+            self._on_result(buf)
+
+    def _on_result(self, buf: memoryview) -> None:
+        try:
+            self._take_result(buf)
+        except Exception as exc:
+            self._loop_error("result loop", exc)
 
     def _take_result(self, buf: memoryview) -> None:
         try:

@@ -1,5 +1,6 @@
-/* The hot path of a hop in C: the checks of a received frame (decode) and the NNG calls
- * that receive and send one (recv, send).
+/* The hot path of a hop in C: the checks of a received frame (decode), the NNG calls that
+ * receive and send one (recv, send), and a receiver that hands each message to a callback on
+ * NNG's own thread (Receiver).
  *
  * decode: the hot half of decode_frame (appliance/wire/frames.py): every check of a frame's
  * header, shape, trace, padding and sizes, in one call that touches a few cache lines.
@@ -206,6 +207,19 @@ static PyTypeObject MessageType = {
     .tp_doc = "A received NNG message (its body through the buffer protocol).",
 };
 
+/* A Message that owns msg (freed with it); NULL, and msg freed, when out of memory. */
+static PyObject *new_message(nng_msg *msg) {
+    Message *m = PyObject_New(Message, &MessageType);
+    if (m == NULL) {
+        nng_msg_free_(msg);
+        return NULL;
+    }
+    m->msg = msg;
+    m->len = (Py_ssize_t)nng_msg_len_(msg);
+    m->body = m->len ? (char *)nng_msg_body_(msg) : empty_body;
+    return (PyObject *)m;
+}
+
 /* recv(socket_id): the next message as a Message, or NNG's error number (an int). Blocks, up
  * to the socket's receive timeout, without the GIL. */
 static PyObject *recv(PyObject *self, PyObject *arg) {
@@ -223,15 +237,7 @@ static PyObject *recv(PyObject *self, PyObject *arg) {
     rv = nng_recvmsg_(sock, &msg, 0);
     Py_END_ALLOW_THREADS
     if (rv != 0) return PyLong_FromLong(rv);
-    Message *m = PyObject_New(Message, &MessageType);
-    if (m == NULL) {
-        nng_msg_free_(msg);
-        return NULL;
-    }
-    m->msg = msg;
-    m->len = (Py_ssize_t)nng_msg_len_(msg);
-    m->body = m->len ? (char *)nng_msg_body_(msg) : empty_body;
-    return (PyObject *)m;
+    return new_message(msg);
 }
 
 /* send(socket_id, head, payload, tag): one message of the three buffers (payload may be
@@ -284,11 +290,159 @@ static PyObject *send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyLong_FromLong(rv);
 }
 
+/* ---------------------------------------------------------------- NNG: a receiver
+ * Receiver(socket_id, callback) receives every message of a socket and calls callback with it
+ * (a Message) on NNG's own thread, the one that completed the receive: a message is handled
+ * without waking a Python thread that waits in recv, one thread hand-off less per message.
+ * The callback runs with the GIL (taken with PyGILState_Ensure); an exception it raises is
+ * printed as unraisable and the next message is received all the same. Another error than a
+ * closed socket or a stop is passed to it as NNG's error number (an int).
+ *
+ * stop() stops it and waits (without the GIL) until a callback that runs has returned; after
+ * it, callback is never called again. A running Receiver holds a reference to itself, so it
+ * lives until stopped; stop() must be called before the interpreter finalizes (transport.py
+ * stops every running one at exit), and never from the callback itself (that waits forever). */
+typedef struct nng_aio nng_aio;
+static int (*nng_aio_alloc_)(nng_aio **, void (*)(void *), void *);
+static void (*nng_aio_free_)(nng_aio *);
+static void (*nng_aio_stop_)(nng_aio *);
+static int (*nng_aio_result_)(nng_aio *);
+static nng_msg *(*nng_aio_get_msg_)(nng_aio *);
+static void (*nng_recv_aio_)(nng_socket, nng_aio *);
+static void (*nng_aio_set_timeout_)(nng_aio *, int32_t);
+
+#define NNG_ECLOSED_ 7
+#define NNG_ECANCELED_ 20
+#define NNG_DURATION_INFINITE_ (-1)
+
+static PyObject *bind_aio(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long a[7];
+    if (!PyArg_ParseTuple(args, "KKKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]))
+        return NULL;
+    for (int i = 0; i < 7; i++) {
+        if (!a[i]) {
+            PyErr_SetString(PyExc_ValueError, "bind_aio: a NULL function address");
+            return NULL;
+        }
+    }
+    nng_aio_alloc_ = (int (*)(nng_aio **, void (*)(void *), void *))(uintptr_t)a[0];
+    nng_aio_free_ = (void (*)(nng_aio *))(uintptr_t)a[1];
+    nng_aio_stop_ = (void (*)(nng_aio *))(uintptr_t)a[2];
+    nng_aio_result_ = (int (*)(nng_aio *))(uintptr_t)a[3];
+    nng_aio_get_msg_ = (nng_msg * (*)(nng_aio *))(uintptr_t) a[4];
+    nng_recv_aio_ = (void (*)(nng_socket, nng_aio *))(uintptr_t)a[5];
+    nng_aio_set_timeout_ = (void (*)(nng_aio *, int32_t))(uintptr_t)a[6];
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    PyObject_HEAD
+    nng_aio *aio;
+    nng_socket sock;
+    PyObject *callback;
+    int stopped; /* set once, by the first stop(): atomically */
+} Receiver;
+
+static void receiver_done(void *arg) {
+    Receiver *r = (Receiver *)arg;
+    int rv = nng_aio_result_(r->aio);
+    nng_msg *msg = rv == 0 ? nng_aio_get_msg_(r->aio) : NULL;
+    if (__atomic_load_n(&r->stopped, __ATOMIC_ACQUIRE) || rv == NNG_ECLOSED_ ||
+        rv == NNG_ECANCELED_) {
+        if (msg != NULL) nng_msg_free_(msg);
+        return; /* stopped, or the socket closed: no further receive */
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *got = msg != NULL ? new_message(msg) : PyLong_FromLong(rv);
+    PyObject *out = got != NULL ? PyObject_CallOneArg(r->callback, got) : NULL;
+    if (out == NULL) PyErr_WriteUnraisable(r->callback);
+    Py_XDECREF(out);
+    Py_XDECREF(got);
+    PyGILState_Release(gil);
+    nng_recv_aio_(r->sock, r->aio); /* after a stop, NNG does nothing with it */
+}
+
+static PyObject *Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    unsigned long id;
+    PyObject *callback;
+    static char *names[] = {"socket_id", "callback", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "kO:Receiver", names, &id, &callback))
+        return NULL;
+    if (nng_recv_aio_ == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver before bind_aio");
+        return NULL;
+    }
+    if (!PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_TypeError, "Receiver: callback is not callable");
+        return NULL;
+    }
+    Receiver *r = (Receiver *)type->tp_alloc(type, 0);
+    if (r == NULL) return NULL;
+    r->sock = (nng_socket){(uint32_t)id};
+    Py_INCREF(callback);
+    r->callback = callback;
+    int rv = nng_aio_alloc_(&r->aio, receiver_done, r);
+    if (rv != 0) {
+        r->aio = NULL;
+        Py_DECREF(r);
+        return PyErr_Format(PyExc_OSError, "nng_aio_alloc failed (NNG error %d)", rv);
+    }
+    nng_aio_set_timeout_(r->aio, NNG_DURATION_INFINITE_);
+    Py_INCREF(r); /* running: held until stop() */
+    nng_recv_aio_(r->sock, r->aio);
+    return (PyObject *)r;
+}
+
+static PyObject *Receiver_stop(Receiver *r, PyObject *unused) {
+    (void)unused;
+    int first = __atomic_exchange_n(&r->stopped, 1, __ATOMIC_ACQ_REL) == 0;
+    if (r->aio != NULL) {
+        nng_aio *aio = r->aio;
+        Py_BEGIN_ALLOW_THREADS
+        nng_aio_stop_(aio); /* waits for a running callback, which may want the GIL */
+        Py_END_ALLOW_THREADS
+    }
+    if (first) Py_DECREF(r); /* the caller still holds a reference */
+    Py_RETURN_NONE;
+}
+
+static void Receiver_dealloc(Receiver *r) {
+    /* only once stopped (a running Receiver holds itself), or never started */
+    if (r->aio != NULL) {
+        nng_aio_stop_(r->aio);
+        nng_aio_free_(r->aio);
+    }
+    Py_XDECREF(r->callback);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyMethodDef Receiver_methods[] = {
+    {"stop", (PyCFunction)Receiver_stop, METH_NOARGS,
+     "Stop receiving; returns once no callback runs, and none will."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "appliance.wire._codec.Receiver",
+    .tp_basicsize = sizeof(Receiver),
+    .tp_dealloc = (destructor)Receiver_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Receiver_new,
+    .tp_methods = Receiver_methods,
+    .tp_doc = "Receiver(socket_id, callback): every message of a socket to callback, on "
+              "NNG's own thread (see _codec.c).",
+};
+
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(buf, max_bytes): a good frame's fields, or None (see the module's source)."},
     {"bind", bind, METH_VARARGS,
      "bind(recvmsg, sendmsg, msg_alloc, msg_free, msg_body, msg_len): NNG's functions."},
+    {"bind_aio", bind_aio, METH_VARARGS,
+     "bind_aio(aio_alloc, aio_free, aio_stop, aio_result, aio_get_msg, recv_aio, "
+     "aio_set_timeout): NNG's functions for Receiver."},
     {"recv", recv, METH_O, "recv(socket_id): a Message, or NNG's error number."},
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL,
      "send(socket_id, head, payload, tag): 0, or NNG's error number."},
@@ -296,17 +450,23 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_codec", "The hot path of a hop: decode_frame's checks, NNG recv and send.", -1,
+    PyModuleDef_HEAD_INIT, "_codec", "The hot path of a hop: decode_frame's checks, NNG recv, send and Receiver.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__codec(void) {
-    if (PyType_Ready(&MessageType) < 0) return NULL;
+    if (PyType_Ready(&MessageType) < 0 || PyType_Ready(&ReceiverType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&MessageType);
     if (PyModule_AddObject(m, "Message", (PyObject *)&MessageType) < 0) {
         Py_DECREF(&MessageType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ReceiverType);
+    if (PyModule_AddObject(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
+        Py_DECREF(&ReceiverType);
         Py_DECREF(m);
         return NULL;
     }

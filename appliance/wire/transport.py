@@ -34,6 +34,7 @@ messages between two processes over ``ipc://``, only the call itself timed:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -80,8 +81,25 @@ if native is not None:
     native.bind(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in (
         "nng_recvmsg", "nng_sendmsg", "nng_msg_alloc", "nng_msg_free", "nng_msg_body",
         "nng_msg_len")))
+    native.bind_aio(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in (
+        "nng_aio_alloc", "nng_aio_free", "nng_aio_stop", "nng_aio_result", "nng_aio_get_msg",
+        "nng_recv_aio", "nng_aio_set_timeout")))
 _c_recv: Final = None if native is None else native.recv
 _c_send: Final = None if native is None else native.send
+
+# Receivers that run (DataInbox.on_message), stopped at exit: their callbacks run Python on
+# NNG's threads, which must not happen once the interpreter finalizes.
+_receivers: set[Any] = set()
+_receivers_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_receivers() -> None:
+    with _receivers_lock:
+        running = list(_receivers)
+        _receivers.clear()
+    for receiver in running:
+        receiver.stop()
 
 log = logging.getLogger("armdi.transport")
 
@@ -222,6 +240,7 @@ class DataInbox(_Socket):
                  tls: TlsFiles | None = None) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")  # 0 is NNG's 'no limit'
+        self._receiver: Any = None  # a C Receiver, while on_message hands messages over
         super().__init__(pynng.Pull0(recv_max_size=max_bytes,
                                      **_tls_options(tls, server=True)), f"data inbox {address}")
         try:
@@ -233,6 +252,31 @@ class DataInbox(_Socket):
             self.close()
             raise
         self.max_bytes = max_bytes
+
+    def on_message(self, callback: Callable[[memoryview], None]) -> bool:
+        """Hand every message to ``callback`` from now on, on NNG's own thread (the one that
+        received it) instead of through ``recv``: no Python thread waits and wakes per
+        message. ``callback`` gets what ``recv`` returns; it runs with the GIL, so it should
+        be quick, and must not close this inbox. False where the C codec was not built
+        (nothing changes: receive with ``recv`` from a thread). ``close`` stops it."""
+        if native is None:
+            return False
+        if self._receiver is not None:
+            raise TransportError(f"{self._description}: already handing messages to a callback")
+        receiver = native.Receiver(self._nng_id, lambda got: _deliver(callback, got))
+        with _receivers_lock:
+            _receivers.add(receiver)
+        self._receiver = receiver
+        return True
+
+    def close(self) -> None:
+        """Stop a callback (``on_message``: returns once none runs), close the socket."""
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            with _receivers_lock:
+                _receivers.discard(receiver)
+            receiver.stop()
+        super().close()
 
     def recv(self, timeout_ms: int) -> memoryview:
         """The next message, as a read-write ``memoryview`` of NNG's own message buffer.
@@ -252,6 +296,16 @@ class DataInbox(_Socket):
         if rv:
             _fail(rv, f"receive on {self.address}", timeout_ms)
         return _owning_view(msg_p[0])
+
+
+def _deliver(callback: Callable[[memoryview], None], got: Any) -> None:
+    """One message from a C ``Receiver`` to ``callback`` as ``recv`` gives it; an NNG error
+    (not a close: that ends the receiver) is logged, and receiving goes on."""
+    if type(got) is int:
+        log.warning("receive failed: NNG error %d (%s)", got, ffi.string(lib.nng_strerror(got))
+                    .decode(errors="replace"))
+        return
+    callback(memoryview(got))
 
 
 def _owning_view(msg: Any) -> memoryview:

@@ -232,6 +232,112 @@ def test_close_unblocks_a_waiting_recv(hop_path: str) -> None:
     assert not thread.is_alive() and isinstance(errors[0], TransportClosed)
 
 
+@pytest.fixture
+def c_codec() -> None:
+    if transport.native is None:
+        pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
+
+
+def test_on_message_hands_every_message_over_on_nngs_thread(c_codec: None,
+                                                           address: str) -> None:
+    got: list[tuple[bytes, str, bool]] = []
+    done = threading.Event()
+
+    def take(buf: memoryview) -> None:
+        got.append((bytes(buf), threading.current_thread().name, buf.readonly))
+        if len(got) == 50:
+            done.set()
+
+    with DataInbox(address, max_bytes=LIMIT) as inbox, DataOutbox(inbox.address) as outbox:
+        assert inbox.on_message(take)
+        with pytest.raises(TransportError, match="already"):
+            inbox.on_message(take)
+        for i in range(50):
+            outbox.send(i.to_bytes(4, "little") * (i + 1), timeout_ms=2000)
+        assert done.wait(10)
+    assert [g[0] for g in got] == [i.to_bytes(4, "little") * (i + 1) for i in range(50)]
+    # no thread of ours: NNG's own, which Python knows only as a 'Dummy' thread
+    assert {g[1] for g in got} != {threading.current_thread().name}
+    assert all(g[1].startswith("Dummy") for g in got) and not any(g[2] for g in got)
+
+
+def test_on_message_goes_on_after_a_callback_raises(c_codec: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    unraisable: list[Any] = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    got: list[bytes] = []
+
+    def take(buf: memoryview) -> None:
+        got.append(bytes(buf))
+        if buf[0] == 1:
+            raise RuntimeError("a bug in the callback")
+
+    address = f"inproc://armdi-test-{next(_names)}"
+    with DataInbox(address, max_bytes=LIMIT) as inbox, DataOutbox(address) as outbox:
+        inbox.on_message(take)
+        for b in (b"\x00", b"\x01", b"\x02"):
+            outbox.send(b, timeout_ms=2000)
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got == [b"\x00", b"\x01", b"\x02"]
+    assert len(unraisable) == 1 and isinstance(unraisable[0].exc_value, RuntimeError)
+
+
+def test_close_waits_for_a_running_callback_and_stops_them(c_codec: None) -> None:
+    entered, calls = threading.Event(), []
+
+    def slow(buf: memoryview) -> None:
+        calls.append(time.monotonic())
+        entered.set()
+        time.sleep(0.3)  # the GIL is released while it sleeps: close can run meanwhile
+
+    address = f"inproc://armdi-test-{next(_names)}"
+    inbox = DataInbox(address, max_bytes=LIMIT)
+    with DataOutbox(address) as outbox:
+        inbox.on_message(slow)
+        for _ in range(5):
+            outbox.send(b"x", timeout_ms=2000)
+        assert entered.wait(5)
+        inbox.close()
+        closed = time.monotonic()
+        assert closed - calls[0] >= 0.29  # it waited for the callback that ran
+        count = len(calls)
+        time.sleep(0.5)
+    assert len(calls) == count < 5  # and none ran after: the rest stayed unreceived
+    inbox.close()  # twice is harmless
+
+
+def test_on_message_without_the_c_codec_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "native", None)
+    with DataInbox(f"inproc://armdi-test-{next(_names)}", max_bytes=LIMIT) as inbox:
+        assert inbox.on_message(lambda buf: None) is False
+
+
+def test_a_process_exits_cleanly_with_a_receiver_still_running(c_codec: None,
+                                                               short_tmp: Path) -> None:
+    """Left running (no close), a receiver is stopped at exit: its callbacks must not run
+    Python on NNG's threads while the interpreter finalizes (a crash or a hang)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import time\n"
+        "from appliance.wire.transport import DataInbox, DataOutbox\n"
+        f"a = 'ipc://{short_tmp}/exit.sock'\n"
+        "inbox = DataInbox(a, max_bytes=1 << 20)\n"
+        "seen = []\n"
+        "inbox.on_message(lambda buf: (seen.append(len(buf)), time.sleep(0.001)))\n"
+        "out = DataOutbox(a)\n"
+        "for _ in range(200): out.send(b'x' * 1000, timeout_ms=2000)\n"
+        "while not seen: time.sleep(0.01)\n"
+        "print('ok', flush=True)\n")  # exits with messages still arriving
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=60, cwd=Path(__file__).parents[2])
+        assert run.returncode == 0 and run.stdout == "ok\n", (run.returncode, run.stderr)
+
+
 def test_address_errors(short_tmp: Path) -> None:
     address = f"ipc://{short_tmp}/busy.sock"
     with DataInbox(address, max_bytes=LIMIT), \

@@ -70,10 +70,24 @@ def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_p
         assert len({h.node for h in r.path}) >= 3
 
 
-def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path) -> None:
+@pytest.mark.parametrize("results", ["callback", "thread"])
+def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path, results: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results taken on NNG's thread (the C codec's receiver), or by a thread of the source's
+    own where the codec was not built."""
+    import threading
+
     import skimage.data
 
+    from appliance.wire import transport
+
+    if results == "thread":
+        monkeypatch.setattr(transport, "native", None)
+    elif transport.native is None:
+        pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
     with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=2) as source:
+        loops = {t.name for t in threading.enumerate()}
+        assert ("_result_loop" in loops) == (results == "thread")
         future = source.submit(preprocess(skimage.data.chelsea(),
                                           lite_repo.manifest.preprocessing))
         top = source.top_k(future.result(timeout=30), 5).top
