@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -73,7 +74,7 @@ def residual_net(seed: int = 0, channels: int = CHANNELS) -> onnx.ModelProto:
         _weight(rng, "r2_w1", c, c, 3, 3), _weight(rng, "r2_w2", c, c, 3, 3),
         _weight(rng, "fc_w", CLASSES, c), _weight(rng, "fc_b", CLASSES),
     ]
-    pad = {"pads": [1, 1, 1, 1]}
+    pad: dict[str, Any] = {"pads": [1, 1, 1, 1]}
     nodes = [
         helper.make_node("Conv", ["input", "stem_w", "stem_b"], ["stem"], **pad),
         helper.make_node("Relu", ["stem"], ["a0"]),

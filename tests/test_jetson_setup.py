@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,7 @@ exit "${STUB_ARMDI_RC:-0}"
 }
 
 # Stub calls that only read state.
-READ_ONLY = {
+READ_ONLY: dict[str, Callable[[list[str]], bool]] = {
     "dpkg-query": lambda args: True,
     "uname": lambda args: True,
     "id": lambda args: True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from appliance.wire.transport import DataInbox, DataOutbox
 from engines.errors import ModelNotFoundError
 from tests.conftest import BuiltModel
 
-FAST = {"requests": 4, "repeats": 1, "warmup": 2, "window": 3, "transfer_messages": 10}
+FAST: dict[str, Any] = {"requests": 4, "repeats": 1, "warmup": 2, "window": 3,
+                        "transfer_messages": 10}
 
 
 def _positive(value: object) -> bool:

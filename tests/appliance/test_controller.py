@@ -136,7 +136,8 @@ def test_a_small_gain_moves_one_block_and_steps_on_without_resetting_the_dwell()
         _feed(ctl, (0, 10), (10, 20), 10.0, 14.0, 4)
         move = ctl.decide(FREE, 0.0)
     assert move is not None and move.boundary == 11 and move.after_ms == pytest.approx(12.6)
-    assert propose([1.0] * 20, (0, 10), 10.0, (10, 20), 14.0, FREE, 0.0, 0.01).boundary == 12
+    best = propose([1.0] * 20, (0, 10), 10.0, (10, 20), 14.0, FREE, 0.0, 0.01)
+    assert best is not None and best.boundary == 12
     ctl.moved()
     assert ctl.dwell_s == 4.0  # onward, same direction: kept
     clock.now = 4.5
@@ -427,7 +428,8 @@ def test_no_frame_is_lost_or_run_twice_while_boundaries_move(workers: int, block
     """Frames travel hop by hop while boundaries move between any two hops; every frame
     leaves the last worker with every block run exactly once, in order."""
     bounds = [0, *sorted(rng.sample(range(1, blocks), workers - 1)), blocks]
-    frames = {i: (0, 0, []) for i in range(20)}  # id -> (at worker, start_block, blocks run)
+    # id -> (at worker, start_block, blocks run)
+    frames: dict[int, tuple[int, int, list[int]]] = {i: (0, 0, []) for i in range(20)}
     done: dict[int, list[int]] = {}
     for _ in range(10_000):
         if not frames:

@@ -218,7 +218,7 @@ _MESSAGES: tuple[msg.ControlMessage, ...] = (
     msg.Ack(ok=True),
     msg.StatusRequest(),
     msg.NodeStatus(node="w1", start=0, end=2, queue_depth=0, queue_capacity=8, processed=3,
-                   dropped={"bad_tag": 1}),
+                   dropped={"bad_tag": 1}, slowdown=1.0),
     msg.Heartbeat(node="w1", seq=3, sent_at=1.5),
     msg.StageReport(node="w1", start=0, end=2, compute_ms=1.0, send_ms=0.5, samples=3),
     msg.Shutdown(reason="bye"),

@@ -110,7 +110,7 @@ def test_recv_is_a_zero_copy_view_that_owns_the_message(short_tmp: Path, hop_pat
         view = inbox.recv(timeout_ms=2000)
     assert not view.readonly and len(view) == 1 << 20
     owner = type(view.obj)  # NNG's memory, not a bytes copy
-    assert (owner is transport.native.Message if hop_path == "c"
+    assert (owner is fr.native.Message if hop_path == "c"
             else owner.__module__ == "_cffi_backend")
     tensor = np.frombuffer(view, dtype=np.float32)[1000:]
     assert np.shares_memory(tensor, np.frombuffer(view, np.uint8))
@@ -234,7 +234,7 @@ def test_close_unblocks_a_waiting_recv(hop_path: str) -> None:
 
 @pytest.fixture
 def c_codec() -> None:
-    if transport.native is None:
+    if fr.native is None:
         pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
 
 
@@ -367,7 +367,7 @@ class Server:
     def handle(self, msg: m.ControlMessage) -> m.ControlMessage:
         if isinstance(msg, m.StatusRequest):
             return m.NodeStatus(node="w1", start=0, end=4, queue_depth=1, queue_capacity=8,
-                                processed=9, dropped={"bad_tag": 2})
+                                processed=9, dropped={"bad_tag": 2}, slowdown=1.0)
         if isinstance(msg, m.Shutdown) and msg.reason == "explode":
             raise RuntimeError("handler blew up")
         return m.Ack(ok=True, reason=type(msg).__name__)

@@ -7,6 +7,7 @@ pattern runs in every test run; the real torchvision models (random weights) are
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def _export(module: object, path: Path, size: int) -> Path:
     return path
 
 
-class TinyConvNeXtHead(torch.nn.Module):  # type: ignore[misc]
+class TinyConvNeXtHead(torch.nn.Module):  # type: ignore[misc,name-defined]
     """A patchify stem, one channels-last residual block (as ConvNeXt's ``CNBlock``: the
     branch is permuted and scaled, so the sum keeps channels-last strides), then
     ``AdaptiveAvgPool2d(1)``, a channels-last LayerNorm and a linear classifier."""
@@ -43,7 +44,7 @@ class TinyConvNeXtHead(torch.nn.Module):  # type: ignore[misc]
         self.norm = torch.nn.LayerNorm(16)
         self.head = torch.nn.Linear(16, 10)
 
-    def forward(self, x: object) -> object:
+    def forward(self, x: Any) -> Any:
         x = self.stem(x)
         x = self.mix(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * 0.5 + x
         x = self.norm(self.pool(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -66,10 +66,12 @@ def test_lite0_block_chain_sees_a_cat(repo: Path, lite0: Manifest) -> None:
     full = OrtEngine(repository.check_file(manifest, manifest.full_model), 0, manifest.blocks)
     chained_logits, full_logits = chain.infer(x)[0], full.infer(x)[0]
     top1 = int(np.argmax(chained_logits))
-    assert top1 in CAT_CLASSES, f"top-1 is {top1} ({manifest.labels[top1]})"
+    labels = manifest.labels
+    assert labels is not None
+    assert top1 in CAT_CLASSES, f"top-1 is {top1} ({labels[top1]})"
     assert top1 == int(np.argmax(full_logits))
     np.testing.assert_allclose(chained_logits, full_logits, rtol=0, atol=1e-4)
-    assert "cat" in manifest.labels[top1].lower()
+    assert "cat" in labels[top1].lower()
     chain.close()
     full.close()
 
@@ -114,7 +116,7 @@ class _OnePercentOff(OrtEngine):
     """A segment whose output is off by 1% of its scale in one element per sample."""
 
     def _infer_impl(self, x: np.ndarray) -> np.ndarray:
-        out = super()._infer_impl(x).copy()
+        out: np.ndarray = super()._infer_impl(x).copy()
         flat = out.reshape(len(out), -1)
         flat[:, 0] += np.float32(0.01) * np.abs(flat).max(axis=1)
         return out

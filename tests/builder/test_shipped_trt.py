@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _result(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+def _result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, proc.stdout + proc.stderr
     return dict(json.loads(line[len("RESULT "):]))
@@ -85,7 +86,7 @@ def test_trt_build_of_a_shipped_model_needs_no_torch(built_tiny: BuiltModel) -> 
     assert {(e.start, e.end) for e in after.segments["trt"]} == expected
     assert all(e.path.startswith("trt/") and e.key for e in after.segments["trt"])
     assert after.backend_verification["trt"].segments_checked == len(expected)
-    assert sorted(tuple(c[:2]) for c in result["checked"]) == sorted(expected)  # type: ignore[union-attr]
+    assert sorted(tuple(c[:2]) for c in result["checked"]) == sorted(expected)
     repo.check_all(after)  # every plan listed with its hash
     assert f"built tiny: {blocks} blocks" in proc.stdout
 

@@ -19,12 +19,14 @@ from appliance.wire.transport import ControlClient, DataInbox, DataOutbox
 from engines.repository import ModelRepository
 from tests.conftest import BuiltModel, other_version
 
+NodeFixture = tuple[Node, BuiltModel, Path]  # a running worker, its model, its directory
+
 KEY = bytes(range(32))
 STAMPS = Stamper()  # under a cluster key every frame carries a replay stamp
 
 
 @pytest.fixture
-def node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[tuple[Node, BuiltModel, Path]]:
+def node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[NodeFixture]:
     settings = NodeSettings(name="w1", data_addr=f"ipc://{tmp_path}/w1.data",
                             control_addr=f"ipc://{tmp_path}/w1.ctl", repo=built_tiny.repo,
                             model_id="tiny", key=KEY, max_frame_bytes=1 << 20)
@@ -63,7 +65,7 @@ def _configure(ctl: ControlClient, tmp: Path, start: int, end: int,
     assert isinstance(ack, msg.Ack) and ack.ok, ack
 
 
-def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
+def test_worker_drops_bad_frames_and_keeps_serving(node: NodeFixture) -> None:
     _worker, built, tmp = node
     manifest = built.manifest
     fp = bytes.fromhex(manifest.fingerprint)
@@ -75,7 +77,7 @@ def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
         valid = fr.encode_frame(_frame(fp, start, good), KEY)
         wrong_version = bytearray(valid)
         wrong_version[4] = 99
-        bad = {
+        bad: dict[str, bytes | bytearray] = {
             "garbage": b"not a frame at all",
             "truncated": bytes(valid[: len(valid) // 2]),
             "wrong_version": bytes(wrong_version),
@@ -102,7 +104,7 @@ def test_worker_drops_bad_frames_and_keeps_serving(node) -> None:
         assert status.dropped.get(reason, 0) >= 1, (reason, status.dropped)
 
 
-def test_configure_outside_the_model_is_refused(node) -> None:
+def test_configure_outside_the_model_is_refused(node: NodeFixture) -> None:
     _worker, built, tmp = node
     with ControlClient(f"ipc://{tmp}/w1.ctl", key=KEY) as ctl:
         ack = ctl.request(msg.Configure(node="w1", start=0, end=built.manifest.blocks + 1,
@@ -189,7 +191,8 @@ def test_repository_check_runs_before_serving(built_tiny: BuiltModel) -> None:
     assert ModelRepository(built_tiny.repo).has_model("tiny")
 
 
-def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(node) -> None:
+def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(
+        node: NodeFixture) -> None:
     """Attempt 2 of a request seen: attempt 1 arriving later is dropped (``superseded``). A
     frame whose attempt budget is used up is dropped (``expired``) instead of computed. A
     frame in time is computed, and leaves with its budget less the time it spent here."""
@@ -213,7 +216,7 @@ def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(n
         send(20, 1, 60_000)  # the older attempt, after the newer one: superseded
         send(21, 1, 0)  # no time left: expired
         send(22, 1, 60_000)
-        got = []
+        got: list[fr.Frame] = []
         while len(got) < 2:
             frame = fr.decode_frame(results.recv(timeout_ms=10_000), key=KEY,
                                     max_bytes=1 << 20)
@@ -230,7 +233,7 @@ def test_a_worker_drops_superseded_and_expired_work_and_passes_on_what_is_left(n
         status.dropped
 
 
-def test_a_new_source_run_is_not_taken_for_an_old_attempt(node) -> None:
+def test_a_new_source_run_is_not_taken_for_an_old_attempt(node: NodeFixture) -> None:
     """Request ids start afresh with each source run (a new session in Configure): attempt 1
     of request 30 of the new run is not 'superseded' by attempt 3 of the old run's 30."""
     _worker, built, tmp = node

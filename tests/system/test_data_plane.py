@@ -21,11 +21,13 @@ from appliance.wire.transport import ControlClient, DataInbox, DataOutbox, Trans
 from engines.preprocess import Normaliser
 from tests.conftest import BuiltModel, run_onnx
 
+SlowNode = tuple[BuiltModel, Path]  # the model a slow worker runs, its directory
+
 DEPTH = 2  # frames NNG buffers on receive, and again on send
 
 
 @pytest.fixture
-def slow_node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[tuple[BuiltModel, Path]]:
+def slow_node(built_tiny: BuiltModel, tmp_path: Path) -> Iterator[SlowNode]:
     """A worker whose every frame takes ~20 ms (really computed, then waited: slowdown)."""
     settings = NodeSettings(name="w1", data_addr=f"ipc://{tmp_path}/w1.data",
                             control_addr=f"ipc://{tmp_path}/w1.ctl", repo=built_tiny.repo,
@@ -67,7 +69,7 @@ def _input(built: BuiltModel, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def test_frames_sent_during_a_compute_are_buffered_in_order_none_lost(slow_node) -> None:
+def test_frames_sent_during_a_compute_are_buffered_in_order_none_lost(slow_node: SlowNode) -> None:
     built, tmp = slow_node
     blocks = built.manifest.blocks
     with DataInbox(f"ipc://{tmp}/results.data", max_bytes=1 << 24) as results, \
@@ -82,7 +84,7 @@ def test_frames_sent_during_a_compute_are_buffered_in_order_none_lost(slow_node)
     np.testing.assert_allclose(np.concatenate([g.tensor for g in got]), expected, atol=1e-5)
 
 
-def test_a_successor_that_stops_reading_pushes_back_to_the_sender(slow_node) -> None:
+def test_a_successor_that_stops_reading_pushes_back_to_the_sender(slow_node: SlowNode) -> None:
     """Nothing reads the node's results: its send buffer fills, its loop blocks on the send,
     it stops receiving, its receive buffer fills, and the sender's send times out — after a
     bounded number of frames, none of which is lost once the successor reads again."""
@@ -103,13 +105,13 @@ def test_a_successor_that_stops_reading_pushes_back_to_the_sender(slow_node) -> 
                 out.send(_frame(built, i, x, start), timeout_ms=1500)
                 accepted += 1
         assert 2 * DEPTH <= accepted < 60, accepted  # buffered, then bounded
-        received = []
+        received: list[int] = []
         while len(received) < accepted:
             received.append(_result(results).request_id)
     assert received == list(range(accepted))
 
 
-def test_uint8_pixels_are_normalised_by_the_node_running_block_0(slow_node) -> None:
+def test_uint8_pixels_are_normalised_by_the_node_running_block_0(slow_node: SlowNode) -> None:
     built, tmp = slow_node
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (1, *built.manifest.input.shape[1:]), dtype=np.uint8)

@@ -90,7 +90,7 @@ def test_a_20mbit_link_limits_transfers_both_ways() -> None:
         assert child.stdout.readline().strip() == "ready"
         with socket.create_connection((net.ip("w1"), 7101), timeout=30) as conn:
             conn.sendall(b"x" * size)
-            got, first = 0, None
+            got, first = 0, 0.0
             while got < size:
                 data = conn.recv(1 << 16)
                 assert data, "the worker closed early"

@@ -4,18 +4,20 @@ accounted for, and bad input is dropped without stopping anything."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from appliance.api import QueueFullError
+from engines.manifest import Preprocessing
 from engines.preprocess import preprocess
 from tests.conftest import BuiltModel
 from tests.system.conftest import cluster, submit_all
 
 
-def photo_variants(manifest_prep: object, count: int, seed: int = 0) -> np.ndarray:
+def photo_variants(manifest_prep: Preprocessing, count: int, seed: int = 0) -> np.ndarray:
     """``count`` inputs made from scikit-image's photos: crops, flips and noise."""
     import skimage.data
     from PIL import Image
@@ -43,13 +45,14 @@ def reference(model_path: str, inputs: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("wire", "tolerance"), [("float32", 1e-4), ("float16", 1e-2)])
-def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_path,
+def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_path: Path,
                                                      wire: str, tolerance: float) -> None:
     count = 200 if wire == "float32" else 60
     inputs = photo_variants(lite_repo.manifest.preprocessing, count)
     expected = reference(str(lite_repo.source), inputs)
     with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=3, min_workers=3,
                  wire_dtype=wire) as source:
+        assert source.allocation is not None
         b = source.allocation.boundaries
         assert len([n for n in range(len(b) - 1) if b[n] < b[n + 1]]) >= 3, b
         futures = submit_all(source, inputs)
@@ -71,7 +74,7 @@ def test_three_node_pipeline_matches_the_full_model(lite_repo: BuiltModel, tmp_p
 
 
 @pytest.mark.parametrize("results", ["callback", "thread"])
-def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path, results: str,
+def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path: Path, results: str,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Results taken on NNG's thread (the C codec's receiver), or by a thread of the source's
     own where the codec was not built."""
@@ -79,11 +82,11 @@ def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path, results: str,
 
     import skimage.data
 
-    from appliance.wire import transport
+    from appliance.wire import frames, transport
 
     if results == "thread":
         monkeypatch.setattr(transport, "native", None)
-    elif transport.native is None:
+    elif frames.native is None:
         pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
     with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=2) as source:
         loops = {t.name for t in threading.enumerate()}
@@ -94,7 +97,7 @@ def test_cat_through_the_pipeline(lite_repo: BuiltModel, tmp_path, results: str,
     assert 281 <= top[0].index <= 285, top
 
 
-def test_local_mode_runs_everything_on_the_source(built_tiny: BuiltModel, tmp_path) -> None:
+def test_local_mode_runs_everything_on_the_source(built_tiny: BuiltModel, tmp_path: Path) -> None:
     inputs = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
     expected = reference(str(built_tiny.model_dir / "model.onnx"), inputs)
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=0, mode="local") as source:
@@ -103,7 +106,7 @@ def test_local_mode_runs_everything_on_the_source(built_tiny: BuiltModel, tmp_pa
     assert all([h.node for h in r.path] == ["source"] for r in results)
 
 
-def test_full_source_queue_pushes_back(built_tiny: BuiltModel, tmp_path) -> None:
+def test_full_source_queue_pushes_back(built_tiny: BuiltModel, tmp_path: Path) -> None:
     inputs = np.random.default_rng(4).standard_normal((200, 3, 8, 8)).astype(np.float32)
     with cluster(built_tiny.repo, "tiny", tmp_path, nodes=1, slowdown=(200.0,),
                  source_runs_blocks=False, queue_depth=1) as source:

@@ -237,6 +237,7 @@ def test_a_tls_cluster_passes_the_same_correctness_test_as_a_plain_one(
     with cluster(lite_repo.repo, "efficientnet_lite0", tmp_path, nodes=3, min_workers=3,
                  transport="tls", key_hex=KEY.hex()) as source:
         assert all(w.ref.data_addr.startswith("tls+tcp://") for w in source.workers)
+        assert source.allocation is not None
         b = source.allocation.boundaries
         assert len([n for n in range(len(b) - 1) if b[n] < b[n + 1]]) >= 3, b
         results = [f.result(timeout=60) for f in submit_all(source, inputs)]

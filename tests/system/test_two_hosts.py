@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -160,11 +161,11 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str, timeout_s: float) -> 
     raise AssertionError(f"no {text!r} in the output: {''.join(seen)}; stderr: {err}")
 
 
-def _pipeline_when_polled(url: str, timeout_s: float = 20.0) -> dict[str, object]:
+def _pipeline_when_polled(url: str, timeout_s: float = 20.0) -> dict[str, Any]:
     """``/v1/pipeline`` once the source has polled the workers it used (once a second)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        pipeline: dict[str, object] = httpx.get(url, timeout=10).json()
+        pipeline: dict[str, Any] = httpx.get(url, timeout=10).json()
         nodes = pipeline["nodes"]
         assert isinstance(nodes, list)
         if all(n["processed"] > 0 for n in nodes if n["name"] in ("w1", "w2")) \

@@ -90,7 +90,8 @@ def test_fuzz_the_api_from_its_openapi_document() -> None:
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # an operation the document does not describe well is an Err, whose .ok() raises here
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 10
     target = inputs(BASE_API_REQUESTS)
     # Requests that break the schema, where the operation has something to break (a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -107,8 +108,8 @@ def test_event_streams_over_the_limit_get_429() -> None:
     async def open_one() -> tuple[asyncio.Task[None], list[dict[str, Any]]]:
         sent: list[dict[str, Any]] = []
 
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
 
         async def receive() -> dict[str, Any]:
             await asyncio.sleep(3600)
