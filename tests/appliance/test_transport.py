@@ -296,7 +296,7 @@ def test_close_waits_for_a_running_callback_and_stops_them(c_codec: None) -> Non
     inbox = DataInbox(address, max_bytes=LIMIT)
     with DataOutbox(address) as outbox:
         inbox.on_message(slow)
-        for _ in range(5):
+        for _ in range(20):
             outbox.send(b"x", timeout_ms=2000)
         assert entered.wait(5)
         inbox.close()
@@ -304,7 +304,7 @@ def test_close_waits_for_a_running_callback_and_stops_them(c_codec: None) -> Non
         assert closed - calls[0] >= 0.29  # it waited for the callback that ran
         count = len(calls)
         time.sleep(0.5)
-    assert len(calls) == count < 5  # and none ran after: the rest stayed unreceived
+    assert len(calls) == count < 20  # and none ran after: the rest stayed unreceived
     inbox.close()  # twice is harmless
 
 
