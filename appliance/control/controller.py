@@ -63,8 +63,13 @@ class ControllerSettings:
     """Frames measured on a split before it is judged (each side: a low quantile of them)."""
     big: float = 0.25
     """A gain this large (a fraction of the bottleneck) is acted on at once."""
-    max_dwell_s: float = 60.0
-    """The longest the dwell grows to after moves that undo each other."""
+    max_dwell_s: float = 240.0
+    """The longest the dwell grows to after moves that undo each other. A chain can cycle
+    between two splits with the same bottleneck, each move justified by what its pair sees
+    (a boundary's move changes its neighbours' pairs, which then forget what they measured):
+    on a 4-worker chain with a wrong profile the property test found a cycle of three moves
+    each way, each boundary moving once per dwell; at 60 s that was 1.5 moves per 30 s for
+    the chain, at 240 s it is under 0.4. A gain over ``big`` does not wait for it."""
     memory_s: float = 10.0
     """How long a split's measured bottleneck is remembered (and preferred to the
     prediction): comparing it with one measured much later compares two moments of the

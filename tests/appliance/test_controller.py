@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from appliance.control.allocator import evaluate, snapshot_from_profile, solve
@@ -385,8 +385,20 @@ def test_a_chain_converges_within_one_block_of_the_exact_optimum(chain, hysteres
     assert evaluate(snap, final).bottleneck_ms <= solve(snap).bottleneck_ms + one_block + 1e-9
 
 
+# A 4-worker chain that cycles between two splits with the same bottleneck (three moves each
+# way, every boundary moving once per dwell): with the dwell capped at 60 s that was 1.5 moves
+# per 30 s after ten minutes (found by a CI run).
+_CYCLING = ([4, 4, 1, 1, 1, 3, 4, 5, 5, 1, 1, 3, 1, 4, 4, 4],
+            [[12, 16, 4, 4, 4, 12, 16, 20, 20, 4, 4, 15, 3, 12, 16, 12],
+             [3, 4, 1, 1, 1, 3, 4, 5, 5, 1, 1, 3.75, 0.75, 3, 4, 3],
+             [6, 8, 2, 2, 2, 6, 8, 10, 10, 2, 2, 7.5, 1.5, 6, 8, 6],
+             [12, 16, 4, 4, 4, 12, 16, 20, 20, 4, 4, 15, 3, 12, 16, 12]],
+            [0, 1, 2, 3, 16])
+
+
 @settings(max_examples=100, deadline=None)
 @given(_chains(wrong_by=0.3))
+@example(_CYCLING)
 def test_where_the_profile_is_wrong_moves_die_down(chain) -> None:  # type: ignore[no-untyped-def]
     """Predictions from a wrong profile can send a boundary to and fro; the measured memory
     and the growing dwell of the real controller stop that: at most one move per 30 s after
