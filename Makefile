@@ -27,7 +27,7 @@ test: install
 # The fuzzers of `make test` (10,000 inputs per decoder, 2,000 API requests), 20x longer.
 FUZZ_SCALE ?= 20
 fuzz: install
-	ARMDI_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -m fuzz -p no:cacheprovider $(PYTEST_ARGS)
+	ARMDI_HYPOTHESIS=explore ARMDI_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -m fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

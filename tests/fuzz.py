@@ -27,7 +27,8 @@ def inputs(base: int = BASE_INPUTS) -> int:
 
 
 def fuzz_settings(examples: int) -> Any:
-    """Run exactly ``examples`` generated inputs (no example database: every run is fresh;
+    """Run exactly ``examples`` generated inputs (no example database; the same inputs on
+    every run of ``make test``, fresh ones on every run of ``make fuzz``: tests/conftest.py;
     a failure is shrunk and printed with the seed that reproduces it)."""
     return settings(max_examples=examples, deadline=None, database=None,
                     phases=(Phase.explicit, Phase.generate, Phase.shrink),
