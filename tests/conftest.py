@@ -28,6 +28,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 from onnx import TensorProto, helper, numpy_helper
 
+from appliance.wire.frames import native
 from engines.manifest import Manifest
 
 # `make test` (CI) draws the same hypothesis examples on every run (derandomized: seeded from
@@ -37,6 +38,11 @@ from engines.manifest import Manifest
 hypothesis_settings.register_profile("repeatable", derandomize=True)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("ARMDI_HYPOTHESIS", "repeatable"))
+
+needs_c_codec = pytest.mark.skipif(
+    native is None,
+    reason="the C codec (appliance/wire/_codec.c) was not built at install (no C compiler or "
+           "no Python headers): frames decode in Python alone")
 
 OPSET = 18
 CHANNELS = 48

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -263,7 +264,7 @@ class DataInbox(_Socket):
             return False
         if self._receiver is not None:
             raise TransportError(f"{self._description}: already handing messages to a callback")
-        receiver = native.Receiver(self._nng_id, lambda got: _deliver(callback, got))
+        receiver = native.Receiver(self._nng_id, functools.partial(_deliver, callback))
         with _receivers_lock:
             _receivers.add(receiver)
         self._receiver = receiver

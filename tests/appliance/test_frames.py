@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from appliance.wire import frames as fr
+from tests.conftest import needs_c_codec
 
 FP = hashlib.sha256(b"model").digest()
 KEY = b"cluster-key"
@@ -327,12 +328,6 @@ def test_mutated_frames_decode_or_raise_frame_errors(edits: list[tuple[int, int]
 
 
 # ---------------------------------------------------------------------------- the C codec
-needs_c = pytest.mark.skipif(
-    fr._c_decode is None,
-    reason="the C codec (appliance/wire/_codec.c) was not built at install (no C compiler or "
-           "no Python headers): frames decode in Python alone")
-
-
 def agree(data: bytes | bytearray, max_bytes: int = LIMIT) -> str:
     """The C decoder passes a frame only if the Python decoder accepts it, with the same
     fields; whatever the Python decoder refuses, the C decoder declines (None). Returns
@@ -366,7 +361,7 @@ def agree(data: bytes | bytearray, max_bytes: int = LIMIT) -> str:
     return "both"
 
 
-@needs_c
+@needs_c_codec
 @pytest.mark.parametrize("key", [None, KEY])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_c_codec_passes_good_frames_as_python_does(dtype: str, key: bytes | None) -> None:
@@ -378,7 +373,7 @@ def test_c_codec_passes_good_frames_as_python_does(dtype: str, key: bytes | None
         assert agree(fr.encode_frame(make(np.zeros(shape, np.float32), trace=()), key)) == "both"
 
 
-@needs_c
+@needs_c_codec
 def test_c_codec_leaves_error_frames_and_non_ascii_names_to_python() -> None:
     error = make(kind=fr.FrameKind.ERROR, error="engine failed")
     assert agree(fr.encode_frame(error, None)) == "python"
@@ -387,7 +382,7 @@ def test_c_codec_leaves_error_frames_and_non_ascii_names_to_python() -> None:
     assert_same(fr.decode_frame(fr.encode_frame(named, None), key=None, max_bytes=LIMIT), named)
 
 
-@needs_c
+@needs_c_codec
 def test_c_codec_declines_every_truncation_and_oversize() -> None:
     data = fr.encode_frame(make(), KEY)
     decode = fr._c_decode
@@ -399,7 +394,7 @@ def test_c_codec_declines_every_truncation_and_oversize() -> None:
     assert decode(np.zeros((4, 4), np.float32).data[::2], LIMIT) is None
 
 
-@needs_c
+@needs_c_codec
 @settings(max_examples=600, deadline=None)
 @given(edits=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1,
                       max_size=4),
@@ -416,7 +411,7 @@ def test_c_and_python_decoders_agree_on_mutated_frames(
     agree(data)
 
 
-@needs_c
+@needs_c_codec
 @settings(max_examples=400, deadline=None)
 @given(data=st.binary(min_size=0, max_size=200))
 def test_c_and_python_decoders_agree_on_random_bytes_after_a_good_prefix(data: bytes) -> None:

@@ -30,6 +30,7 @@ from appliance.wire.transport import (
     TransportTimeout,
     cleanup_ipc,
 )
+from tests.conftest import needs_c_codec
 
 FP = hashlib.sha256(b"model").digest()
 KEY = b"cluster-key"
@@ -232,14 +233,8 @@ def test_close_unblocks_a_waiting_recv(hop_path: str) -> None:
     assert not thread.is_alive() and isinstance(errors[0], TransportClosed)
 
 
-@pytest.fixture
-def c_codec() -> None:
-    if fr.native is None:
-        pytest.skip("the C codec (appliance/wire/_codec.c) was not built at install")
-
-
-def test_on_message_hands_every_message_over_on_nngs_thread(c_codec: None,
-                                                           address: str) -> None:
+@needs_c_codec
+def test_on_message_hands_every_message_over_on_nngs_thread(address: str) -> None:
     got: list[tuple[bytes, str, bool]] = []
     done = threading.Event()
 
@@ -261,8 +256,8 @@ def test_on_message_hands_every_message_over_on_nngs_thread(c_codec: None,
     assert all(g[1].startswith("Dummy") for g in got) and not any(g[2] for g in got)
 
 
-def test_on_message_goes_on_after_a_callback_raises(c_codec: None,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@needs_c_codec
+def test_on_message_goes_on_after_a_callback_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     unraisable: list[Any] = []
     monkeypatch.setattr("sys.unraisablehook", unraisable.append)
     got: list[bytes] = []
@@ -284,7 +279,8 @@ def test_on_message_goes_on_after_a_callback_raises(c_codec: None,
     assert len(unraisable) == 1 and isinstance(unraisable[0].exc_value, RuntimeError)
 
 
-def test_close_waits_for_a_running_callback_and_stops_them(c_codec: None) -> None:
+@needs_c_codec
+def test_close_waits_for_a_running_callback_and_stops_them() -> None:
     entered, calls = threading.Event(), []
 
     def slow(buf: memoryview) -> None:
@@ -314,8 +310,8 @@ def test_on_message_without_the_c_codec_says_so(monkeypatch: pytest.MonkeyPatch)
         assert inbox.on_message(lambda buf: None) is False
 
 
-def test_a_process_exits_cleanly_with_a_receiver_still_running(c_codec: None,
-                                                               short_tmp: Path) -> None:
+@needs_c_codec
+def test_a_process_exits_cleanly_with_a_receiver_still_running(short_tmp: Path) -> None:
     """Left running (no close), a receiver is stopped at exit: its callbacks must not run
     Python on NNG's threads while the interpreter finalizes (a crash or a hang)."""
     import subprocess
